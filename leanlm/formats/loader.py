@@ -1,0 +1,117 @@
+"""Turn a model reference (GGUF file, HF folder, or nothing = the default model) into config + weights + tokenizer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from leanlm.config import ModelConfig
+from leanlm.errors import ModelFormatError, ModelNotFoundError
+from leanlm.formats.tokenizer import Tokenizer
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]  # HF tensor names
+    tokenizer: Tokenizer
+    path: Path
+    weight_types: dict[str, str] = field(default_factory=dict)  # storage type per tensor (GGUF: Q4_1, F32, ...)
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    if model is None or str(model) == "default":
+        from leanlm.formats.assets import default_model_path
+
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelNotFoundError(
+            f"Model not found: {path}. Pass a .gguf file or a Hugging Face folder (config.json + *.safetensors), "
+            "or leave --model out to use the default model."
+        )
+    return path
+
+
+def load_checkpoint(model: str | Path | None, dtype: torch.dtype = torch.float32) -> Checkpoint:
+    path = resolve_model_path(model)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return _load_hf_folder(path, dtype)
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return _load_gguf(ggufs[0], dtype)
+        raise ModelNotFoundError(
+            f"{path} has no config.json and {len(ggufs)} .gguf files. Pass a Hugging Face folder or one .gguf file."
+        )
+    return _load_gguf(path, dtype)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
+    from leanlm.formats.gguf import GGUFFile
+    from leanlm.models.llama import hf_name_from_gguf, unpermute_gguf_rope
+
+    gguf_file = GGUFFile(path)
+    config = ModelConfig.from_gguf_metadata(gguf_file.metadata)
+    # llama.cpp permutes q/k rows of "llama" models for its interleaved rope; qwen2 files keep HF's layout.
+    permuted = gguf_file.metadata.get("general.architecture") in ("llama", "mistral")
+    weights, types = {}, {}
+    for name in gguf_file.tensors:
+        hf_name = hf_name_from_gguf(name)
+        if hf_name is None:
+            continue
+        tensor = gguf_file.load_tensor(name, dtype)
+        if permuted and ".q_proj." in hf_name:
+            tensor = unpermute_gguf_rope(tensor, config.num_heads)
+        elif permuted and ".k_proj." in hf_name:
+            tensor = unpermute_gguf_rope(tensor, config.num_kv_heads)
+        weights[hf_name] = tensor
+        types[hf_name] = gguf_file.tensor_type_name(name)
+    tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
+    if "lm_head.weight" not in weights:
+        config = config.replace(tie_word_embeddings=True)
+    return Checkpoint(config, weights, tokenizer, path, types)
+
+
+def _load_hf_folder(path: Path, dtype: torch.dtype) -> Checkpoint:
+    try:
+        raw_config = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelFormatError(f"{path / 'config.json'} is not valid JSON ({exc}). Restore the file.") from exc
+    config = ModelConfig.from_hf_dict(raw_config)
+    weights = {name: t.to(dtype) if t.is_floating_point() else t for name, t in _read_hf_weights(path).items()}
+    return Checkpoint(config, weights, Tokenizer.from_folder(path), path,
+                      {name: str(t.dtype).removeprefix("torch.") for name, t in weights.items()})
+
+
+def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [path / name for name in shard_names]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise ModelNotFoundError(f"{path} lacks the shard {absent[0]} named in {index.name}. Download it again.")
+    if files:
+        weights: dict[str, torch.Tensor] = {}
+        for file in files:
+            try:
+                weights.update(load_file(file))
+            except (SafetensorError, OSError) as exc:
+                raise ModelFormatError(f"{file} is corrupt or truncated ({exc}). Download it again.") from exc
+        return weights
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    if bins:
+        weights = {}
+        for file in bins:
+            # weights_only: never unpickle arbitrary objects from a checkpoint
+            weights.update(torch.load(file, map_location="cpu", weights_only=True))
+        return weights
+    raise ModelNotFoundError(f"{path} has a config.json but no *.safetensors or pytorch_model*.bin weights.")

@@ -1,0 +1,51 @@
+"""Causal attention: the reference formula softmax(QK^T / sqrt(d)) V and the fast path (torch SDPA).
+
+Both take q (B, H, T, D), k and v (B, H_kv, S, D) with H a multiple of H_kv (grouped-query attention),
+and an optional boolean mask (B, 1, T, S) where True means "may attend". With no mask, query t
+(the last T of S positions) attends keys 0..S-T+t: the causal rule for a sequence continuing a cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def causal_mask(query_len: int, key_len: int, device: torch.device | None = None) -> torch.Tensor:
+    """(T, S) boolean: query t sits at absolute position key_len - query_len + t."""
+    offset = key_len - query_len
+    rows = torch.arange(query_len, device=device).unsqueeze(1) + offset
+    return torch.arange(key_len, device=device).unsqueeze(0) <= rows
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                        scale: float | None = None) -> torch.Tensor:
+    """The formula, written plainly; computed in at least float32 whatever the input dtype."""
+    compute = torch.promote_types(q.dtype, torch.float32)
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1).to(compute)  # (B, H, S, D)
+    v = v.repeat_interleave(group, dim=1).to(compute)
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    scores = (q.to(compute) @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    allowed = causal_mask(q.shape[2], k.shape[2], q.device) if mask is None else mask
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    return (scores.softmax(dim=-1) @ v).to(q.dtype)  # (B, H, T, D)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                   scale: float | None = None) -> torch.Tensor:
+    """torch's fused kernel. One query over a cache needs no mask; a fresh prompt uses is_causal."""
+    query_len, key_len = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if mask is None and query_len == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if mask is None and query_len == key_len:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if mask is None:
+        mask = causal_mask(query_len, key_len, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "reference": reference_attention}

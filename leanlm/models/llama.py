@@ -1,0 +1,205 @@
+"""The Llama family (Llama 2/3, SmolLM2, Mistral, Qwen2): RMSNorm, RoPE, grouped-query attention, SwiGLU.
+
+Self-contained: the module tree, and how HF and GGUF tensor names map onto it (`load_weights`).
+q/k/v and gate/up are fused into one matrix each, so a decode step dispatches two matmuls fewer per layer.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanlm.cache.kv_cache import KVCache
+from leanlm.config import ModelConfig
+from leanlm.errors import ModelFormatError
+from leanlm.layers.attention import ATTENTION_BACKENDS
+from leanlm.layers.rope import apply_rotary, inverse_frequencies
+
+
+@dataclass
+class ForwardContext:
+    """What every layer of one forward pass shares."""
+
+    cos: torch.Tensor  # (B, 1, T, D)
+    sin: torch.Tensor
+    cache: KVCache | None
+    start: int  # cache column of the first input token
+    mask: torch.Tensor | None  # (B, 1, T, S) True = may attend; None = plain causal
+    attention: Callable
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        batch, length, _ = x.shape
+        qkv = self.qkv_proj(x).view(batch, length, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
+        qkv = qkv.transpose(1, 2)  # (B, H + 2 H_kv, T, D)
+        rotated_heads = self.num_heads + self.num_kv_heads
+        qk = apply_rotary(qkv[:, :rotated_heads], ctx.cos, ctx.sin)  # one rotation for q and k together
+        q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
+        v = qkv[:, rotated_heads:]
+        if ctx.cache is not None:
+            k, v = ctx.cache.update(self.layer_index, ctx.start, k, v)
+        out = ctx.attention(q, k, v, ctx.mask)  # (B, H, T, D)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        inv_freq, self.rope_scale = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling,
+                                                        config.context_length, config.context_length)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.attention = ATTENTION_BACKENDS["sdpa"]
+
+    def set_attention_backend(self, name: str) -> None:
+        self.attention = ATTENTION_BACKENDS[name]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
+                start: int = 0, mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+        """input_ids, positions: (B, T). Returns float32 logits (B, T, V), or (B, 1, V) with last_only."""
+        x = self.embed_tokens(input_ids)
+        cos, sin = self._cos_sin(positions, x.dtype)
+        ctx = ForwardContext(cos, sin, cache, start, mask, self.attention)
+        for layer in self.layers:
+            x = layer(x, ctx)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x)).float()
+
+    def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # Computed once per forward from positions (no table): any context length, any position grid.
+        angles = positions.unsqueeze(-1).float() * self.inv_freq  # (B, T, D/2)
+        angles = torch.cat([angles, angles], dim=-1).unsqueeze(1)  # (B, 1, T, D), rotate-half layout
+        return (angles.cos() * self.rope_scale).to(dtype), (angles.sin() * self.rope_scale).to(dtype)
+
+    # ---- weights -------------------------------------------------------------------------------------------
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Take HF-named tensors (model.layers.N.self_attn.q_proj.weight, ...), fuse, and assign them."""
+        cfg = self.config
+        weights = {name.removeprefix("model."): tensor for name, tensor in weights.items()
+                   if not name.endswith("rotary_emb.inv_freq")}
+        if (factors := weights.pop("rope_freq_factors", None)) is not None:
+            # Llama 3.x GGUF files store their rope scaling as per-frequency divisors instead of metadata.
+            self.inv_freq = self.inv_freq / factors.float().cpu()
+        if "lm_head.weight" not in weights:
+            if "embed_tokens.weight" not in weights:
+                raise ModelFormatError("The checkpoint has no token embedding; it is incomplete.")
+            weights["lm_head.weight"] = weights["embed_tokens.weight"]  # tied embeddings share one tensor
+        fused: dict[str, torch.Tensor] = {}
+        for name, tensor in weights.items():
+            match = re.fullmatch(r"layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|gate|up)_proj\.(weight|bias)", name)
+            if not match:
+                fused[name] = tensor
+                continue
+            layer, block, proj, kind = match.groups()
+            parts = ("q", "k", "v") if block == "self_attn" else ("gate", "up")
+            if proj != parts[0]:
+                continue
+            target = "qkv_proj" if block == "self_attn" else "gate_up_proj"
+            sources = [f"layers.{layer}.{block}.{p}_proj.{kind}" for p in parts]
+            missing = [s for s in sources if s not in weights]
+            if missing:
+                raise ModelFormatError(f"The checkpoint lacks {missing[0]}; it is incomplete.")
+            fused[f"layers.{layer}.{block}.{target}.{kind}"] = torch.cat([weights[s] for s in sources])
+        expected = dict(self.named_parameters())
+        missing = sorted(set(expected) - set(fused))
+        if missing:
+            raise ModelFormatError(f"The checkpoint lacks {len(missing)} tensors, e.g. '{missing[0]}'. "
+                                   "The file is incomplete or belongs to another architecture.")
+        for name, param in expected.items():
+            tensor = fused[name]
+            if tensor.shape != param.shape:
+                raise ModelFormatError(f"Tensor '{name}' has shape {tuple(tensor.shape)} but the config implies "
+                                       f"{tuple(param.shape)}. config and weights disagree.")
+        self.load_state_dict(fused, strict=False, assign=True)
+        if cfg.tie_word_embeddings or fused["lm_head.weight"] is fused["embed_tokens.weight"]:
+            self.lm_head.weight = self.embed_tokens.weight
+
+
+# GGUF tensor names -> HF names, for `general.architecture` llama / mistral / qwen2.
+_GGUF_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def hf_name_from_gguf(name: str) -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None for tensors leanlm derives itself."""
+    match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if match:
+        layer, short, kind = match.groups()
+        return f"model.layers.{layer}.{_GGUF_NAMES[short]}.{kind}" if short in _GGUF_NAMES else None
+    if name == "rope_freqs.weight":
+        return "rope_freq_factors"
+    stem, _, kind = name.rpartition(".")
+    return f"{_GGUF_NAMES[stem]}.{kind}" if stem in _GGUF_NAMES else None
+
+
+def unpermute_gguf_rope(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """llama.cpp's converter interleaves q/k rows for its rope layout; undo it to get HF's rotate-half layout."""
+    rows = weight.shape[0]
+    return (weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape))

@@ -1,0 +1,28 @@
+"""Architectures leanlm implements, keyed by HF model_type."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from leanlm.config import ModelConfig
+from leanlm.errors import UnsupportedArchitectureError
+from leanlm.models.llama import LlamaForCausalLM
+
+MODEL_CLASSES: dict[str, type[nn.Module]] = {
+    "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,  # Qwen2 differs only by q/k/v bias, which the config carries
+}
+
+
+def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> nn.Module:
+    if config.model_type not in MODEL_CLASSES:
+        raise UnsupportedArchitectureError(
+            f"No implementation for model type '{config.model_type}'. Supported: {', '.join(MODEL_CLASSES)}."
+        )
+    with torch.device("meta"):  # no random init: parameters are assigned from the checkpoint
+        model = MODEL_CLASSES[config.model_type](config)
+    model.load_weights({name: t.to(dtype) for name, t in weights.items()})
+    return model.to(device).eval()
