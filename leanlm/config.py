@@ -43,8 +43,16 @@ class ModelConfig:
                 f"Model type '{self.model_type}' is not supported. leanlm runs: {', '.join(SUPPORTED_MODEL_TYPES)}. "
                 "Use a model of one of these families, or add an implementation under leanlm/models/."
             )
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "context_length"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "context_length",
+        ):
             if getattr(self, name) <= 0:
                 raise ModelFormatError(f"Model config has {name}={getattr(self, name)}; it must be positive.")
         if self.num_heads % self.num_kv_heads:
@@ -73,8 +81,10 @@ class ModelConfig:
         model_type = raw.get("model_type")
         if model_type is None:
             archs = raw.get("architectures") or []
-            model_type = next((_HF_ARCHITECTURE_TO_MODEL_TYPE[a] for a in archs if a in _HF_ARCHITECTURE_TO_MODEL_TYPE),
-                              archs[0] if archs else "unknown")
+            model_type = next(
+                (_HF_ARCHITECTURE_TO_MODEL_TYPE[a] for a in archs if a in _HF_ARCHITECTURE_TO_MODEL_TYPE),
+                archs[0] if archs else "unknown",
+            )
         try:
             num_heads = int(raw["num_attention_heads"])
             hidden = int(raw["hidden_size"])
@@ -117,8 +127,9 @@ class ModelConfig:
 
         num_heads = int(key("attention.head_count"))
         hidden = int(key("embedding_length"))
-        head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count")
-                       or hidden // num_heads)
+        head_dim = int(
+            meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or hidden // num_heads
+        )
         vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or [])
         scaling = None
         scaling_type = meta.get(f"{arch}.rope.scaling.type")

@@ -43,16 +43,24 @@ def run_generate(args: argparse.Namespace) -> int:
         outputs = llm.generate(prompts, params)
     for out, prompt in zip(outputs, prompts, strict=True):
         if args.json:
-            record = {"prompt": prompt, "text": out.text, "token_ids": out.token_ids,
-                      "prompt_tokens": len(out.prompt_token_ids), "finish_reason": out.finish_reason,
-                      "metrics": asdict(out.metrics)}
+            record = {
+                "prompt": prompt,
+                "text": out.text,
+                "token_ids": out.token_ids,
+                "prompt_tokens": len(out.prompt_token_ids),
+                "finish_reason": out.finish_reason,
+                "metrics": asdict(out.metrics),
+            }
             print(json.dumps(record, ensure_ascii=False))
         elif len(prompts) > 1:
             print(f"--- [{out.index}] {prompt}\n{out.text}")
     if not args.quiet:
         m = outputs[0].metrics
-        print(f"[{llm.model_path.name} {str(llm.dtype).removeprefix('torch.')} | load {llm.load_time_s:.2f} s | "
-              f"prompt {m.num_prompt_tokens} tok, {m.prefill_tokens_per_s:.0f} tok/s | "
-              f"generated {m.num_generated_tokens} tok, {m.decode_tokens_per_s:.1f} tok/s | "
-              f"finish: {outputs[0].finish_reason}]", file=sys.stderr)
+        print(
+            f"[{llm.model_path.name} {str(llm.dtype).removeprefix('torch.')} | load {llm.load_time_s:.2f} s | "
+            f"prompt {m.num_prompt_tokens} tok, {m.prefill_tokens_per_s:.0f} tok/s | "
+            f"generated {m.num_generated_tokens} tok, {m.decode_tokens_per_s:.1f} tok/s | "
+            f"finish: {outputs[0].finish_reason}]",
+            file=sys.stderr,
+        )
     return 0

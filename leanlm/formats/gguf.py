@@ -22,8 +22,19 @@ DEFAULT_ALIGNMENT = 32
 
 # GGUF metadata value types -> struct format (scalars) as in the GGUF specification.
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY_TYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
-                7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_NUMPY_TYPES = {
+    0: np.uint8,
+    1: np.int8,
+    2: np.uint16,
+    3: np.int16,
+    4: np.uint32,
+    5: np.int32,
+    6: np.float32,
+    7: np.bool_,
+    10: np.uint64,
+    11: np.int64,
+    12: np.float64,
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -117,7 +128,9 @@ class GGUFFile:
         file_size = len(self._map)
         for name, dims, type_id, offset in raw_infos:
             if type_id not in GGML_QUANT_SIZES:
-                raise ModelFormatError(f"Tensor '{name}' in {self.path} has unknown type id {type_id}; the file is corrupt.")
+                raise ModelFormatError(
+                    f"Tensor '{name}' in {self.path} has unknown type id {type_id}; the file is corrupt."
+                )
             block_size, type_size = GGML_QUANT_SIZES[type_id]
             n_bytes = int(np.prod(dims)) // block_size * type_size
             info = GGUFTensorInfo(name, tuple(int(d) for d in reversed(dims)), type_id, data_start + offset, n_bytes)
@@ -155,12 +168,14 @@ class GGUFFile:
             array = dequantize(raw, T(info.type_id))
         except NotImplementedError as exc:
             raise ModelFormatError(
-                f"Tensor '{name}' in {self.path} uses {T(info.type_id).name}, which the gguf package cannot dequantize. "
-                "Convert the model to F16, Q8_0 or Q4_K with llama.cpp's tools."
+                f"Tensor '{name}' in {self.path} uses {T(info.type_id).name}, which the gguf package cannot "
+                "dequantize. Convert the model to F16, Q8_0 or Q4_K with llama.cpp's tools."
             ) from exc
         return torch.from_numpy(array).reshape(info.shape).to(dtype)
 
     def _info(self, name: str) -> GGUFTensorInfo:
         if name not in self.tensors:
-            raise ModelFormatError(f"{self.path} has no tensor '{name}'. The file is incomplete or not a supported model.")
+            raise ModelFormatError(
+                f"{self.path} has no tensor '{name}'. The file is incomplete or not a supported model."
+            )
         return self.tensors[name]

@@ -28,10 +28,20 @@ SUPPORTED_MODELS = ("gpt2", "llama")
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # Token texts that end a turn; llama.cpp stops on these as well as on the declared EOS.
-END_OF_TURN_TEXTS = frozenset({
-    "<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|end_of_text|>",
-    "<EOT>", "<|return|>", "<｜end▁of▁sentence｜>",
-})
+END_OF_TURN_TEXTS = frozenset(
+    {
+        "<|eot_id|>",
+        "<|eom_id|>",
+        "<|im_end|>",
+        "<|end|>",
+        "<end_of_turn>",
+        "<|endoftext|>",
+        "<|end_of_text|>",
+        "<EOT>",
+        "<|return|>",
+        "<｜end▁of▁sentence｜>",
+    }
+)
 
 # Split regexes, as written in the tokenizer.json of the models that introduced them.
 _LLAMA3_SPLIT = (
@@ -54,8 +64,10 @@ _GPT4O_SPLIT = (
 )
 
 _SPLIT_BY_PRE = {
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-                     "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "dbrx", "smaug-bpe"),
+        _LLAMA3_SPLIT,
+    ),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez", "kormo"), _QWEN2_SPLIT),
     "tekken": _TEKKEN_SPLIT,
     **dict.fromkeys(("gpt-4o", "llama4", "minimax-m2", "kanana2"), _GPT4O_SPLIT),
@@ -132,8 +144,14 @@ def template_processor(bos: str | None, bos_id: int | None, eos: str | None, eos
 
 
 def _special_ids(metadata: dict[str, Any], n_tokens: int) -> dict[str, int]:
-    keys = {"bos": "bos_token_id", "eos": "eos_token_id", "unk": "unknown_token_id", "pad": "padding_token_id",
-            "eot": "eot_token_id", "eom": "eom_token_id"}
+    keys = {
+        "bos": "bos_token_id",
+        "eos": "eos_token_id",
+        "unk": "unknown_token_id",
+        "pad": "padding_token_id",
+        "eot": "eot_token_id",
+        "eom": "eom_token_id",
+    }
     ids = {}
     for name, key in keys.items():
         value = metadata.get(f"tokenizer.ggml.{key}")
@@ -141,8 +159,9 @@ def _special_ids(metadata: dict[str, Any], n_tokens: int) -> dict[str, int]:
             continue
         if not 0 <= int(value) < n_tokens:
             # llama.cpp ignores out-of-range ids with a warning; some converters write -1 for "none".
-            logger.warning("GGUF tokenizer.ggml.%s = %s is outside the %d-token vocabulary; ignored.", key, value,
-                           n_tokens)
+            logger.warning(
+                "GGUF tokenizer.ggml.%s = %s is outside the %d-token vocabulary; ignored.", key, value, n_tokens
+            )
             continue
         ids[name] = int(value)
     return ids
@@ -150,8 +169,11 @@ def _special_ids(metadata: dict[str, Any], n_tokens: int) -> dict[str, int]:
 
 def _end_of_turn_ids(tokens: list[str], types: list[int], ids: dict[str, int]) -> frozenset[int]:
     declared = {ids[key] for key in ("eos", "eot", "eom") if key in ids}
-    by_text = {i for i, (text, kind) in enumerate(zip(tokens, types, strict=True))
-               if kind in (CONTROL, USER_DEFINED) and text in END_OF_TURN_TEXTS}
+    by_text = {
+        i
+        for i, (text, kind) in enumerate(zip(tokens, types, strict=True))
+        if kind in (CONTROL, USER_DEFINED) and text in END_OF_TURN_TEXTS
+    }
     return frozenset(declared | by_text)
 
 
@@ -175,8 +197,16 @@ def _byte_level_bpe(metadata: dict[str, Any], tokens: list[str]) -> BackendToken
     merges = _file_merges(metadata)
     if merges is None:
         raise ModelFormatError("The GGUF file has a byte-level BPE vocabulary but no tokenizer.ggml.merges list.")
-    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=False,
-                                          continuing_subword_prefix="", end_of_word_suffix=""))
+    backend = BackendTokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            fuse_unk=False,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+        )
+    )
     backend.pre_tokenizer = _byte_level_pre_tokenizer(metadata.get("tokenizer.ggml.pre", "default"))
     backend.decoder = decoders.ByteLevel()
     return backend
@@ -184,10 +214,12 @@ def _byte_level_bpe(metadata: dict[str, Any], tokens: list[str]) -> BackendToken
 
 def _byte_level_pre_tokenizer(pre: str):
     if pre in _SPLIT_BY_PRE:
-        return pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLIT_BY_PRE[pre]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_SPLIT_BY_PRE[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     gpt2 = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in _DIGIT_PRES:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), gpt2])
@@ -203,17 +235,21 @@ def _sentencepiece_bpe(metadata: dict[str, Any], tokens: list[str]) -> BackendTo
     if merges is None:
         scores = metadata.get("tokenizer.ggml.scores")
         if not isinstance(scores, list) or len(scores) != len(tokens):
-            raise ModelFormatError("The GGUF SentencePiece vocabulary has no usable tokenizer.ggml.scores list "
-                                   "(one score per token), so its merges cannot be rebuilt.")
+            raise ModelFormatError(
+                "The GGUF SentencePiece vocabulary has no usable tokenizer.ggml.scores list "
+                "(one score per token), so its merges cannot be rebuilt."
+            )
         merges = _merges_from_scores(tokens, scores, vocab)
     unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
     unk = tokens[unk_id] if isinstance(unk_id, int) and 0 <= unk_id < len(tokens) else None
-    backend = BackendTokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=unk, fuse_unk=True,
-                                          byte_fallback=True))
+    backend = BackendTokenizer(
+        models.BPE(vocab=vocab, merges=merges, dropout=None, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    )
     # SentencePiece writes spaces as "▁" and, unless told not to, puts one in front of the text.
     add_prefix = bool(metadata.get("tokenizer.ggml.add_space_prefix", True))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if add_prefix else "never",
-                                                     split=False)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="▁", prepend_scheme="first" if add_prefix else "never", split=False
+    )
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     if add_prefix:
         steps.append(decoders.Strip(content=" ", left=1, right=0))
@@ -246,8 +282,14 @@ def _merges_from_scores(tokens: list[str], scores: list[float], vocab: dict[str,
     return [(left, right) for _, left, right in ranked]
 
 
-def _add_special_tokens(backend: BackendTokenizer, metadata: dict[str, Any], tokens: list[str], types: list[int],
-                        ids: dict[str, int], byte_level: bool) -> None:
+def _add_special_tokens(
+    backend: BackendTokenizer,
+    metadata: dict[str, Any],
+    tokens: list[str],
+    types: list[int],
+    ids: dict[str, int],
+    byte_level: bool,
+) -> None:
     """Control tokens (and the declared bos/eos/unk/pad) are matched whole in text and skipped when decoding;
     user-defined ones are matched whole but kept."""
     alphabet = set(_byte_alphabet().values()) if byte_level else None
@@ -257,11 +299,14 @@ def _add_special_tokens(backend: BackendTokenizer, metadata: dict[str, Any], tok
         # A byte-level "control" token spelled outside the byte alphabet is a converter mislabel (transformers
         # skips it too); adding it would grow the vocabulary past the model's embedding size.
         AddedToken(tokens[i], special=True, normalized=False)
-        for i in sorted(special_ids) if alphabet is None or set(tokens[i]) <= alphabet
+        for i in sorted(special_ids)
+        if alphabet is None or set(tokens[i]) <= alphabet
     ]
-    user = [AddedToken(tokens[i], special=False, normalized=False)
-            for i, kind in enumerate(types) if kind == USER_DEFINED and i not in special_ids
-            and (alphabet is None or set(tokens[i]) <= alphabet)]
+    user = [
+        AddedToken(tokens[i], special=False, normalized=False)
+        for i, kind in enumerate(types)
+        if kind == USER_DEFINED and i not in special_ids and (alphabet is None or set(tokens[i]) <= alphabet)
+    ]
     if special:
         backend.add_special_tokens(special)
     if user:

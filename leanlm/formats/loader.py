@@ -83,8 +83,13 @@ def _load_hf_folder(path: Path, dtype: torch.dtype) -> Checkpoint:
         raise ModelFormatError(f"{path / 'config.json'} is not valid JSON ({exc}). Restore the file.") from exc
     config = ModelConfig.from_hf_dict(raw_config)
     weights = {name: t.to(dtype) if t.is_floating_point() else t for name, t in _read_hf_weights(path).items()}
-    return Checkpoint(config, weights, Tokenizer.from_folder(path), path,
-                      {name: str(t.dtype).removeprefix("torch.") for name, t in weights.items()})
+    return Checkpoint(
+        config,
+        weights,
+        Tokenizer.from_folder(path),
+        path,
+        {name: str(t.dtype).removeprefix("torch.") for name, t in weights.items()},
+    )
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -22,9 +22,17 @@ _REPLACEMENT = "\ufffd"
 
 
 class Tokenizer:
-    def __init__(self, backend: BackendTokenizer, *, bos_token_id: int | None, eos_token_ids: frozenset[int],
-                 chat_template: str | None, special_tokens: dict[str, str] | None = None,
-                 add_bos: bool | None = None, add_eos: bool | None = None):
+    def __init__(
+        self,
+        backend: BackendTokenizer,
+        *,
+        bos_token_id: int | None,
+        eos_token_ids: frozenset[int],
+        chat_template: str | None,
+        special_tokens: dict[str, str] | None = None,
+        add_bos: bool | None = None,
+        add_eos: bool | None = None,
+    ):
         self.backend = backend
         self.bos_token_id = bos_token_id
         self.eos_token_ids = frozenset(eos_token_ids)
@@ -38,9 +46,15 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, metadata: dict[str, Any]) -> Tokenizer:
         vocab = build_vocabulary(metadata)
-        return cls(vocab.backend, bos_token_id=vocab.bos_token_id, eos_token_ids=vocab.eos_token_ids,
-                   chat_template=vocab.chat_template, special_tokens=vocab.special_tokens,
-                   add_bos=vocab.add_bos, add_eos=vocab.add_eos)
+        return cls(
+            vocab.backend,
+            bos_token_id=vocab.bos_token_id,
+            eos_token_ids=vocab.eos_token_ids,
+            chat_template=vocab.chat_template,
+            special_tokens=vocab.special_tokens,
+            add_bos=vocab.add_bos,
+            add_eos=vocab.add_eos,
+        )
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> Tokenizer:
@@ -58,8 +72,11 @@ class Tokenizer:
         except Exception as exc:  # the Rust side raises plain Exception for malformed files
             raise ModelFormatError(f"{tokenizer_file} could not be read ({exc}). Download the file again.") from exc
         config = _read_json(folder / "tokenizer_config.json")
-        special = {name: text for name in ("bos_token", "eos_token", "unk_token", "pad_token")
-                   if (text := _token_text(config.get(name))) is not None}
+        special = {
+            name: text
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if (text := _token_text(config.get(name))) is not None
+        }
         bos_id = backend.token_to_id(special["bos_token"]) if "bos_token" in special else None
         add_bos, add_eos = config.get("add_bos_token"), config.get("add_eos_token")
         if add_bos is not None or add_eos is not None or backend.post_processor is None:
@@ -68,26 +85,35 @@ class Tokenizer:
             eos_id = backend.token_to_id(special["eos_token"]) if "eos_token" in special else None
             eos_text = special.get("eos_token") if add_eos and eos_id is not None else None
             backend.post_processor = template_processor(bos_text, bos_id, eos_text, eos_id)
-        return cls(backend, bos_token_id=bos_id, eos_token_ids=_folder_eos_ids(backend, folder, special),
-                   chat_template=_folder_chat_template(folder, config), special_tokens=special,
-                   add_bos=bool(add_bos) if add_bos is not None else None,
-                   add_eos=bool(add_eos) if add_eos is not None else None)
+        return cls(
+            backend,
+            bos_token_id=bos_id,
+            eos_token_ids=_folder_eos_ids(backend, folder, special),
+            chat_template=_folder_chat_template(folder, config),
+            special_tokens=special,
+            add_bos=bool(add_bos) if add_bos is not None else None,
+            add_eos=bool(add_eos) if add_eos is not None else None,
+        )
 
     def to_folder_files(self, folder: str | Path) -> None:
         """Write tokenizer.json and tokenizer_config.json so that `from_folder` (and transformers) reload this."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(folder / "tokenizer.json"))
-        config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-                                  **self.special_tokens}
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "clean_up_tokenization_spaces": False,
+            **self.special_tokens,
+        }
         if self._add_bos is not None:
             config["add_bos_token"] = self._add_bos
         if self._add_eos is not None:
             config["add_eos_token"] = self._add_eos
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                                                      encoding="utf-8")
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
 
     # ---- encoding -----------------------------------------------------------------------------------------------
 
@@ -116,8 +142,13 @@ class Tokenizer:
 
         template = self._template()
         try:
-            return template.render(messages=messages, tools=None, documents=None,
-                                   add_generation_prompt=add_generation_prompt, **self.special_tokens)
+            return template.render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self.special_tokens,
+            )
         except (jinja2.TemplateError, TypeError, ValueError) as exc:  # e.g. raise_exception(), or non-string content
             raise InvalidRequestError(f"The model's chat template rejected the messages: {exc}") from exc
 
@@ -152,20 +183,20 @@ class IncrementalDetokenizer:
         prefix_text, window_text = self._window_texts()
         if len(window_text) <= len(prefix_text) or window_text.endswith(_REPLACEMENT):
             return ""  # nothing new, or the last character is still missing bytes
-        return self._emit(window_text[len(prefix_text):])
+        return self._emit(window_text[len(prefix_text) :])
 
     def flush(self) -> str:
         prefix_text, window_text = self._window_texts()
         if len(window_text) <= len(prefix_text):
             return ""
-        return self._emit(window_text[len(prefix_text):])
+        return self._emit(window_text[len(prefix_text) :])
 
     @property
     def text(self) -> str:
         return "".join(self._pieces)
 
     def _window_texts(self) -> tuple[str, str]:
-        window = self._ids[self._prefix_start:]
+        window = self._ids[self._prefix_start :]
         prefix = self._backend.decode(window[: self._read_start - self._prefix_start], skip_special_tokens=self._skip)
         return prefix, self._backend.decode(window, skip_special_tokens=self._skip)
 
@@ -271,8 +302,9 @@ def _jinja_environment():
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[generation_tag, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[generation_tag, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now

@@ -20,8 +20,9 @@ def causal_mask(query_len: int, key_len: int, device: torch.device | None = None
     return torch.arange(key_len, device=device).unsqueeze(0) <= rows
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                        scale: float | None = None) -> torch.Tensor:
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
     """The formula, written plainly; computed in at least float32 whatever the input dtype."""
     compute = torch.promote_types(q.dtype, torch.float32)
     group = q.shape[1] // k.shape[1]
@@ -34,8 +35,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     return (scores.softmax(dim=-1) @ v).to(q.dtype)  # (B, H, T, D)
 
 
-def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                   scale: float | None = None) -> torch.Tensor:
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
     """torch's fused kernel. One query over a cache needs no mask; a fresh prompt uses is_causal."""
     query_len, key_len = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]

@@ -12,8 +12,9 @@ from leanlm.errors import ModelFormatError
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
 
 
-def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None,
-                        context_length: int, max_positions: int) -> tuple[torch.Tensor, float]:
+def inverse_frequencies(
+    head_dim: int, theta: float, scaling: dict[str, Any] | None, context_length: int, max_positions: int
+) -> tuple[torch.Tensor, float]:
     """Per-pair inverse frequencies (head_dim/2,) in float32 and the attention scale yarn applies to cos/sin.
 
     Always built on the CPU (explicit device), even while a model is constructed under torch.device("meta").
@@ -31,7 +32,9 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | N
         if max_positions <= original:
             return base.float(), 1.0
         theta = theta * ((factor * max_positions / original) - (factor - 1)) ** (head_dim / (head_dim - 2))
-        return (1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))).float(), 1.0
+        return (
+            1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+        ).float(), 1.0
     if rope_type == "llama3":
         return _llama3(base, scaling, factor, original).float(), 1.0
     if rope_type == "yarn":
@@ -56,8 +59,9 @@ def _llama3(base: torch.Tensor, scaling: dict[str, Any], factor: float, original
     return torch.where(in_band, blended, scaled)
 
 
-def _yarn(base: torch.Tensor, head_dim: int, theta: float, scaling: dict[str, Any], factor: float,
-          original: int) -> tuple[torch.Tensor, float]:
+def _yarn(
+    base: torch.Tensor, head_dim: int, theta: float, scaling: dict[str, Any], factor: float, original: int
+) -> tuple[torch.Tensor, float]:
     beta_fast = float(scaling.get("beta_fast") or 32)
     beta_slow = float(scaling.get("beta_slow") or 1)
     mscale = scaling.get("attention_factor")

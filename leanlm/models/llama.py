@@ -98,16 +98,24 @@ class LlamaForCausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        inv_freq, self.rope_scale = inverse_frequencies(config.head_dim, config.rope_theta, config.rope_scaling,
-                                                        config.context_length, config.context_length)
+        inv_freq, self.rope_scale = inverse_frequencies(
+            config.head_dim, config.rope_theta, config.rope_scaling, config.context_length, config.context_length
+        )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.attention = ATTENTION_BACKENDS["sdpa"]
 
     def set_attention_backend(self, name: str) -> None:
         self.attention = ATTENTION_BACKENDS[name]
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache | None = None,
-                start: int = 0, mask: torch.Tensor | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: KVCache | None = None,
+        start: int = 0,
+        mask: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
         """input_ids, positions: (B, T). Returns float32 logits (B, T, V), or (B, 1, V) with last_only."""
         x = self.embed_tokens(input_ids)
         cos, sin = self._cos_sin(positions, x.dtype)
@@ -129,8 +137,11 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Take HF-named tensors (model.layers.N.self_attn.q_proj.weight, ...), fuse, and assign them."""
         cfg = self.config
-        weights = {name.removeprefix("model."): tensor for name, tensor in weights.items()
-                   if not name.endswith("rotary_emb.inv_freq")}
+        weights = {
+            name.removeprefix("model."): tensor
+            for name, tensor in weights.items()
+            if not name.endswith("rotary_emb.inv_freq")
+        }
         if (factors := weights.pop("rope_freq_factors", None)) is not None:
             # Llama 3.x GGUF files store their rope scaling as per-frequency divisors instead of metadata.
             self.inv_freq = self.inv_freq / factors.float().cpu()
@@ -157,13 +168,17 @@ class LlamaForCausalLM(nn.Module):
         expected = dict(self.named_parameters())
         missing = sorted(set(expected) - set(fused))
         if missing:
-            raise ModelFormatError(f"The checkpoint lacks {len(missing)} tensors, e.g. '{missing[0]}'. "
-                                   "The file is incomplete or belongs to another architecture.")
+            raise ModelFormatError(
+                f"The checkpoint lacks {len(missing)} tensors, e.g. '{missing[0]}'. "
+                "The file is incomplete or belongs to another architecture."
+            )
         for name, param in expected.items():
             tensor = fused[name]
             if tensor.shape != param.shape:
-                raise ModelFormatError(f"Tensor '{name}' has shape {tuple(tensor.shape)} but the config implies "
-                                       f"{tuple(param.shape)}. config and weights disagree.")
+                raise ModelFormatError(
+                    f"Tensor '{name}' has shape {tuple(tensor.shape)} but the config implies "
+                    f"{tuple(param.shape)}. config and weights disagree."
+                )
         self.load_state_dict(fused, strict=False, assign=True)
         if cfg.tie_word_embeddings or fused["lm_head.weight"] is fused["embed_tokens.weight"]:
             self.lm_head.weight = self.embed_tokens.weight
@@ -201,5 +216,4 @@ def hf_name_from_gguf(name: str) -> str | None:
 def unpermute_gguf_rope(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """llama.cpp's converter interleaves q/k rows for its rope layout; undo it to get HF's rotate-half layout."""
     rows = weight.shape[0]
-    return (weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:])
-            .transpose(1, 2).reshape(weight.shape))
+    return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)

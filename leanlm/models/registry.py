@@ -16,8 +16,9 @@ MODEL_CLASSES: dict[str, type[nn.Module]] = {
 }
 
 
-def build_model(config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: torch.device | str = "cpu") -> nn.Module:
+def build_model(
+    config: ModelConfig, weights: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> nn.Module:
     if config.model_type not in MODEL_CLASSES:
         raise UnsupportedArchitectureError(
             f"No implementation for model type '{config.model_type}'. Supported: {', '.join(MODEL_CLASSES)}."

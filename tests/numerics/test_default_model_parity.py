@@ -19,7 +19,8 @@ TEXT = (
     "CPUs are limited by memory bandwidth rather than by arithmetic. Caching the keys and values of earlier "
     "tokens avoids recomputing them, and quantizing the weights to eight or four bits reduces the bytes that "
     "must be read for every token. Pruning removes weights altogether. Speculative decoding lets a small draft "
-    "model propose several tokens that the large model verifies in one pass. 北京是中国的首都。 def f(x): return x**2 🚀"
+    "model propose several tokens that the large model verifies in one pass. "
+    "北京是中国的首都。 def f(x): return x**2 🚀"
 )
 PROMPTS = [
     "The capital of France is",
@@ -40,7 +41,8 @@ def ours(default_gguf_path):
 def reference(default_gguf_path):
     """transformers dequantizes the same GGUF itself (slow: ~20-35 s)."""
     return transformers.AutoModelForCausalLM.from_pretrained(
-        default_gguf_path.parent, gguf_file=default_gguf_path.name, dtype=torch.float32).eval()
+        default_gguf_path.parent, gguf_file=default_gguf_path.name, dtype=torch.float32
+    ).eval()
 
 
 def test_logits_match_transformers_over_200_tokens(ours, reference):
@@ -58,8 +60,12 @@ def test_greedy_tokens_match_transformers(ours, reference):
     for prompt in PROMPTS:
         ids = ours.tokenizer.encode(prompt)
         with torch.inference_mode():
-            expected = reference.generate(torch.tensor([ids]), max_new_tokens=64, do_sample=False,
-                                          attention_mask=torch.ones(1, len(ids), dtype=torch.long))[0, len(ids):]
+            expected = reference.generate(
+                torch.tensor([ids]),
+                max_new_tokens=64,
+                do_sample=False,
+                attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            )[0, len(ids) :]
         got = ours.generate(prompt, params)[0]
         assert got.token_ids == expected.tolist(), prompt
 
@@ -117,6 +123,10 @@ def test_hf_folder_loads_to_the_same_logits(ours, reference, tmp_path):
     folder = LLM(tmp_path, dtype="float32")
     ids = torch.tensor([ours.tokenizer.encode(TEXT)])
     with torch.inference_mode():
-        torch.testing.assert_close(folder.model(ids, torch.arange(ids.shape[1])[None]),
-                                   ours.model(ids, torch.arange(ids.shape[1])[None]), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            folder.model(ids, torch.arange(ids.shape[1])[None]),
+            ours.model(ids, torch.arange(ids.shape[1])[None]),
+            atol=1e-5,
+            rtol=1e-5,
+        )
     assert folder.tokenizer.encode(TEXT) == ours.tokenizer.encode(TEXT)

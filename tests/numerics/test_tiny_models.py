@@ -9,17 +9,38 @@ from leanlm.models.registry import build_model
 
 transformers = pytest.importorskip("transformers")
 
-COMMON = dict(vocab_size=320, hidden_size=96, intermediate_size=160, num_hidden_layers=3, num_attention_heads=6,
-              max_position_embeddings=512)
+COMMON = dict(
+    vocab_size=320,
+    hidden_size=96,
+    intermediate_size=160,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    max_position_embeddings=512,
+)
 CASES = {
-    "llama-gqa-untied-llama3rope": ("LlamaConfig", "LlamaForCausalLM", dict(
-        num_key_value_heads=2, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "llama-gqa-untied-llama3rope": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            tie_word_embeddings=False,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+    ),
     "llama-mha-tied": ("LlamaConfig", "LlamaForCausalLM", dict(num_key_value_heads=6, tie_word_embeddings=True)),
     "qwen2-bias": ("Qwen2Config", "Qwen2ForCausalLM", dict(num_key_value_heads=2, tie_word_embeddings=False)),
-    "mistral": ("MistralConfig", "MistralForCausalLM", dict(num_key_value_heads=3, tie_word_embeddings=False,
-                                                            sliding_window=None)),
+    "mistral": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(num_key_value_heads=3, tie_word_embeddings=False, sliding_window=None),
+    ),
 }
 
 

@@ -114,8 +114,9 @@ def test_from_folder_matches_transformers(default_ours, default_hf, tmp_path):
     default_hf.save_pretrained(tmp_path)
     ours, hf = Tokenizer.from_folder(tmp_path), AutoTokenizer.from_pretrained(tmp_path)
     _assert_same_tokenizer(ours, hf, TEXTS)
-    assert ours.apply_chat_template(WITH_SYSTEM) == hf.apply_chat_template(WITH_SYSTEM, tokenize=False,
-                                                                           add_generation_prompt=True)
+    assert ours.apply_chat_template(WITH_SYSTEM) == hf.apply_chat_template(
+        WITH_SYSTEM, tokenize=False, add_generation_prompt=True
+    )
     assert ours.bos_token_id == default_ours.bos_token_id
     assert ours.eos_token_ids == default_ours.eos_token_ids
 
@@ -153,8 +154,31 @@ LEADING_SPACE_TEXTS = ["  two leading spaces", " one", "\tleading tab"]
 
 def _training_text(path: Path) -> None:
     rng = random.Random(1)
-    words = ["hello", "world", "token", "stream", "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog",
-             "times", "über", "café", "naïve", "Straße", "数据", "模型", "and", "tabs", "spaces", "newlines"]
+    words = [
+        "hello",
+        "world",
+        "token",
+        "stream",
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "lazy",
+        "dog",
+        "times",
+        "über",
+        "café",
+        "naïve",
+        "Straße",
+        "数据",
+        "模型",
+        "and",
+        "tabs",
+        "spaces",
+        "newlines",
+    ]
     lines = []
     for index in range(2000):
         line = " ".join(rng.choice(words) for _ in range(rng.randint(3, 12)))
@@ -169,8 +193,15 @@ def _write_llama_gguf(path: Path, processor) -> None:
     for i in range(processor.get_piece_size()):
         tokens.append(processor.id_to_piece(i))
         scores.append(processor.get_score(i))
-        kind = (gguf.TokenType.UNKNOWN if processor.is_unknown(i) else gguf.TokenType.CONTROL if processor.is_control(i)
-                else gguf.TokenType.BYTE if processor.is_byte(i) else gguf.TokenType.NORMAL)
+        kind = (
+            gguf.TokenType.UNKNOWN
+            if processor.is_unknown(i)
+            else gguf.TokenType.CONTROL
+            if processor.is_control(i)
+            else gguf.TokenType.BYTE
+            if processor.is_byte(i)
+            else gguf.TokenType.NORMAL
+        )
         types.append(int(kind))
     writer = gguf.GGUFWriter(str(path), "llama")
     # A minimal llama config and one tensor: transformers reads the architecture before it builds the tokenizer.
@@ -205,9 +236,19 @@ def spm_model(tmp_path_factory):
     _training_text(folder / "corpus.txt")
     # Identity normalization and kept whitespace: GGUF tokenizers (llama.cpp, transformers) do not normalize.
     spm.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"), model_prefix=str(folder / "tiny"), vocab_size=400, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+        input=str(folder / "corpus.txt"),
+        model_prefix=str(folder / "tiny"),
+        vocab_size=400,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        minloglevel=2,
     )
     processor = spm.SentencePieceProcessor(model_file=str(folder / "tiny.model"))
     _write_llama_gguf(folder / "tiny.gguf", processor)

@@ -13,17 +13,21 @@ TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(ato
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "batch,heads,kv_heads,query_len,key_len,head_dim",
-    [(1, 9, 3, 1, 17, 64),  # decode step over a cache, GQA 3:1
-     (2, 9, 3, 23, 23, 64),  # prefill, GQA
-     (2, 4, 4, 5, 12, 32),  # continuation chunk over a cache, no GQA
-     (3, 8, 2, 16, 16, 128)],
+    [
+        (1, 9, 3, 1, 17, 64),  # decode step over a cache, GQA 3:1
+        (2, 9, 3, 23, 23, 64),  # prefill, GQA
+        (2, 4, 4, 5, 12, 32),  # continuation chunk over a cache, no GQA
+        (3, 8, 2, 16, 16, 128),
+    ],
 )
 def test_sdpa_matches_reference(dtype, batch, heads, kv_heads, query_len, key_len, head_dim):
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(batch, heads, query_len, head_dim, generator=gen).to(dtype)
     k = torch.randn(batch, kv_heads, key_len, head_dim, generator=gen).to(dtype)
     v = torch.randn(batch, kv_heads, key_len, head_dim, generator=gen).to(dtype)
-    torch.testing.assert_close(sdpa_attention(q, k, v).float(), reference_attention(q, k, v).float(), **TOLERANCE[dtype])
+    torch.testing.assert_close(
+        sdpa_attention(q, k, v).float(), reference_attention(q, k, v).float(), **TOLERANCE[dtype]
+    )
 
 
 def test_padding_mask_matches_reference():

@@ -3,10 +3,18 @@ import pytest
 from leanlm.config import ModelConfig
 from leanlm.errors import ModelFormatError, UnsupportedArchitectureError
 
-HF_LLAMA = {"model_type": "llama", "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-            "max_position_embeddings": 256, "rope_theta": 500000.0,
-            "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}
+HF_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 100,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "rope_theta": 500000.0,
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0},
+}
 
 
 def test_hf_config():
@@ -32,10 +40,18 @@ def test_missing_key_and_bad_gqa():
 
 
 def test_gguf_metadata():
-    meta = {"general.architecture": "llama", "llama.block_count": 30, "llama.context_length": 8192,
-            "llama.embedding_length": 576, "llama.feed_forward_length": 1536, "llama.attention.head_count": 9,
-            "llama.attention.head_count_kv": 3, "llama.rope.freq_base": 100000.0,
-            "llama.attention.layer_norm_rms_epsilon": 1e-5, "llama.vocab_size": 49152}
+    meta = {
+        "general.architecture": "llama",
+        "llama.block_count": 30,
+        "llama.context_length": 8192,
+        "llama.embedding_length": 576,
+        "llama.feed_forward_length": 1536,
+        "llama.attention.head_count": 9,
+        "llama.attention.head_count_kv": 3,
+        "llama.rope.freq_base": 100000.0,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        "llama.vocab_size": 49152,
+    }
     config = ModelConfig.from_gguf_metadata(meta)
     assert (config.num_layers, config.head_dim, config.num_kv_heads, config.context_length) == (30, 64, 3, 8192)
     assert config.replace(tie_word_embeddings=True).num_parameters() == 134_515_008  # SmolLM2-135M

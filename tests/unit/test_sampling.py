@@ -3,14 +3,24 @@ import torch
 
 from leanlm.engine.stop import StopStrings
 from leanlm.errors import InvalidRequestError
-from leanlm.sampling.sampler import (Sampler, apply_repetition_penalty, min_p_filter, top_k_filter,
-                                     top_p_filter)
+from leanlm.sampling.sampler import Sampler, apply_repetition_penalty, min_p_filter, top_k_filter, top_p_filter
 from leanlm.sampling_params import SamplingParams
 
 
-@pytest.mark.parametrize("kwargs", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
-                                    dict(top_k=-2), dict(min_p=2), dict(repetition_penalty=0), dict(stop=("",)),
-                                    dict(seed="x")])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(max_tokens=0),
+        dict(temperature=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(top_k=-2),
+        dict(min_p=2),
+        dict(repetition_penalty=0),
+        dict(stop=("",)),
+        dict(seed="x"),
+    ],
+)
 def test_invalid_params_raise_named_error(kwargs):
     with pytest.raises(InvalidRequestError, match=next(iter(kwargs))):
         SamplingParams(**kwargs)

@@ -33,9 +33,14 @@ def byte_level_metadata(**extra) -> dict:
     tokens = specials + symbols + ["Ġw", "or", "Ġwor", "ld", "Ġworld", "he", "ll", "hell", "hello", "<think>"]
     types = [3] * len(specials) + [1] * (len(tokens) - len(specials) - 1) + [4]
     metadata = {
-        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2", "tokenizer.ggml.tokens": tokens,
-        "tokenizer.ggml.token_type": types, "tokenizer.ggml.merges": merges,
-        "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 0, "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 0,
+        "tokenizer.ggml.add_bos_token": False,
         "tokenizer.chat_template": TEMPLATE,
     }
     return {**metadata, **extra}
@@ -43,15 +48,37 @@ def byte_level_metadata(**extra) -> dict:
 
 def sentencepiece_metadata(**extra) -> dict:
     """A SentencePiece vocabulary: <unk> <s> </s>, 256 byte tokens, and pieces whose scores rank the merges."""
-    pieces = ["▁", "h", "e", "l", "o", "w", "r", "d", "he", "ll", "hell", "hello", "▁hello", "or", "▁w", "▁wor",
-              "ld", "▁world"]
+    pieces = [
+        "▁",
+        "h",
+        "e",
+        "l",
+        "o",
+        "w",
+        "r",
+        "d",
+        "he",
+        "ll",
+        "hell",
+        "hello",
+        "▁hello",
+        "or",
+        "▁w",
+        "▁wor",
+        "ld",
+        "▁world",
+    ]
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
     # Single characters score low; longer pieces were learned later but must merge before their parts get used.
     scores = [0.0] * 259 + [-100.0 - i for i in range(8)] + [-float(i) for i in range(len(pieces) - 8)]
     types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
     metadata = {
-        "tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.scores": scores,
-        "tokenizer.ggml.token_type": types, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
         "tokenizer.ggml.unknown_token_id": 0,
     }
     return {**metadata, **extra}
@@ -94,7 +121,7 @@ def test_streaming_flush_returns_an_incomplete_tail():
     ids = tokenizer.encode("ok 😀")[:-1]  # drop the emoji's last byte
     pieces, tail = stream(tokenizer, ids)
     assert "".join(pieces) == "ok "
-    assert tail == tokenizer.decode(ids)[len("ok "):] and tail.endswith("\ufffd")
+    assert tail == tokenizer.decode(ids)[len("ok ") :] and tail.endswith("\ufffd")
 
 
 class _CountingBackend:
@@ -156,8 +183,9 @@ def test_sentencepiece_add_space_prefix():
     plain = Tokenizer.from_gguf_metadata(sentencepiece_metadata(**{"tokenizer.ggml.add_space_prefix": False}))
     ids = prefixed.encode("hello world", add_special_tokens=False)
     assert ids == [prefixed.backend.token_to_id(t) for t in ("▁hello", "▁world")]
-    assert plain.encode("hello world", add_special_tokens=False) == [plain.backend.token_to_id(t)
-                                                                     for t in ("hello", "▁world")]
+    assert plain.encode("hello world", add_special_tokens=False) == [
+        plain.backend.token_to_id(t) for t in ("hello", "▁world")
+    ]
     assert prefixed.decode(ids) == plain.decode(plain.encode("hello world")) == "hello world"
 
 
@@ -184,13 +212,16 @@ def test_vocab_size_counts_every_token():
 # ---- pre-tokenizers ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("pre", "pieces"), [
-    ("gpt-2", ["12345", "Ġx", "Ġ67", "ĠI", "'", "M", "ĠHelloWorld"]),
-    ("smollm", ["1", "2", "3", "4", "5", "Ġx", "Ġ", "6", "7", "ĠI", "'", "M", "ĠHelloWorld"]),
-    ("llama-bpe", ["123", "45", "Ġx", "Ġ", "67", "ĠI", "'M", "ĠHelloWorld"]),
-    ("qwen2", ["1", "2", "3", "4", "5", "Ġx", "Ġ", "6", "7", "ĠI", "'M", "ĠHelloWorld"]),
-    ("gpt-4o", ["123", "45", "Ġx", "Ġ", "67", "ĠI'M", "ĠHello", "World"]),
-])
+@pytest.mark.parametrize(
+    ("pre", "pieces"),
+    [
+        ("gpt-2", ["12345", "Ġx", "Ġ67", "ĠI", "'", "M", "ĠHelloWorld"]),
+        ("smollm", ["1", "2", "3", "4", "5", "Ġx", "Ġ", "6", "7", "ĠI", "'", "M", "ĠHelloWorld"]),
+        ("llama-bpe", ["123", "45", "Ġx", "Ġ", "67", "ĠI", "'M", "ĠHelloWorld"]),
+        ("qwen2", ["1", "2", "3", "4", "5", "Ġx", "Ġ", "6", "7", "ĠI", "'M", "ĠHelloWorld"]),
+        ("gpt-4o", ["123", "45", "Ġx", "Ġ", "67", "ĠI'M", "ĠHello", "World"]),
+    ],
+)
 def test_pre_tokenizer_follows_ggml_pre(pre, pieces):
     tokenizer = Tokenizer.from_gguf_metadata(byte_level_metadata(**{"tokenizer.ggml.pre": pre}))
     split = tokenizer.backend.pre_tokenizer.pre_tokenize_str("12345 x 67 I'M HelloWorld")
@@ -248,9 +279,11 @@ def test_chat_template_rendering_and_errors():
 
 
 def test_chat_template_helpers():
-    template = ("{{ bos_token }}{{ messages | tojson }}{% generation %}{{ eos_token }}{% endgeneration %}"
-                "{{ strftime_now('%Y') | length }}{% for m in messages %}{% if loop.first %}{% break %}{% endif %}"
-                "{% endfor %}")
+    template = (
+        "{{ bos_token }}{{ messages | tojson }}{% generation %}{{ eos_token }}{% endgeneration %}"
+        "{{ strftime_now('%Y') | length }}{% for m in messages %}{% if loop.first %}{% break %}{% endif %}"
+        "{% endfor %}"
+    )
     tokenizer = Tokenizer.from_gguf_metadata(byte_level_metadata(**{"tokenizer.chat_template": template}))
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": "é<b>"}])
     assert rendered == '<|im_start|>[{"role": "user", "content": "é<b>"}]<|endoftext|>4'
@@ -274,8 +307,11 @@ def test_to_folder_files_round_trip(tmp_path):
 def test_from_folder_reads_configs(tmp_path):
     Tokenizer.from_gguf_metadata(byte_level_metadata()).to_folder_files(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    config.update(bos_token={"content": "<|im_start|>", "__type": "AddedToken"}, add_bos_token=True,
-                  chat_template=[{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "chat"}])
+    config.update(
+        bos_token={"content": "<|im_start|>", "__type": "AddedToken"},
+        add_bos_token=True,
+        chat_template=[{"name": "tool_use", "template": "tools"}, {"name": "default", "template": "chat"}],
+    )
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [0, 7]}))
     tokenizer = Tokenizer.from_folder(tmp_path)
