@@ -5,10 +5,21 @@ from __future__ import annotations
 import argparse
 import sys
 
-from leanlm.cli.options import load_llm, sampling_params_from
+from leanlm.cli.options import add_model_options, add_sampling_options, load_llm, sampling_params_from
 
 
-def run_chat(args: argparse.Namespace) -> int:
+def add_parser(subparsers) -> None:
+    chat = subparsers.add_parser(
+        "chat",
+        help="talk with the model interactively (chat template, streamed answers)",
+        description="Interactive chat. Type a message and press Enter; /reset starts over, /exit (or Ctrl-D) quits.",
+    )
+    chat.add_argument("--system", help="a system message that starts the conversation")
+    add_sampling_options(chat, max_tokens=512)
+    add_model_options(chat)
+
+
+def run(args: argparse.Namespace) -> int:
     params = sampling_params_from(args)
     llm = load_llm(args)
     system = [{"role": "system", "content": args.system}] if args.system else []

@@ -8,8 +8,30 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from leanlm.cli.options import load_llm, sampling_params_from
+from leanlm.cli.options import add_model_options, add_sampling_options, load_llm, sampling_params_from
 from leanlm.errors import InvalidRequestError
+
+
+def add_parser(subparsers) -> None:
+    gen = subparsers.add_parser(
+        "generate",
+        help="continue a text (or answer it with --chat) and print the result",
+        description="Continue the given text (a completion). With --chat, the text is sent as one "
+        "user message through the model's chat template. One prompt streams; several run as a batch.",
+    )
+    gen.add_argument("prompt", nargs="?", help="the text to continue (or read from stdin)")
+    gen.add_argument("--prompt-file", help="a file with one prompt per line (blank lines skipped); runs as a batch")
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object per prompt instead of streaming text")
+    gen.add_argument(
+        "--attention",
+        default="sdpa",
+        choices=["sdpa", "reference"],
+        help="attention implementation (reference = the plain formula, for checking)",
+    )
+    gen.add_argument("--quiet", "-q", action="store_true", help="do not print timing statistics to stderr")
+    add_sampling_options(gen)
+    add_model_options(gen)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -28,14 +50,14 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return [args.prompt]
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     params = sampling_params_from(args)  # validate before the (slower) model load
     prompts = read_prompts(args)
     llm = load_llm(args)
     if len(prompts) == 1 and not args.json:
         for chunk in llm.stream(prompts[0], params, chat=args.chat):
             print(chunk.text, end="", flush=True)
-        print()
+        print(flush=True)
         outputs = llm.last_outputs
     elif args.chat:
         outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)

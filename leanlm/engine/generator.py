@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leanlm.cache.kv_cache import KVCache
+from leanlm.cache.kv_cache import KVCache, default_cache_dtype
 from leanlm.engine.outputs import RequestOutput, StreamChunk
 from leanlm.engine.stop import StopStrings
 from leanlm.errors import InvalidRequestError, PromptTooLongError
@@ -43,7 +43,7 @@ class Generator:
         self.tokenizer = tokenizer
         self.config = model.config
         self.device = next(model.parameters()).device
-        self.dtype = next(model.parameters()).dtype
+        self.cache_dtype = default_cache_dtype(next(model.parameters()).dtype, self.device)
 
     def check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -80,7 +80,7 @@ class Generator:
             self.config.num_kv_heads,
             cache_len,
             self.config.head_dim,
-            self.dtype,
+            self.cache_dtype,
             self.device,
         )
         # (B, cache_len): which cache columns hold real tokens; None when no row is padded.
