@@ -37,12 +37,16 @@ class ModelConfig:
     mlp_bias: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # original keys, kept for saving
 
+    @staticmethod
+    def _unsupported(model_type: str) -> None:
+        raise UnsupportedArchitectureError(
+            f"Model type '{model_type}' is not supported. leanlm runs: {', '.join(SUPPORTED_MODEL_TYPES)}. "
+            "Use a model of one of these families, or add an implementation under leanlm/models/."
+        )
+
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise UnsupportedArchitectureError(
-                f"Model type '{self.model_type}' is not supported. leanlm runs: {', '.join(SUPPORTED_MODEL_TYPES)}. "
-                "Use a model of one of these families, or add an implementation under leanlm/models/."
-            )
+            self._unsupported(self.model_type)
         for name in (
             "vocab_size",
             "hidden_size",
@@ -85,6 +89,8 @@ class ModelConfig:
                 (_HF_ARCHITECTURE_TO_MODEL_TYPE[a] for a in archs if a in _HF_ARCHITECTURE_TO_MODEL_TYPE),
                 archs[0] if archs else "unknown",
             )
+        if model_type not in SUPPORTED_MODEL_TYPES:  # before reading keys that another architecture may lack
+            cls._unsupported(model_type)
         try:
             num_heads = int(raw["num_attention_heads"])
             hidden = int(raw["hidden_size"])
