@@ -36,21 +36,22 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return path
 
 
-def load_checkpoint(model: str | Path | None, dtype: torch.dtype = torch.float32) -> Checkpoint:
+def load_checkpoint(model: str | Path | None, dtype: torch.dtype = torch.float32, weights: bool = True) -> Checkpoint:
+    """weights=False reads only config and tokenizer (the weights dict stays empty)."""
     path = resolve_model_path(model)
     if path.is_dir():
         if (path / "config.json").is_file():
-            return _load_hf_folder(path, dtype)
+            return _load_hf_folder(path, dtype, weights)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return _load_gguf(ggufs[0], dtype)
+            return _load_gguf(ggufs[0], dtype, weights)
         raise ModelNotFoundError(
             f"{path} has no config.json and {len(ggufs)} .gguf files. Pass a Hugging Face folder or one .gguf file."
         )
-    return _load_gguf(path, dtype)
+    return _load_gguf(path, dtype, weights)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
+def _load_gguf(path: Path, dtype: torch.dtype, with_weights: bool = True) -> Checkpoint:
     from leanlm.formats.gguf import GGUFFile
     from leanlm.models.llama import hf_name_from_gguf, unpermute_gguf_rope
 
@@ -61,7 +62,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
     weights, types = {}, {}
     for name in gguf_file.tensors:
         hf_name = hf_name_from_gguf(name)
-        if hf_name is None:
+        if hf_name is None or not with_weights:
             continue
         tensor = gguf_file.load_tensor(name, dtype)
         if permuted and ".q_proj." in hf_name:
@@ -71,18 +72,19 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> Checkpoint:
         weights[hf_name] = tensor
         types[hf_name] = gguf_file.tensor_type_name(name)
     tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
-    if "lm_head.weight" not in weights:
+    if "output.weight" not in gguf_file.tensors:
         config = config.replace(tie_word_embeddings=True)
     return Checkpoint(config, weights, tokenizer, path, types)
 
 
-def _load_hf_folder(path: Path, dtype: torch.dtype) -> Checkpoint:
+def _load_hf_folder(path: Path, dtype: torch.dtype, with_weights: bool = True) -> Checkpoint:
     try:
         raw_config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as exc:
         raise ModelFormatError(f"{path / 'config.json'} is not valid JSON ({exc}). Restore the file.") from exc
     config = ModelConfig.from_hf_dict(raw_config)
-    weights = {name: t.to(dtype) if t.is_floating_point() else t for name, t in _read_hf_weights(path).items()}
+    raw = _read_hf_weights(path) if with_weights else {}
+    weights = {name: t.to(dtype) if t.is_floating_point() else t for name, t in raw.items()}
     return Checkpoint(
         config,
         weights,

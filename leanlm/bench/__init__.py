@@ -1,0 +1,1 @@
+"""Speed and memory measurement: engines run in fresh processes, interleaved, against a roofline bound."""

@@ -1,0 +1,142 @@
+"""The engines a benchmark can run, behind one small interface: load once, then generate exactly N tokens.
+
+Each engine runs in its own process (see worker.py) so that load time and peak memory are its own.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from leanlm.errors import InvalidRequestError
+
+
+class Engine:
+    name = "engine"
+    precision = "?"
+    bits_per_weight = 16.0
+    kv_bytes_per_value = 4
+
+    def load(self, model: Path, dtype: str, device: str, threads: int) -> None:
+        raise NotImplementedError
+
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
+        """Greedy, EOS ignored, exactly `new_tokens` tokens for every prompt."""
+        raise NotImplementedError
+
+
+class LeanLMEngine(Engine):
+    name = "leanlm"
+
+    def load(self, model, dtype, device, threads):
+        from leanlm.engine.llm import LLM
+
+        self.llm = LLM(model, dtype=dtype, device=device, threads=threads)
+        self.precision = str(self.llm.dtype).removeprefix("torch.")
+        self.bits_per_weight = self.llm.dtype.itemsize * 8
+        self.kv_bytes_per_value = self.llm.generator.cache_dtype.itemsize
+        self.config = self.llm.config
+
+    def generate(self, prompts, new_tokens):
+        from leanlm.sampling_params import SamplingParams
+
+        self.llm.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
+
+
+class TransformersEngine(Engine):
+    name = "transformers"
+
+    def load(self, model, dtype, device, threads):
+        try:
+            import transformers
+        except ImportError as exc:
+            raise InvalidRequestError("The transformers peer needs `pip install 'leanlm[test]'`.") from exc
+        torch.set_num_threads(threads)
+        torch_dtype = torch.float32 if dtype in ("auto", "float32") else getattr(torch, dtype)
+        kwargs = {"gguf_file": model.name} if model.suffix == ".gguf" else {}
+        folder = model.parent if model.suffix == ".gguf" else model
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, **kwargs)
+        self.device = "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        self.model = self.model.to(self.device).eval()
+        self.precision = str(torch_dtype).removeprefix("torch.")
+        self.bits_per_weight = torch_dtype.itemsize * 8
+        self.kv_bytes_per_value = torch_dtype.itemsize
+
+    @torch.inference_mode()
+    def generate(self, prompts, new_tokens):
+        ids = torch.tensor(prompts, device=self.device)  # equal lengths: no padding needed
+        self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
+
+
+class LlamaCppEngine(Engine):
+    """llama.cpp through llama-cpp-python (optional; it compiles from source in ~11 min on 2 cores)."""
+
+    name = "llama.cpp"
+    kv_bytes_per_value = 2
+
+    def load(self, model, dtype, device, threads):
+        try:
+            import llama_cpp
+        except ImportError as exc:
+            raise InvalidRequestError(
+                "The llama.cpp peer needs llama-cpp-python: `pip install llama-cpp-python` (builds from source, "
+                "about 11 minutes on 2 cores)."
+            ) from exc
+        if model.suffix != ".gguf":
+            raise InvalidRequestError("llama.cpp runs GGUF files only; pass --model file.gguf.")
+        from leanlm.formats.gguf import GGUFFile
+
+        gguf_file = GGUFFile(model)
+        self.precision = _dominant_type(gguf_file)
+        self.bits_per_weight = _bits_per_weight(gguf_file)
+        self.llm = llama_cpp.Llama(
+            str(model),
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=2048,
+            n_gpu_layers=-1 if device == "cuda" else 0,
+            verbose=False,
+        )
+
+    def generate(self, prompts, new_tokens):
+        if len(prompts) != 1:
+            raise InvalidRequestError("The llama.cpp peer measures batch 1 only.")
+        self.llm.reset()
+        self.llm.eval(prompts[0])
+        for _ in range(new_tokens):
+            token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())  # greedy, EOS ignored
+            self.llm.eval([token])
+
+
+ENGINES = {"leanlm": LeanLMEngine, "transformers": TransformersEngine, "llama.cpp": LlamaCppEngine}
+
+
+def _dominant_type(gguf_file) -> str:
+    counts: dict[str, int] = {}
+    for name, info in gguf_file.tensors.items():
+        if len(info.shape) > 1:
+            counts[gguf_file.tensor_type_name(name)] = counts.get(gguf_file.tensor_type_name(name), 0) + 1
+    return max(counts, key=counts.get)
+
+
+def _bits_per_weight(gguf_file) -> float:
+    import numpy as np
+
+    elements = sum(int(np.prod(info.shape)) for info in gguf_file.tensors.values())
+    stored = sum(info.n_bytes for info in gguf_file.tensors.values())
+    return 8 * stored / elements
+
+
+def timed(fn, *args) -> float:
+    started = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - started
