@@ -23,7 +23,12 @@ def add_parser(subparsers) -> None:
     bench.add_argument("--batch", default="1", help="comma-separated batch sizes, e.g. 1,4,16 (default 1)")
     bench.add_argument("--vs", default="", help=f"comma-separated peers: {', '.join(PEERS)}")
     bench.add_argument("--peer-dtype", default="float32", help="precision for the transformers peer")
-    bench.add_argument("--llama-cpp-model", help="GGUF file for llama.cpp (default: --model when it is a GGUF)")
+    bench.add_argument(
+        "--llama-cpp-types",
+        default="source",
+        help="GGUF precisions for llama.cpp, e.g. F16,Q8_0,Q4_1: leanlm re-encodes the model's weights to each "
+        "(cached under $LEANLM_HOME/exports); 'source' runs the file as given (default: %(default)s)",
+    )
     bench.add_argument("--prompt-tokens", type=int, default=120, help="prompt length in tokens (default 120)")
     bench.add_argument("--gen-tokens", type=int, default=128, help="tokens generated per run (default 128)")
     bench.add_argument("--repetitions", "-r", type=int, default=3, help="runs per engine (default 3)")
@@ -39,6 +44,26 @@ def parse_list(text: str, convert=str) -> list:
         raise InvalidRequestError(f"Cannot parse '{text}' as a comma-separated list ({exc}).") from exc
 
 
+def gguf_for_llama_cpp(model: str, type_name: str):
+    """The model as a GGUF file of the given precision (exported once, then reused from the cache)."""
+    from pathlib import Path
+
+    from leanlm.formats.assets import leanlm_home
+    from leanlm.formats.gguf_export import export_gguf
+
+    source = Path(model)
+    if type_name == "source":
+        if source.suffix != ".gguf":
+            raise InvalidRequestError("llama.cpp runs GGUF files: pass --llama-cpp-types F16 (or Q8_0...) to export.")
+        return source
+    target = leanlm_home() / "exports" / f"{source.stem}.{type_name}.gguf"
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        print(f"leanlm: writing {target.name} for llama.cpp...", file=sys.stderr)
+        export_gguf(source, target, type_name)
+    return target
+
+
 def run(args: argparse.Namespace) -> int:
     from leanlm.bench.report import format_table, save_plot
     from leanlm.bench.runner import BenchSpec, EngineSpec, add_ratios, run_benchmark, save_json
@@ -51,8 +76,12 @@ def run(args: argparse.Namespace) -> int:
     model = str(resolve_model_path(args.model))
     engines = [EngineSpec("leanlm", args.dtype)]
     for peer in peers:
-        peer_model = args.llama_cpp_model if peer == "llama.cpp" else None
-        engines.append(EngineSpec(peer, args.peer_dtype if peer == "transformers" else "auto", peer_model))
+        if peer == "transformers":
+            engines.append(EngineSpec(peer, args.peer_dtype))
+        else:
+            engines += [
+                EngineSpec(peer, "auto", str(gguf_for_llama_cpp(model, t))) for t in parse_list(args.llama_cpp_types)
+            ]
     spec = BenchSpec(
         model=model,
         engines=engines,
