@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     baseline = None
     if args.baseline is not None:
         dtype = args.baseline_dtype or args.dtype
-        baseline = LLM(args.baseline, dtype=dtype, device=args.device, threads=args.threads)
+        baseline = LLM(args.baseline, dtype=dtype, device=args.device, threads=args.threads, dequantize=args.dequantize)
     result = evaluate(
         llm,
         text,

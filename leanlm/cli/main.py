@@ -26,6 +26,7 @@ COMMANDS = {
     "chat": "leanlm.cli.chat",
     "eval": "leanlm.cli.evaluate",
     "bench": "leanlm.cli.bench",
+    "quantize": "leanlm.cli.quantize",
 }
 
 

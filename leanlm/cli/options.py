@@ -22,6 +22,11 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when a GPU is present)")
     group.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="run a quantized GGUF (Q8_0/Q4_0/Q4_1) as dense weights instead of at its own precision",
+    )
+    group.add_argument(
         "--threads",
         "-t",
         type=int,
@@ -71,5 +76,6 @@ def load_llm(args: argparse.Namespace):
         dtype=args.dtype,
         device=args.device,
         threads=args.threads,
+        dequantize=args.dequantize,
         attention=getattr(args, "attention", "sdpa"),
     )

@@ -53,6 +53,7 @@ class LLM:
         device: str | None = "auto",
         threads: int | None = None,
         attention: str = "sdpa",
+        dequantize: bool = False,
     ):
         if threads is not None:
             if threads < 1:
@@ -61,7 +62,10 @@ class LLM:
         started = time.perf_counter()
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
-        checkpoint = load_checkpoint(model, self.dtype)
+        # GGUF Q8_0/Q4_0/Q4_1 matrices run at their own precision (as llama.cpp does) unless `dequantize` asks
+        # for dense weights. float32 is the reference precision, so it always dequantizes.
+        native_quant = not dequantize and self.dtype != torch.float32
+        checkpoint = load_checkpoint(model, self.dtype, native_quant=native_quant)
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.model_path = checkpoint.path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -11,6 +12,7 @@ import torch
 from leanlm.config import ModelConfig
 from leanlm.errors import ModelFormatError, ModelNotFoundError
 from leanlm.formats.tokenizer import Tokenizer
+from leanlm.layers.quantized_linear import QuantizedTensor
 
 
 @dataclass
@@ -36,23 +38,27 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return path
 
 
-def load_checkpoint(model: str | Path | None, dtype: torch.dtype = torch.float32, weights: bool = True) -> Checkpoint:
-    """weights=False reads only config and tokenizer (the weights dict stays empty)."""
+def load_checkpoint(
+    model: str | Path | None, dtype: torch.dtype = torch.float32, weights: bool = True, native_quant: bool = False
+) -> Checkpoint:
+    """weights=False reads only config and tokenizer (the weights dict stays empty).
+    native_quant=True keeps GGUF Q8_0/Q4_0/Q4_1 matrices as QuantizedTensors (bit-exact) instead of dequantizing."""
     path = resolve_model_path(model)
     if path.is_dir():
         if (path / "config.json").is_file():
             return _load_hf_folder(path, dtype, weights)
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return _load_gguf(ggufs[0], dtype, weights)
+            return _load_gguf(ggufs[0], dtype, weights, native_quant)
         raise ModelNotFoundError(
             f"{path} has no config.json and {len(ggufs)} .gguf files. Pass a Hugging Face folder or one .gguf file."
         )
-    return _load_gguf(path, dtype, weights)
+    return _load_gguf(path, dtype, weights, native_quant)
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, with_weights: bool = True) -> Checkpoint:
+def _load_gguf(path: Path, dtype: torch.dtype, with_weights: bool = True, native_quant: bool = False) -> Checkpoint:
     from leanlm.formats.gguf import GGUFFile
+    from leanlm.formats.gguf_blocks import NATIVE_TYPES, blocks_to_quantized
     from leanlm.models.llama import hf_name_from_gguf, unpermute_gguf_rope
 
     gguf_file = GGUFFile(path)
@@ -64,13 +70,18 @@ def _load_gguf(path: Path, dtype: torch.dtype, with_weights: bool = True) -> Che
         hf_name = hf_name_from_gguf(name)
         if hf_name is None or not with_weights:
             continue
-        tensor = gguf_file.load_tensor(name, dtype)
-        if permuted and ".q_proj." in hf_name:
-            tensor = unpermute_gguf_rope(tensor, config.num_heads)
-        elif permuted and ".k_proj." in hf_name:
-            tensor = unpermute_gguf_rope(tensor, config.num_kv_heads)
+        type_name = gguf_file.tensor_type_name(name)
+        shape = gguf_file.tensors[name].shape
+        if native_quant and type_name in NATIVE_TYPES and len(shape) == 2:
+            tensor = blocks_to_quantized(gguf_file.raw_tensor(name), type_name, shape)
+        else:
+            tensor = gguf_file.load_tensor(name, dtype)
+        if permuted and (".q_proj." in hf_name or ".k_proj." in hf_name):
+            heads = config.num_heads if ".q_proj." in hf_name else config.num_kv_heads
+            unpermute = partial(unpermute_gguf_rope, num_heads=heads)
+            tensor = tensor.map_rows(unpermute) if isinstance(tensor, QuantizedTensor) else unpermute(tensor)
         weights[hf_name] = tensor
-        types[hf_name] = gguf_file.tensor_type_name(name)
+        types[hf_name] = type_name
     tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
     if "output.weight" not in gguf_file.tensors:
         config = config.replace(tie_word_embeddings=True)
@@ -84,13 +95,19 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, with_weights: bool = True) -
         raise ModelFormatError(f"{path / 'config.json'} is not valid JSON ({exc}). Restore the file.") from exc
     config = ModelConfig.from_hf_dict(raw_config)
     raw = _read_hf_weights(path) if with_weights else {}
-    weights = {name: t.to(dtype) if t.is_floating_point() else t for name, t in raw.items()}
+    if (path / "quantization.json").is_file():  # a leanlm quantized artifact
+        from leanlm.compress.artifact import read_quantized_weights
+
+        raw = read_quantized_weights(path, raw)
+    weights = {
+        name: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for name, t in raw.items()
+    }
     return Checkpoint(
         config,
         weights,
         Tokenizer.from_folder(path),
         path,
-        {name: str(t.dtype).removeprefix("torch.") for name, t in weights.items()},
+        {name: _type_name(t) for name, t in weights.items()},
     )
 
 
@@ -122,3 +139,9 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
             weights.update(torch.load(file, map_location="cpu", weights_only=True))
         return weights
     raise ModelNotFoundError(f"{path} has a config.json but no *.safetensors or pytorch_model*.bin weights.")
+
+
+def _type_name(tensor: torch.Tensor | QuantizedTensor) -> str:
+    if isinstance(tensor, QuantizedTensor):
+        return f"int{tensor.bits}g{tensor.group_size}"
+    return str(tensor.dtype).removeprefix("torch.")

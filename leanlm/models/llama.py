@@ -18,6 +18,7 @@ from leanlm.cache.kv_cache import KVCache
 from leanlm.config import ModelConfig
 from leanlm.errors import ModelFormatError
 from leanlm.layers.attention import ATTENTION_BACKENDS
+from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
 from leanlm.layers.rope import apply_rotary, inverse_frequencies
 
 
@@ -135,9 +136,10 @@ class LlamaForCausalLM(nn.Module):
 
     # ---- weights -------------------------------------------------------------------------------------------
 
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Take HF-named tensors (model.layers.N.self_attn.q_proj.weight, ...), fuse, and assign them."""
-        cfg = self.config
+    def load_weights(self, weights: dict[str, torch.Tensor | QuantizedTensor], dtype: torch.dtype) -> None:
+        """Take HF-named tensors (model.layers.N.self_attn.q_proj.weight, ...), fuse, and assign them.
+
+        A QuantizedTensor weight turns its nn.Linear into a QuantizedLinear."""
         weights = {
             name.removeprefix("model."): tensor
             for name, tensor in weights.items()
@@ -146,26 +148,17 @@ class LlamaForCausalLM(nn.Module):
         if (factors := weights.pop("rope_freq_factors", None)) is not None:
             # Llama 3.x GGUF files store their rope scaling as per-frequency divisors instead of metadata.
             self.inv_freq = self.inv_freq / factors.float().cpu()
-        if "lm_head.weight" not in weights:
-            if "embed_tokens.weight" not in weights:
-                raise ModelFormatError("The checkpoint has no token embedding; it is incomplete.")
-            weights["lm_head.weight"] = weights["embed_tokens.weight"]  # tied embeddings share one tensor
-        fused: dict[str, torch.Tensor] = {}
-        for name, tensor in weights.items():
-            match = re.fullmatch(r"layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|gate|up)_proj\.(weight|bias)", name)
-            if not match:
-                fused[name] = tensor
-                continue
-            layer, block, proj, kind = match.groups()
-            parts = ("q", "k", "v") if block == "self_attn" else ("gate", "up")
-            if proj != parts[0]:
-                continue
-            target = "qkv_proj" if block == "self_attn" else "gate_up_proj"
-            sources = [f"layers.{layer}.{block}.{p}_proj.{kind}" for p in parts]
-            missing = [s for s in sources if s not in weights]
-            if missing:
-                raise ModelFormatError(f"The checkpoint lacks {missing[0]}; it is incomplete.")
-            fused[f"layers.{layer}.{block}.{target}.{kind}"] = torch.cat([weights[s] for s in sources])
+        if "embed_tokens.weight" not in weights:
+            raise ModelFormatError("The checkpoint has no token embedding; it is incomplete.")
+        weights.setdefault("lm_head.weight", weights["embed_tokens.weight"])  # tied embeddings
+        if isinstance(weights["embed_tokens.weight"], QuantizedTensor):  # a lookup table must be dense
+            weights["embed_tokens.weight"] = weights["embed_tokens.weight"].dequantize(dtype)
+        fused = _fuse_projections(weights)
+        quantized = {name.removesuffix(".weight"): t for name, t in fused.items() if isinstance(t, QuantizedTensor)}
+        for module_name, weight in quantized.items():
+            bias = fused.pop(f"{module_name}.bias", None)
+            self.set_submodule(module_name, QuantizedLinear(weight, bias))
+            del fused[f"{module_name}.weight"]
         expected = dict(self.named_parameters())
         missing = sorted(set(expected) - set(fused))
         if missing:
@@ -174,15 +167,40 @@ class LlamaForCausalLM(nn.Module):
                 "The file is incomplete or belongs to another architecture."
             )
         for name, param in expected.items():
-            tensor = fused[name]
-            if tensor.shape != param.shape:
+            if fused[name].shape != param.shape:
                 raise ModelFormatError(
-                    f"Tensor '{name}' has shape {tuple(tensor.shape)} but the config implies "
+                    f"Tensor '{name}' has shape {tuple(fused[name].shape)} but the config implies "
                     f"{tuple(param.shape)}. config and weights disagree."
                 )
         self.load_state_dict(fused, strict=False, assign=True)
-        if cfg.tie_word_embeddings or fused["lm_head.weight"] is fused["embed_tokens.weight"]:
+        if "lm_head" not in quantized and fused["lm_head.weight"] is fused["embed_tokens.weight"]:
             self.lm_head.weight = self.embed_tokens.weight
+
+
+def _fuse_projections(weights: dict) -> dict:
+    """q/k/v -> qkv_proj and gate/up -> gate_up_proj (rows stacked), for dense and quantized weights alike."""
+    fused = {}
+    for name, tensor in weights.items():
+        match = re.fullmatch(r"layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|gate|up)_proj\.(weight|bias)", name)
+        if not match:
+            fused[name] = tensor
+            continue
+        layer, block, proj, kind = match.groups()
+        parts = ("q", "k", "v") if block == "self_attn" else ("gate", "up")
+        if proj != parts[0]:
+            continue
+        target = "qkv_proj" if block == "self_attn" else "gate_up_proj"
+        sources = [f"layers.{layer}.{block}.{p}_proj.{kind}" for p in parts]
+        missing = [s for s in sources if s not in weights]
+        if missing:
+            raise ModelFormatError(f"The checkpoint lacks {missing[0]}; it is incomplete.")
+        tensors = [weights[s] for s in sources]
+        if all(isinstance(t, QuantizedTensor) for t in tensors) and len({(t.bits, t.group_size) for t in tensors}) == 1:
+            fused[f"layers.{layer}.{block}.{target}.{kind}"] = QuantizedTensor.cat(tensors)
+        else:  # mixed precisions (some GGUF files): run the fused matrix dense
+            dense = [t.dequantize() if isinstance(t, QuantizedTensor) else t for t in tensors]
+            fused[f"layers.{layer}.{block}.{target}.{kind}"] = torch.cat([t.to(dense[0].dtype) for t in dense])
+    return fused
 
 
 # GGUF tensor names -> HF names, for `general.architecture` llama / mistral / qwen2.

@@ -7,6 +7,7 @@ from torch import nn
 
 from leanlm.config import ModelConfig
 from leanlm.errors import UnsupportedArchitectureError
+from leanlm.layers.quantized_linear import QuantizedLinear
 from leanlm.models.llama import LlamaForCausalLM
 
 MODEL_CLASSES: dict[str, type[nn.Module]] = {
@@ -25,5 +26,9 @@ def build_model(
         )
     with torch.device("meta"):  # no random init: parameters are assigned from the checkpoint
         model = MODEL_CLASSES[config.model_type](config)
-    model.load_weights({name: t.to(dtype) for name, t in weights.items()})
-    return model.to(device).eval()
+    model.load_weights({name: t.to(dtype) if isinstance(t, torch.Tensor) else t for name, t in weights.items()}, dtype)
+    model = model.to(device).eval()
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.prepare_runtime(dtype, torch.device(device))
+    return model

@@ -1,0 +1,1 @@
+"""Compression: transform weights (quantize, prune), then convert the model for runtime."""

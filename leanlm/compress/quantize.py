@@ -1,0 +1,59 @@
+"""`quantize(llm, QuantConfig(...))`: replace the model's linear layers by QuantizedLinear, in place.
+
+Two steps, as gpt-fast does: a method turns float weights into QuantizedTensors (round-to-nearest here,
+GPTQ/AWQ with calibration data), then `install` swaps the modules and prepares the runtime kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from leanlm.compress.config import QuantConfig
+from leanlm.compress.rtn import quantize_rtn
+from leanlm.errors import InvalidRequestError
+from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
+
+
+def target_linears(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear]:
+    """The dense linear layers a method quantizes: every projection of every layer, and the LM head."""
+    targets = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("layers.")}
+    if config.include_lm_head and isinstance(model.lm_head, nn.Linear):
+        targets["lm_head"] = model.lm_head
+    if not targets:
+        raise InvalidRequestError("The model has no dense linear layers left to quantize (is it already quantized?).")
+    return targets
+
+
+def install(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> None:
+    """Swap each named nn.Linear for a QuantizedLinear and prepare its kernel for the model's dtype/device."""
+    reference = model.embed_tokens.weight
+    for name, weight in quantized.items():
+        old = model.get_submodule(name)
+        bias = None if old.bias is None else old.bias.detach().float()
+        layer = QuantizedLinear(weight, bias).to(reference.device)
+        layer.prepare_runtime(reference.dtype, reference.device)
+        model.set_submodule(name, layer)
+
+
+def quantize_weights_rtn(model: nn.Module, config: QuantConfig) -> dict[str, QuantizedTensor]:
+    return {
+        name: quantize_rtn(linear.weight.detach().float().cpu(), config.bits, config.group_size, config.symmetric)
+        for name, linear in target_linears(model, config).items()
+    }
+
+
+@torch.inference_mode()
+def quantize(llm, config: QuantConfig, calibration_ids: list[list[int]] | None = None) -> dict:
+    """Quantize `llm` (a leanlm.LLM) in place. Returns a small report (method, sizes before and after)."""
+    model = llm.model
+    before = sum(m.weight.numel() * m.weight.element_size() for m in target_linears(model, config).values())
+    if config.method in ("int8", "int4"):
+        quantized = quantize_weights_rtn(model, config)
+    else:
+        from leanlm.compress.calibrated import quantize_weights_calibrated
+
+        quantized = quantize_weights_calibrated(llm, config, calibration_ids)
+    after = sum(w.storage_bytes() for w in quantized.values())
+    install(model, quantized)
+    return {"quantized_layers": len(quantized), "dense_bytes": before, "quantized_bytes": after}

@@ -1,0 +1,133 @@
+"""Weight-only quantized linear layer: y = x W^T + b with W = codes * scale + offset, group-wise along inputs.
+
+The stored form (codes, scale, offset) holds int8 per-channel, int4 group-wise (RTN, GPTQ, AWQ) and
+GGUF's Q8_0/Q4_0/Q4_1 blocks without loss. How the forward pass reads it is the layer's choice:
+`prepare_runtime()` packs a kernel layout next to it, and `reference_forward` is the plain
+dequantize-then-matmul that every fast path is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class QuantizedTensor:
+    """W[n, k] = codes[n, k] * scale[n, k // group_size] + offset[n, k // group_size]."""
+
+    codes: torch.Tensor  # (N, K) uint8 for unsigned codes (0..2^bits-1), int8 for symmetric int8
+    scale: torch.Tensor  # (N, K / group_size) float32
+    offset: torch.Tensor | None  # (N, K / group_size) float32; None = symmetric (no offset)
+    bits: int
+    group_size: int
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        rows, cols = self.codes.shape
+        groups = self.codes.view(rows, cols // self.group_size, self.group_size).to(torch.float32)
+        weight = groups * self.scale.unsqueeze(-1)
+        if self.offset is not None:
+            weight = weight + self.offset.unsqueeze(-1)
+        return weight.view(rows, cols).to(dtype)
+
+    def storage_bytes(self) -> int:
+        """Bytes this tensor needs when packed (codes at `bits` each, scale and offset as float16)."""
+        per_group = 2 * (1 + (self.offset is not None))
+        return self.codes.numel() * self.bits // 8 + self.scale.numel() * per_group
+
+    def map_rows(self, fn) -> QuantizedTensor:
+        """Apply the same row operation (e.g. a permutation) to codes, scale and offset."""
+        offset = None if self.offset is None else fn(self.offset)
+        return QuantizedTensor(fn(self.codes), fn(self.scale), offset, self.bits, self.group_size)
+
+    @staticmethod
+    def cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
+        """Stack row blocks (q, k, v into qkv); all parts must share bits, group size and symmetry."""
+        first = parts[0]
+        offsets = None if first.offset is None else torch.cat([p.offset for p in parts])
+        return QuantizedTensor(
+            torch.cat([p.codes for p in parts]),
+            torch.cat([p.scale for p in parts]),
+            offsets,
+            first.bits,
+            first.group_size,
+        )
+
+
+# torch's packed int4 CPU kernel supports these group sizes.
+INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
+
+
+class QuantizedLinear(nn.Module):
+    """A drop-in for nn.Linear holding a QuantizedTensor.
+
+    Kernels, picked by `prepare_runtime` from the weight and the activation dtype/device:
+      int4pack  torch's packed 4-bit CPU matmul (group-wise scale and offset; bf16 activations read fastest)
+      int8pack  torch's int8 CPU matmul with one scale per output row (symmetric, per-channel)
+      dense     a dequantized copy in the activation dtype (any layout, any device; memory as a dense layer)
+    """
+
+    def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.codes.shape
+        self.bits, self.group_size = weight.bits, weight.group_size
+        self.register_buffer("codes", weight.codes)
+        self.register_buffer("scale", weight.scale)
+        self.register_buffer("offset", weight.offset)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.kernel = "reference"
+
+    @property
+    def weight_q(self) -> QuantizedTensor:
+        return QuantizedTensor(self.codes, self.scale, self.offset, self.bits, self.group_size)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.weight_q.dequantize(dtype)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain definition: dequantize to float32, multiply, cast back."""
+        bias = None if self.bias is None else self.bias.float()
+        return F.linear(x.float(), self.dequantize(torch.float32), bias).to(x.dtype)
+
+    def prepare_runtime(self, dtype: torch.dtype, device: torch.device) -> str:
+        """Build the layout of the fastest kernel for activations of `dtype` on `device`; returns its name."""
+        for name in ("_int4pack", "_int4scales", "_int8scale", "_dense"):
+            self.__dict__.pop(name, None)
+        on_cpu = device.type == "cpu"
+        if on_cpu and self.bits == 4 and self.group_size in INT4PACK_GROUP_SIZES and self.in_features % 64 == 0:
+            offset = self.offset if self.offset is not None else torch.zeros_like(self.scale)
+            zeros = offset + 8 * self.scale  # torch's kernel computes (q - 8) * scale + zero
+            self._int4pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes.to(torch.int32), 1)
+            self._int4scales = torch.stack([self.scale.t(), zeros.t()], dim=-1).contiguous().to(dtype)
+            self.kernel = "int4pack"
+        elif on_cpu and self.bits == 8 and self.group_size == self.in_features and self.offset is None:
+            self._int8scale = self.scale[:, 0].contiguous().to(dtype)
+            self.kernel = "int8pack"
+        else:
+            self._dense = self.dequantize(dtype).to(device)
+            self.kernel = "dense"
+        return self.kernel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "reference":
+            return self.reference_forward(x)
+        shape = x.shape
+        flat = x.reshape(-1, self.in_features)
+        if self.kernel == "int4pack":
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self._int4pack, self.group_size, self._int4scales)
+        elif self.kernel == "int8pack":
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.codes, self._int8scale)
+        else:
+            out = F.linear(flat, self._dense)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out.view(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, "
+            f"offset={self.offset is not None}, kernel={self.kernel}"
+        )

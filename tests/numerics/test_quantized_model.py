@@ -1,0 +1,99 @@
+"""Quantized models end to end on the real default model: native GGUF blocks, save -> load, CLI."""
+
+import json
+
+import pytest
+import torch
+
+from leanlm import LLM, SamplingParams
+from leanlm.cli.main import main
+from leanlm.compress.artifact import save_quantized
+from leanlm.compress.config import QuantConfig
+from leanlm.compress.quantize import quantize
+from leanlm.formats.loader import load_checkpoint
+from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
+
+pytestmark = pytest.mark.slow
+TEXT = "Quantization stores each weight in fewer bits. " * 12
+
+
+def logits(llm, text=TEXT):
+    ids = torch.tensor([llm.tokenizer.encode(text)])
+    with torch.inference_mode():
+        return llm.model(ids, torch.arange(ids.shape[1])[None])[0].float()
+
+
+def test_native_gguf_blocks_dequantize_to_the_dense_weights(default_gguf_path):
+    native = load_checkpoint(default_gguf_path, torch.float32, native_quant=True).weights
+    dense = load_checkpoint(default_gguf_path, torch.float32).weights
+    quantized = [name for name, t in native.items() if isinstance(t, QuantizedTensor)]
+    assert len(quantized) == 30 * 7 + 1  # every projection (Q4_1) and the embedding (Q8_0)
+    for name in quantized:
+        assert torch.equal(native[name].dequantize(), dense[name]), name
+
+
+def test_default_model_runs_natively_at_4_bits(default_gguf_path):
+    llm = LLM(default_gguf_path)
+    kernels = {m.kernel for m in llm.model.modules() if isinstance(m, QuantizedLinear)}
+    assert "int4pack" in kernels
+    dense = LLM(default_gguf_path, dequantize=True)
+    a, b = logits(llm).log_softmax(-1), logits(dense).log_softmax(-1)
+    kl = (b.exp() * (b - a)).sum(-1).mean().item()
+    # Same weights; only the kernel's bfloat16 scales and accumulation order differ.
+    assert kl < 0.01, kl
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("method,group", [("int8", -1), ("int4", 64)])
+def test_save_load_gives_identical_logits(default_gguf_path, tmp_path, method, group):
+    llm = LLM(default_gguf_path, dtype="bfloat16", dequantize=True)
+    report = quantize(llm, QuantConfig(method, group_size=group))
+    assert report["quantized_bytes"] < report["dense_bytes"] / (1.9 if method == "int8" else 3.5)
+    folder = save_quantized(llm, tmp_path / "artifact", {"method": method})
+    loaded = LLM(folder, dtype="bfloat16")
+    assert torch.equal(logits(loaded), logits(llm))
+    params = SamplingParams(max_tokens=16, temperature=0)
+    assert (
+        loaded.generate("The capital of France is", params)[0].token_ids
+        == llm.generate("The capital of France is", params)[0].token_ids
+    )
+
+
+def test_interrupted_save_leaves_nothing_loadable(default_gguf_path, tmp_path, monkeypatch):
+    llm = LLM(default_gguf_path, dtype="bfloat16", dequantize=True)
+    quantize(llm, QuantConfig("int8"))
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(llm.tokenizer, "to_folder_files", fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(llm, tmp_path / "artifact", {"method": "int8"})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_cli_writes_artifact_with_quality(default_gguf_path, tmp_path, capsys):
+    out = tmp_path / "smol-int4"
+    code = main(
+        [
+            "quantize",
+            "--model",
+            str(default_gguf_path),
+            "--method",
+            "int4",
+            "--group-size",
+            "64",
+            "-o",
+            str(out),
+            "--eval-tokens",
+            "256",
+        ]
+    )
+    assert code == 0
+    manifest = json.loads((out / "quantization.json").read_text())
+    assert (manifest["method"], manifest["bits"], manifest["group_size"]) == ("int4", 4, 64)
+    quality = manifest["quality"]
+    assert quality["num_tokens"] == 255 and 1.0 < quality["ppl_ratio"] < 1.5 and 0 < quality["kl_mean"] < 0.5
+    capsys.readouterr()
+    assert main(["generate", "--model", str(out), "The capital of France is", "-n", "8", "--temperature", "0"]) == 0
+    assert "Paris" in capsys.readouterr().out
