@@ -22,6 +22,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when a GPU is present)")
     group.add_argument(
+        "--kv-cache",
+        default="auto",
+        choices=["auto", "int8"],
+        help="KV cache storage: auto (float32 on CPU, the model dtype on GPU) or int8 (a quarter of the memory)",
+    )
+    group.add_argument(
         "--dequantize",
         action="store_true",
         help="run a quantized GGUF (Q8_0/Q4_0/Q4_1) as dense weights instead of at its own precision",
@@ -77,5 +83,6 @@ def load_llm(args: argparse.Namespace):
         device=args.device,
         threads=args.threads,
         dequantize=args.dequantize,
+        kv_cache=args.kv_cache,
         attention=getattr(args, "attention", "sdpa"),
     )

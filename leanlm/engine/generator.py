@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leanlm.cache.kv_cache import KVCache, default_cache_dtype
+from leanlm.cache.kv_cache import KV_CACHE_TYPES, default_cache_dtype
 from leanlm.engine.outputs import RequestOutput, StreamChunk
 from leanlm.engine.stop import StopStrings
 from leanlm.errors import InvalidRequestError, PromptTooLongError
@@ -38,12 +38,15 @@ class _Request:
 
 
 class Generator:
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer):
+    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer, kv_cache: str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.config = model.config
         self.device = next(model.parameters()).device
         self.cache_dtype = default_cache_dtype(next(model.parameters()).dtype, self.device)
+        if kv_cache not in KV_CACHE_TYPES:
+            raise InvalidRequestError(f"Unknown KV cache type '{kv_cache}'. Choose among: {', '.join(KV_CACHE_TYPES)}.")
+        self.cache_class = KV_CACHE_TYPES[kv_cache]
 
     def check_prompt(self, token_ids: list[int]) -> None:
         if not token_ids:
@@ -74,7 +77,7 @@ class Generator:
         prompt_width = max(len(ids) for ids in prompts)
         cache_len = max(len(ids) + r.max_new_tokens for ids, r in zip(prompts, requests, strict=True))
         pads = torch.tensor([prompt_width - len(ids) for ids in prompts], device=self.device)
-        cache = KVCache(
+        cache = self.cache_class(
             self.config.num_layers,
             batch,
             self.config.num_kv_heads,

@@ -54,6 +54,7 @@ class LLM:
         threads: int | None = None,
         attention: str = "sdpa",
         dequantize: bool = False,
+        kv_cache: str = "auto",
     ):
         if threads is not None:
             if threads < 1:
@@ -72,7 +73,7 @@ class LLM:
         self.weight_types = checkpoint.weight_types
         self.model = build_model(checkpoint.config, checkpoint.weights, self.dtype, self.device)
         self.model.set_attention_backend(attention)
-        self.generator = Generator(self.model, self.tokenizer)
+        self.generator = Generator(self.model, self.tokenizer, kv_cache)
         self.load_time_s = time.perf_counter() - started
 
     # ---- prompts -> token ids -----------------------------------------------------------------------------
