@@ -1,7 +1,10 @@
-"""Core benchmark (issue 2): leanlm float32 and bfloat16 against transformers float32 on the default model.
+"""Core benchmark: leanlm (default: the shipped Q4_1 weights at their own precision; dense bfloat16; float32)
+against transformers float32 on the same weights, and llama.cpp when installed.
 
-2 threads, batch 1, a 120-token prompt, 128 generated tokens (EOS ignored), each engine in a fresh process,
-interleaved, median of --repetitions runs. Prints the table and the ratios; writes JSON (and a plot).
+Default model, 2 threads, batch 1, a 120-token prompt, 128 generated tokens (EOS ignored); each engine runs
+in a fresh process, interleaved A/B/C, median of --repetitions runs. llama.cpp (llama-cpp-python, optional)
+runs the same weights re-encoded as F16 and Q8_0, and the file as shipped (Q4_1). Prints the table with
+ratios against transformers float32; writes JSON with every sample, and a plot.
 
     python benchmarks/bench_core.py [--repetitions 3] [--json out/bench_core.json] [--plot out/bench_core.png]
 """
@@ -9,10 +12,12 @@ interleaved, median of --repetitions runs. Prints the table and the ratios; writ
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 from leanlm.bench.report import format_table, save_plot
 from leanlm.bench.runner import BenchSpec, EngineSpec, add_ratios, run_benchmark, save_json
+from leanlm.cli.bench import gguf_for_llama_cpp
 from leanlm.formats.assets import default_model_path
 
 
@@ -22,23 +27,23 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
     parser.add_argument("--json", default="out/bench_core.json")
-    parser.add_argument("--plot", default=None)
+    parser.add_argument("--plot", default="out/bench_core.png")
     args = parser.parse_args()
     model = args.model or str(default_model_path())
-    spec = BenchSpec(
-        model=model,
-        threads=args.threads,
-        repetitions=args.repetitions,
-        engines=[
-            EngineSpec("leanlm", "bfloat16"),
-            EngineSpec("leanlm", "float32"),
-            EngineSpec("transformers", "float32"),
-        ],
-    )
+    engines = [
+        EngineSpec("leanlm", "auto", label="default (Q4_1 native)"),
+        EngineSpec("leanlm", "bfloat16", options=(("dequantize", True),), label="bfloat16"),
+        EngineSpec("leanlm", "float32", label="float32"),
+        EngineSpec("transformers", "float32"),
+    ]
+    if importlib.util.find_spec("llama_cpp") is not None:
+        files = {t: gguf_for_llama_cpp(model, t) for t in ("F16", "Q8_0", "source")}
+        engines += [EngineSpec("llama.cpp", "auto", str(path)) for path in files.values()]
+    spec = BenchSpec(model=model, threads=args.threads, repetitions=args.repetitions, engines=engines)
 
     def progress(repetition, engine, sample):
         print(
-            f"  run {repetition + 1}: {engine.engine} {sample['precision']} "
+            f"  run {repetition + 1}: {engine.engine} {engine.label or sample['precision']} "
             f"decode {sample['runs'][0]['decode_tok_s']:.1f} tok/s",
             file=sys.stderr,
             flush=True,

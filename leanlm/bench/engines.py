@@ -19,7 +19,7 @@ class Engine:
     bits_per_weight = 16.0
     kv_bytes_per_value = 4
 
-    def load(self, model: Path, dtype: str, device: str, threads: int) -> None:
+    def load(self, model: Path, dtype: str, device: str, threads: int, **options) -> None:
         raise NotImplementedError
 
     def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
@@ -30,14 +30,14 @@ class Engine:
 class LeanLMEngine(Engine):
     name = "leanlm"
 
-    def load(self, model, dtype, device, threads):
+    def load(self, model, dtype, device, threads, **options):
         from leanlm.engine.llm import LLM
 
-        self.llm = LLM(model, dtype=dtype, device=device, threads=threads)
-        self.precision = str(self.llm.dtype).removeprefix("torch.")
+        self.llm = LLM(model, dtype=dtype, device=device, threads=threads, **options)
+        self.precision = _leanlm_precision(self.llm)
         self.bits_per_weight = self.llm.dtype.itemsize * 8
-        self.kv_bytes_per_value = self.llm.generator.cache_dtype.itemsize
-        self.config = self.llm.config
+        self.kv_bytes_per_value = 1 if options.get("kv_cache") == "int8" else self.llm.generator.cache_dtype.itemsize
+        self.decode_weight_bytes = runtime_weight_bytes(self.llm.model)
 
     def generate(self, prompts, new_tokens):
         from leanlm.sampling_params import SamplingParams
@@ -48,7 +48,7 @@ class LeanLMEngine(Engine):
 class TransformersEngine(Engine):
     name = "transformers"
 
-    def load(self, model, dtype, device, threads):
+    def load(self, model, dtype, device, threads, **options):
         try:
             import transformers
         except ImportError as exc:
@@ -83,7 +83,7 @@ class LlamaCppEngine(Engine):
     name = "llama.cpp"
     kv_bytes_per_value = 2
 
-    def load(self, model, dtype, device, threads):
+    def load(self, model, dtype, device, threads, **options):
         try:
             import llama_cpp
         except ImportError as exc:
@@ -115,6 +115,33 @@ class LlamaCppEngine(Engine):
         for _ in range(new_tokens):
             token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())  # greedy, EOS ignored
             self.llm.eval([token])
+
+
+def _leanlm_precision(llm) -> str:
+    """'bfloat16' for dense weights; the projections' storage type (Q4_1, int4g128, ...) when quantized."""
+    from collections import Counter
+
+    from leanlm.layers.quantized_linear import QuantizedLinear
+
+    dtype = str(llm.dtype).removeprefix("torch.")
+    if not any(isinstance(m, QuantizedLinear) for m in llm.model.modules()):
+        return dtype
+    projections = Counter(t for name, t in llm.weight_types.items() if name.endswith("proj.weight"))
+    return f"{projections.most_common(1)[0][0]} ({dtype} act.)" if projections else dtype
+
+
+def runtime_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes a decode step reads: every linear layer's runtime weights (quantized layouts included),
+    not the input embedding (one row per token)."""
+    from leanlm.layers.quantized_linear import QuantizedLinear
+
+    total = 0
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            total += module.runtime_bytes()
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
 
 
 ENGINES = {"leanlm": LeanLMEngine, "transformers": TransformersEngine, "llama.cpp": LlamaCppEngine}

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from leanlm.bench import machine
-from leanlm.bench.roofline import decode_bound, prefill_flops
+from leanlm.bench.roofline import decode_bound, decode_weight_bytes, prefill_flops
 from leanlm.errors import InvalidRequestError, LeanLMError
 
 METRICS = ("prefill_tok_s", "decode_tok_s", "ms_per_token", "ttft_s")
@@ -22,6 +22,8 @@ class EngineSpec:
     engine: str  # leanlm | transformers | llama.cpp
     dtype: str = "auto"
     model: str | None = None  # None: the benchmark's model
+    options: tuple[tuple[str, str | bool], ...] = ()  # extra LLM(...) arguments, e.g. (("kv_cache", "int8"),)
+    label: str | None = None  # shown instead of the precision the engine reports
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ def run_sample(spec: BenchSpec, engine: EngineSpec, timeout_s: float = 1800) -> 
         "prompt_tokens": spec.prompt_tokens,
         "gen_tokens": spec.gen_tokens,
         "batch_sizes": [1] if engine.engine == "llama.cpp" else spec.batch_sizes,
+        "options": dict(engine.options),
     }
     result = subprocess.run(
         [sys.executable, "-m", "leanlm.bench.worker", json.dumps(worker_spec)],
@@ -100,7 +103,7 @@ def _aggregate(engine: EngineSpec, samples: list[dict], spec: BenchSpec, config,
         batch = run["batch"]
         row = {
             "engine": first["engine"],
-            "precision": first["precision"],
+            "precision": engine.label or first["precision"],
             "batch": batch,
             "load_s": _stats([s["load_s"] for s in samples]),
             "peak_rss_mib": _stats([s["peak_rss_mib"] for s in samples]),
@@ -112,7 +115,10 @@ def _aggregate(engine: EngineSpec, samples: list[dict], spec: BenchSpec, config,
         if bandwidth:
             # Average context during decode: the prompt plus half the generated tokens.
             context = spec.prompt_tokens + spec.gen_tokens // 2
-            bound = decode_bound(config, first["bits_per_weight"], context, first["kv_bytes_per_value"], bandwidth)
+            bits = first["bits_per_weight"]
+            if first.get("decode_weight_bytes"):  # measured from the loaded model: exact for mixed layouts
+                bits = 8 * first["decode_weight_bytes"] / (decode_weight_bytes(config, 8))
+            bound = decode_bound(config, bits, context, first["kv_bytes_per_value"], bandwidth)
             bound_tok_s = batch * bandwidth * 1e9 / (bound.weight_bytes + batch * bound.kv_cache_bytes)
             row["decode_bound_tok_s"] = bound_tok_s
             row["roofline_pct"] = 100 * row["decode_tok_s"]["median"] / bound_tok_s

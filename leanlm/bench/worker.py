@@ -45,7 +45,7 @@ def run(spec: dict) -> dict:
     engine = ENGINES[spec["engine"]]()
     model = Path(spec["model"])
     started = time.perf_counter()
-    engine.load(model, spec["dtype"], spec["device"], spec["threads"])
+    engine.load(model, spec["dtype"], spec["device"], spec["threads"], **spec.get("options", {}))
     load_s = time.perf_counter() - started
     tokenizer = getattr(getattr(engine, "llm", None), "tokenizer", None)
     if tokenizer is None or not hasattr(tokenizer, "encode"):
@@ -71,6 +71,7 @@ def run(spec: dict) -> dict:
         "precision": engine.precision,
         "bits_per_weight": engine.bits_per_weight,
         "kv_bytes_per_value": engine.kv_bytes_per_value,
+        "decode_weight_bytes": getattr(engine, "decode_weight_bytes", None),
         "load_s": load_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "runs": runs,

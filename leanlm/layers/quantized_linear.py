@@ -111,6 +111,13 @@ class QuantizedLinear(nn.Module):
             self.kernel = "dense"
         return self.kernel
 
+    def runtime_bytes(self) -> int:
+        """Bytes the current kernel reads per call (the roofline's weight traffic)."""
+        layout = {"int4pack": ("_int4pack", "_int4scales"), "int8pack": ("codes", "_int8scale"), "dense": ("_dense",)}
+        names = layout.get(self.kernel, ("codes", "scale", "offset"))
+        tensors = [getattr(self, name) for name in names if getattr(self, name, None) is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "reference":
             return self.reference_forward(x)
