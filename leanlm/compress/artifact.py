@@ -1,8 +1,8 @@
-"""A quantized model on disk: config.json, tokenizer files, model.safetensors and quantization.json.
+"""Write a quantized model: config.json, tokenizer files, model.safetensors and quantization.json.
 
-A QuantizedLinear named X is stored as X.codes (4-bit codes packed two per byte), X.scale, X.offset,
-X.bias. Loading needs neither calibration data nor the original model. The folder is written under a
-temporary name and renamed at the end, so an interrupted run never leaves a folder that loads.
+The layout is formats/quantized_folder.py's; loading needs neither calibration data nor the original
+model. The folder is written under a temporary name and renamed at the end, so an interrupted run never
+leaves a folder that loads.
 """
 
 from __future__ import annotations
@@ -13,26 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import torch
-
-from leanlm.errors import ModelFormatError
-from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
-
-MANIFEST = "quantization.json"
-
-
-def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Two 4-bit (or smaller) codes per byte: element 2i in the low half, 2i+1 in the high half."""
-    if bits > 4:
-        return codes
-    pairs = codes.view(codes.shape[0], -1, 2)
-    return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous()
-
-
-def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    if bits > 4:
-        return packed
-    return torch.stack([packed & 0x0F, packed >> 4], dim=-1).reshape(packed.shape[0], -1)
+from leanlm.formats.quantized_folder import MANIFEST, pack_codes
+from leanlm.layers.quantized_linear import QuantizedLinear
 
 
 def hf_config_dict(config) -> dict:
@@ -105,21 +87,3 @@ def save_quantized(llm, folder: str | Path, manifest: dict) -> Path:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     return folder
-
-
-def read_quantized_weights(folder: Path, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | QuantizedTensor]:
-    """Turn X.codes/X.scale/X.offset entries of a saved artifact back into QuantizedTensors named X.weight."""
-    manifest = json.loads((folder / MANIFEST).read_text())
-    weights = dict(raw)
-    for name, layer in manifest.get("layers", {}).items():
-        try:
-            codes = unpack_codes(weights.pop(f"{name}.codes"), layer["bits"])
-            scale = weights.pop(f"{name}.scale")
-        except KeyError as exc:
-            raise ModelFormatError(f"{folder} lacks {exc} named in {MANIFEST}; the artifact is incomplete.") from exc
-        offset = weights.pop(f"{name}.offset", None)
-        group = layer["group_size"] if layer["group_size"] > 0 else codes.shape[1]
-        weights[f"{name}.weight"] = QuantizedTensor(
-            codes, scale.float(), None if offset is None else offset.float(), layer["bits"], group
-        )
-    return weights

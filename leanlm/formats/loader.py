@@ -96,7 +96,7 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, with_weights: bool = True) -
     config = ModelConfig.from_hf_dict(raw_config)
     raw = _read_hf_weights(path) if with_weights else {}
     if (path / "quantization.json").is_file():  # a leanlm quantized artifact
-        from leanlm.compress.artifact import read_quantized_weights
+        from leanlm.formats.quantized_folder import read_quantized_weights
 
         raw = read_quantized_weights(path, raw)
     weights = {

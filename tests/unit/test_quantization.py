@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from leanlm.compress.artifact import pack_codes, unpack_codes
 from leanlm.compress.config import QuantConfig
 from leanlm.compress.rtn import quantize_rtn
 from leanlm.errors import InvalidRequestError
 from leanlm.formats.gguf_blocks import blocks_to_quantized
+from leanlm.formats.quantized_folder import pack_codes, unpack_codes
 from leanlm.layers.quantized_linear import QuantizedLinear
 
 
