@@ -38,11 +38,8 @@ def ours(default_gguf_path):
 
 
 @pytest.fixture(scope="module")
-def reference(default_gguf_path):
-    """transformers dequantizes the same GGUF itself (slow: ~20-35 s)."""
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        default_gguf_path.parent, gguf_file=default_gguf_path.name, dtype=torch.float32
-    ).eval()
+def reference(transformers_reference):
+    return transformers_reference
 
 
 def test_logits_match_transformers_over_200_tokens(ours, reference):

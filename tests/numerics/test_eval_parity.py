@@ -27,11 +27,8 @@ def ids(ours):
 
 
 @pytest.fixture(scope="module")
-def reference(default_gguf_path):
-    """transformers dequantizes the same GGUF itself (slow: ~20-35 s)."""
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        default_gguf_path.parent, gguf_file=default_gguf_path.name, dtype=torch.float32
-    ).eval()
+def reference(transformers_reference):
+    return transformers_reference
 
 
 def transformers_strided_perplexity(model, ids: list[int], context: int, stride: int) -> float:
