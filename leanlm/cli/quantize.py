@@ -84,6 +84,7 @@ def run(args: argparse.Namespace) -> int:
             "samples": config.calibration_samples,
             "tokens_per_sample": config.calibration_length,
         }
+    manifest["speed"] = _measure_speed(llm)
     if args.eval_tokens:
         manifest["quality"] = _measure_quality(llm, args, runtime_dtype)
     folder = save_quantized(llm, args.output, manifest)
@@ -111,6 +112,25 @@ def _cast_dense(model, dtype) -> None:
     for name, param in model.named_parameters():
         if param.is_floating_point() and not name.endswith("bias"):
             param.data = param.data.to(dtype)
+
+
+def _measure_speed(llm) -> dict:
+    """A quick single-run figure for the manifest; benchmarks/bench_quant.py gives the careful medians."""
+    import torch
+
+    from leanlm.sampling_params import SamplingParams
+
+    prompt = (llm.tokenizer.encode("The history of computing is a story of ideas. " * 16))[:64]
+    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+    llm.generate([prompt[:8]], SamplingParams(max_tokens=2, temperature=0))  # warm-up
+    metrics = llm.generate([prompt], params)[0].metrics
+    return {
+        "prompt_tokens": 64,
+        "generated_tokens": 32,
+        "prefill_tok_s": round(metrics.prefill_tokens_per_s, 1),
+        "decode_tok_s": round(metrics.decode_tokens_per_s, 1),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _measure_quality(llm, args, dtype) -> dict:
