@@ -88,6 +88,10 @@ def run(args: argparse.Namespace) -> int:
     if args.eval_tokens:
         manifest["quality"] = _measure_quality(llm, args, runtime_dtype)
     folder = save_quantized(llm, args.output, manifest)
+    if args.export_gguf:
+        from leanlm.compress.gguf_writer import write_gguf
+
+        print(f"wrote {write_gguf(llm, llm.model_path, args.export_gguf)}")
     mib = report["quantized_bytes"] / 2**20
     print(
         f"{config.method} {config.bits}-bit g{config.group_size}: {report['quantized_layers']} layers, "

@@ -236,3 +236,9 @@ def unpermute_gguf_rope(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """llama.cpp's converter interleaves q/k rows for its rope layout; undo it to get HF's rotate-half layout."""
     rows = weight.shape[0]
     return weight.reshape(num_heads, rows // num_heads // 2, 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def permute_gguf_rope(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """The inverse of unpermute_gguf_rope: HF's rotate-half rows back to llama.cpp's interleaved layout."""
+    rows = weight.shape[0]
+    return weight.reshape(num_heads, 2, rows // num_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)

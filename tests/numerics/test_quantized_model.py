@@ -97,3 +97,53 @@ def test_quantize_cli_writes_artifact_with_quality(default_gguf_path, tmp_path, 
     capsys.readouterr()
     assert main(["generate", "--model", str(out), "The capital of France is", "-n", "8", "--temperature", "0"]) == 0
     assert "Paris" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method,group,gguf_type", [("int8", -1, "Q8_0"), ("int4", 64, "Q4_1"), ("int4", 32, "Q4_1")])
+def test_gguf_export_holds_quantized_weights(default_gguf_path, tmp_path, method, group, gguf_type):
+    """Codes survive exactly; scale and offset only round to float16, as GGUF stores them."""
+    from leanlm.compress.gguf_writer import write_gguf
+    from leanlm.formats.gguf import GGUFFile
+    from leanlm.formats.gguf_blocks import blocks_to_quantized
+    from leanlm.models.llama import unpermute_gguf_rope
+
+    llm = LLM(default_gguf_path, dtype="bfloat16", dequantize=True)
+    quantize(llm, QuantConfig(method, group_size=group))
+    exported = GGUFFile(write_gguf(llm, default_gguf_path, tmp_path / "model.gguf"))
+    layer = llm.model.layers[3]
+    cfg = llm.config
+    checks = {
+        "blk.3.ffn_down.weight": (layer.mlp.down_proj.weight_q, None),
+        "blk.3.attn_k.weight": (
+            layer.self_attn.qkv_proj.weight_q.map_rows(lambda t: t[cfg.q_size : cfg.q_size + cfg.kv_size]),
+            cfg.num_kv_heads,
+        ),
+    }
+    for name, (ours, heads) in checks.items():
+        assert exported.tensor_type_name(name) == gguf_type
+        back = blocks_to_quantized(exported.raw_tensor(name), gguf_type, exported.tensors[name].shape)
+        if heads:
+            back = back.map_rows(lambda t, h=heads: unpermute_gguf_rope(t, h))
+        expected = QuantizedTensor(
+            ours.codes,
+            ours.scale.half().float(),
+            None if ours.offset is None else ours.offset.half().float(),
+            ours.bits,
+            ours.group_size,
+        )
+        assert torch.equal(back.dequantize(), expected.dequantize()), name
+    reloaded = LLM(exported.path)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    assert "Paris" in reloaded.generate("The capital of France is", params)[0].text
+
+
+def test_llama_cpp_runs_the_exported_file(default_gguf_path, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from leanlm.compress.gguf_writer import write_gguf
+
+    llm = LLM(default_gguf_path, dtype="bfloat16", dequantize=True)
+    quantize(llm, QuantConfig("int4", group_size=32))
+    path = write_gguf(llm, default_gguf_path, tmp_path / "model.gguf")
+    runner = llama_cpp.Llama(str(path), n_ctx=256, verbose=False)
+    text = runner.create_completion("The capital of France is", max_tokens=6, temperature=0)["choices"][0]["text"]
+    assert "Paris" in text
