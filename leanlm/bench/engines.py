@@ -22,8 +22,9 @@ class Engine:
     def load(self, model: Path, dtype: str, device: str, threads: int, **options) -> None:
         raise NotImplementedError
 
-    def generate(self, prompts: list[list[int]], new_tokens: int) -> None:
-        """Greedy, EOS ignored, exactly `new_tokens` tokens for every prompt."""
+    def generate(self, prompts: list[list[int]], new_tokens: int) -> tuple[float, float]:
+        """Greedy, EOS ignored, exactly `new_tokens` tokens for every prompt.
+        Returns (seconds to the first token, seconds in all), both timed within this one call."""
         raise NotImplementedError
 
 
@@ -42,7 +43,8 @@ class LeanLMEngine(Engine):
     def generate(self, prompts, new_tokens):
         from leanlm.sampling_params import SamplingParams
 
-        self.llm.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))
+        out = self.llm.generate(prompts, SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True))[0]
+        return out.metrics.time_to_first_token_s, out.metrics.time_to_first_token_s + out.metrics.decode_time_s
 
 
 class TransformersEngine(Engine):
@@ -67,14 +69,17 @@ class TransformersEngine(Engine):
     @torch.inference_mode()
     def generate(self, prompts, new_tokens):
         ids = torch.tensor(prompts, device=self.device)  # equal lengths: no padding needed
+        clock = _FirstTokenClock()
         self.model.generate(
             ids,
+            streamer=clock,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=0,
         )
+        return clock.first - clock.start, time.perf_counter() - clock.start
 
 
 class LlamaCppEngine(Engine):
@@ -110,11 +115,15 @@ class LlamaCppEngine(Engine):
     def generate(self, prompts, new_tokens):
         if len(prompts) != 1:
             raise InvalidRequestError("The llama.cpp peer measures batch 1 only.")
+        started = time.perf_counter()
         self.llm.reset()
         self.llm.eval(prompts[0])
+        first = None
         for _ in range(new_tokens):
             token = int(self.llm.scores[self.llm.n_tokens - 1].argmax())  # greedy, EOS ignored
+            first = first or time.perf_counter()
             self.llm.eval([token])
+        return first - started, time.perf_counter() - started
 
 
 def _leanlm_precision(llm) -> str:
@@ -147,6 +156,23 @@ def runtime_weight_bytes(model: torch.nn.Module) -> int:
 ENGINES = {"leanlm": LeanLMEngine, "transformers": TransformersEngine, "llama.cpp": LlamaCppEngine}
 
 
+class _FirstTokenClock:
+    """A transformers streamer that only notes when the first generated token arrives."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.first = None
+        self.calls = 0
+
+    def put(self, value) -> None:
+        self.calls += 1  # call 1 is the prompt, call 2 the first new token
+        if self.calls == 2:
+            self.first = time.perf_counter()
+
+    def end(self) -> None:
+        self.first = self.first or time.perf_counter()
+
+
 def _dominant_type(gguf_file) -> str:
     counts: dict[str, int] = {}
     for name, info in gguf_file.tensors.items():
@@ -161,9 +187,3 @@ def _bits_per_weight(gguf_file) -> float:
     elements = sum(int(np.prod(info.shape)) for info in gguf_file.tensors.values())
     stored = sum(info.n_bytes for info in gguf_file.tensors.values())
     return 8 * stored / elements
-
-
-def timed(fn, *args) -> float:
-    started = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - started
