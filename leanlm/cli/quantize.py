@@ -37,6 +37,10 @@ def add_parser(subparsers) -> None:
     q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening fraction (default 0.01)")
     q.add_argument(
+        "--export-gguf",
+        help="also write a GGUF file for llama.cpp (int8 -> Q8_0, 4 bits or fewer -> Q4_1); needs a GGUF source",
+    )
+    q.add_argument(
         "--eval-tokens",
         type=int,
         default=2048,

@@ -32,7 +32,7 @@ def to_q8_0(q: QuantizedTensor) -> np.ndarray:
     rows, cols = q.codes.shape
     if q.bits != 8 or q.offset is not None or q.group_size % BLOCK:
         raise InvalidRequestError("Q8_0 holds symmetric int8 with groups that are multiples of 32.")
-    d = q.scale.repeat_interleave(q.group_size // BLOCK, dim=1).to(torch.float16)  # (rows, cols/32)
+    d = q.per_column(q.scale, BLOCK).to(torch.float16)  # (rows, cols/32)
     codes = q.codes.view(rows, cols // BLOCK, BLOCK)
     blocks = torch.cat([d.unsqueeze(-1).view(torch.uint8), codes.view(torch.uint8)], dim=-1)
     return blocks.reshape(rows, -1).numpy()
@@ -42,10 +42,9 @@ def to_q4_1(q: QuantizedTensor) -> np.ndarray:
     rows, cols = q.codes.shape
     if q.bits > 4 or q.group_size % BLOCK:
         raise InvalidRequestError("Q4_1 holds codes of 4 bits or fewer with groups that are multiples of 32.")
-    repeat = q.group_size // BLOCK
-    d = q.scale.repeat_interleave(repeat, dim=1).to(torch.float16)
+    d = q.per_column(q.scale, BLOCK).to(torch.float16)
     offset = q.offset if q.offset is not None else torch.zeros_like(q.scale)
-    m = offset.repeat_interleave(repeat, dim=1).to(torch.float16)
+    m = q.per_column(offset, BLOCK).to(torch.float16)
     codes = q.codes.to(torch.uint8).view(rows, cols // BLOCK, BLOCK)
     nibbles = codes[..., :16] | (codes[..., 16:] << 4)  # element j low, element j + 16 high
     blocks = torch.cat([d.unsqueeze(-1).view(torch.uint8), m.unsqueeze(-1).view(torch.uint8), nibbles], dim=-1)

@@ -15,23 +15,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def expand_groups(params: torch.Tensor, group_size: int, columns: int, group: int = 1) -> torch.Tensor:
+    """(N, ceil(K / group_size)) parameters -> (N, K / group): each repeated over its columns, tail cut."""
+    return params.repeat_interleave(group_size // group, dim=1)[:, : columns // group]
+
+
 @dataclass
 class QuantizedTensor:
-    """W[n, k] = codes[n, k] * scale[n, k // group_size] + offset[n, k // group_size]."""
+    """W[n, k] = codes[n, k] * scale[n, k // group_size] + offset[n, k // group_size].
+
+    The last group of a row may be shorter (576 inputs in groups of 128: four of 128 and one of 64)."""
 
     codes: torch.Tensor  # (N, K) uint8 for unsigned codes (0..2^bits-1), int8 for symmetric int8
-    scale: torch.Tensor  # (N, K / group_size) float32
-    offset: torch.Tensor | None  # (N, K / group_size) float32; None = symmetric (no offset)
+    scale: torch.Tensor  # (N, ceil(K / group_size)) float32
+    offset: torch.Tensor | None  # like scale; None = symmetric (no offset)
     bits: int
     group_size: int
 
+    def per_column(self, params: torch.Tensor, group: int = 1) -> torch.Tensor:
+        """Group parameters repeated to one per column (or per `group` columns): (N, K / group)."""
+        return expand_groups(params, self.group_size, self.codes.shape[1], group)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        rows, cols = self.codes.shape
-        groups = self.codes.view(rows, cols // self.group_size, self.group_size).to(torch.float32)
-        weight = groups * self.scale.unsqueeze(-1)
+        weight = self.codes.to(torch.float32) * self.per_column(self.scale)
         if self.offset is not None:
-            weight = weight + self.offset.unsqueeze(-1)
-        return weight.view(rows, cols).to(dtype)
+            weight = weight + self.per_column(self.offset)
+        return weight.to(dtype)
 
     def storage_bytes(self) -> int:
         """Bytes this tensor needs when packed (codes at `bits` each, scale and offset as float16)."""
@@ -97,11 +106,15 @@ class QuantizedLinear(nn.Module):
         for name in ("_int4pack", "_int4scales", "_int8scale", "_dense"):
             self.__dict__.pop(name, None)
         on_cpu = device.type == "cpu"
-        if on_cpu and self.bits == 4 and self.group_size in INT4PACK_GROUP_SIZES and self.in_features % 64 == 0:
-            offset = self.offset if self.offset is not None else torch.zeros_like(self.scale)
-            zeros = offset + 8 * self.scale  # torch's kernel computes (q - 8) * scale + zero
+        kernel_group = self._int4pack_group()
+        if on_cpu and self.bits == 4 and kernel_group:
+            # Groups the kernel cannot take (128 over 576 inputs) are re-expressed as smaller equal groups.
+            scale = self.weight_q.per_column(self.scale, kernel_group)
+            offset = self.weight_q.per_column(self.offset, kernel_group) if self.offset is not None else 0 * scale
+            zeros = offset + 8 * scale  # torch's kernel computes (q - 8) * scale + zero
             self._int4pack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(self.codes.to(torch.int32), 1)
-            self._int4scales = torch.stack([self.scale.t(), zeros.t()], dim=-1).contiguous().to(dtype)
+            self._int4scales = torch.stack([scale.t(), zeros.t()], dim=-1).contiguous().to(dtype)
+            self._kernel_group = kernel_group
             self.kernel = "int4pack"
         elif on_cpu and self.bits == 8 and self.group_size == self.in_features and self.offset is None:
             self._int8scale = self.scale[:, 0].contiguous().to(dtype)
@@ -110,6 +123,19 @@ class QuantizedLinear(nn.Module):
             self._dense = self.dequantize(dtype).to(device)
             self.kernel = "dense"
         return self.kernel
+
+    def _int4pack_group(self) -> int | None:
+        """The largest group size the int4 kernel supports that divides both our groups and the row."""
+        if self.in_features % 64:
+            return None
+        return next(
+            (
+                g
+                for g in sorted(INT4PACK_GROUP_SIZES, reverse=True)
+                if self.group_size % g == 0 and self.in_features % g == 0
+            ),
+            None,
+        )
 
     def runtime_bytes(self) -> int:
         """Bytes the current kernel reads per call (the roofline's weight traffic)."""
@@ -124,7 +150,7 @@ class QuantizedLinear(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
         if self.kernel == "int4pack":
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self._int4pack, self.group_size, self._int4scales)
+            out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self._int4pack, self._kernel_group, self._int4scales)
         elif self.kernel == "int8pack":
             out = torch.ops.aten._weight_int8pack_mm(flat, self.codes, self._int8scale)
         else:

@@ -32,9 +32,25 @@ def test_rtn_round_trip_error_is_at_most_half_a_step(bits, group, symmetric):
     assert (fewer_bits.dequantize() - w).norm() > (q.dequantize() - w).norm()
 
 
-def test_group_size_must_divide_width():
-    with pytest.raises(InvalidRequestError, match="divide"):
-        quantize_rtn(random_weight(cols=96), 4, 64, False)
+def test_group_that_does_not_divide_the_width_leaves_a_short_last_group():
+    w = random_weight(cols=576)  # SmolLM2's width: 4 groups of 128 and one of 64
+    q = quantize_rtn(w, 4, 128, False)
+    assert q.scale.shape == (96, 5)
+    step = q.per_column(q.scale)
+    assert step.shape == w.shape and (q.dequantize() - w).abs().le(step / 2 + 1e-7).all()
+    # the short group has its own range: its scale comes from columns 512..575 only
+    tail = w[:, 512:]
+    torch.testing.assert_close(q.scale[:, 4], (tail.amax(-1) - tail.amin(-1)) / 15)
+    with pytest.raises(InvalidRequestError, match="multiple of 8"):
+        quantize_rtn(w, 4, 12, False)
+
+
+def test_int4_kernel_takes_groups_it_cannot_divide_by_smaller_equal_groups():
+    layer = QuantizedLinear(quantize_rtn(random_weight(cols=576), 4, 128, False))
+    assert layer.prepare_runtime(torch.bfloat16, torch.device("cpu")) == "int4pack"
+    x = torch.randn(3, 576, generator=torch.Generator().manual_seed(2))
+    expected = layer.reference_forward(x)
+    assert ((layer(x.bfloat16()).float() - expected).abs().max() / expected.abs().max()) < 3e-2
 
 
 @pytest.mark.parametrize(
