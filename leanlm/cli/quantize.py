@@ -34,7 +34,11 @@ def add_parser(subparsers) -> None:
     q.add_argument("--no-lm-head", action="store_true", help="keep the LM head in the model's dtype")
     q.add_argument("--calibration-samples", type=int, default=32, help="GPTQ/AWQ: c4 sequences (default 32)")
     q.add_argument("--calibration-length", type=int, default=256, help="GPTQ/AWQ: tokens per sequence (default 256)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diagonal")
+    q.add_argument(
+        "--no-act-order",
+        action="store_true",
+        help="GPTQ: keep the stored column order (default: decreasing Hessian diagonal, which measured better)",
+    )
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening fraction (default 0.01)")
     q.add_argument(
         "--export-gguf",
@@ -62,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         include_lm_head=not args.no_lm_head,
         calibration_samples=args.calibration_samples,
         calibration_length=args.calibration_length,
-        act_order=args.act_order,
+        act_order=not args.no_act_order,
         damp=args.damp,
     )
     runtime_dtype = resolve_dtype(args.dtype)
