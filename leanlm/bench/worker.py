@@ -35,6 +35,18 @@ def prompt_ids(tokenizer, length: int, batch: int) -> list[list[int]]:
     return [ids[:length]] * batch
 
 
+def peak_rss_mib() -> float:
+    """This process's own peak resident memory. (ru_maxrss is not: Linux carries the parent's peak across exec.)"""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def run(spec: dict) -> dict:
     import torch
 
@@ -72,7 +84,7 @@ def run(spec: dict) -> dict:
         "kv_bytes_per_value": engine.kv_bytes_per_value,
         "decode_weight_bytes": getattr(engine, "decode_weight_bytes", None),
         "load_s": load_s,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": peak_rss_mib(),
         "runs": runs,
     }
 
