@@ -107,7 +107,7 @@ class QuantizedLinear(nn.Module):
             self.__dict__.pop(name, None)
         on_cpu = device.type == "cpu"
         kernel_group = self._int4pack_group()
-        if on_cpu and self.bits == 4 and kernel_group:
+        if on_cpu and self.bits <= 4 and kernel_group:  # 2- and 3-bit codes fit the 4-bit kernel too
             # Groups the kernel cannot take (128 over 576 inputs) are re-expressed as smaller equal groups.
             scale = self.weight_q.per_column(self.scale, kernel_group)
             offset = self.weight_q.per_column(self.offset, kernel_group) if self.offset is not None else 0 * scale

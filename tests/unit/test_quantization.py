@@ -60,7 +60,7 @@ def test_int4_kernel_takes_groups_it_cannot_divide_by_smaller_equal_groups():
         (4, 128, False, "int4pack"),
         (8, -1, True, "int8pack"),
         (8, 32, True, "dense"),
-        (3, 64, False, "dense"),
+        (3, 64, False, "int4pack"),
     ],
 )
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
