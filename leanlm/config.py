@@ -1,12 +1,13 @@
-"""Frozen, validated configuration: the model's shape (from config.json or GGUF metadata)."""
+"""Frozen, validated configuration: the model's shape (from config.json or GGUF metadata) and the engine's limits."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from leanlm.errors import ModelFormatError, UnsupportedArchitectureError
+from leanlm.errors import InvalidRequestError, ModelFormatError, UnsupportedArchitectureError
 
 # Architectures implemented by leanlm.models, keyed by HF `model_type`; GGUF `general.architecture` maps onto them.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -178,3 +179,63 @@ def _rope_scaling(raw: dict[str, Any]) -> dict[str, Any] | None:
     if rope_type == "default":
         return None
     return {**scaling, "rope_type": rope_type}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Limits of the serving engine: how many requests and tokens one step may run, and the KV cache size."""
+
+    max_num_seqs: int = 64  # requests running at once
+    max_num_batched_tokens: int = 512  # token budget of one step (prefill chunks + decode tokens)
+    block_size: int = 16  # tokens per KV cache block
+    kv_cache_memory: int | None = None  # bytes; None = a share of free memory, capped
+    enable_prefix_caching: bool = True  # requests sharing a prompt prefix share its KV blocks
+    num_kv_blocks: int | None = None  # exact block count, overriding kv_cache_memory (tests, experiments)
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise InvalidRequestError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}.")
+        if self.kv_cache_memory is not None and (not isinstance(self.kv_cache_memory, int) or self.kv_cache_memory < 1):
+            raise InvalidRequestError(
+                f"kv_cache_memory must be a positive number of bytes (e.g. parse_size('2GiB')), "
+                f"got {self.kv_cache_memory!r}."
+            )
+        if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
+            raise InvalidRequestError(f"num_kv_blocks must be an integer >= 1, got {self.num_kv_blocks!r}.")
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 2**10,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 2**20,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 2**30,
+    "t": 1000**4,
+    "tb": 1000**4,
+    "tib": 2**40,
+}
+
+
+def parse_size(text: str | int) -> int:
+    """'2GiB' -> 2147483648, '512MiB', '1.5GB', '1000000' (bytes). KiB/MiB/GiB are powers of 1024, KB/MB/GB of 1000."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        number, unit = float(text), ""
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if not match or match.group(2).lower() not in _SIZE_UNITS:
+            raise InvalidRequestError(
+                f"Cannot read the size {text!r}. Write a number with an optional unit, e.g. 2GiB, 512MiB or 1.5GB."
+            )
+        number, unit = float(match.group(1)), match.group(2).lower()
+    size = int(number * _SIZE_UNITS[unit])
+    if size < 1:
+        raise InvalidRequestError(f"The size {text!r} is zero; give a positive size such as 512MiB.")
+    return size

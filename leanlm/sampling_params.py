@@ -19,6 +19,7 @@ class SamplingParams:
     stop: tuple[str, ...] = field(default_factory=tuple)  # strings that end generation; never part of the output
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks)
+    logprobs: int | None = None  # top log-probabilities to return per generated token (0..20); None = none
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):  # accept stop="###" as OpenAI does
@@ -39,6 +40,11 @@ class SamplingParams:
         _check(self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _check(
+            self.logprobs is None
+            or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool) and 0 <= self.logprobs <= 20),
+            f"logprobs must be an integer in 0..20 (or None), got {self.logprobs!r}",
+        )
 
     @property
     def greedy(self) -> bool:
