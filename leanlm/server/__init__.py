@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server: `leanlm serve` (FastAPI app, async engine wrapper, SSE, metrics)."""

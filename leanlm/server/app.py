@@ -1,0 +1,205 @@
+"""The FastAPI application: routes, API-key check, request-size limit, and every error as an OpenAI-style body."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from leanlm.errors import InvalidRequestError, LeanLMError, PromptTooLongError
+from leanlm.server.async_engine import AsyncEngine
+from leanlm.server.errors import (
+    APIError,
+    BadRequest,
+    InternalError,
+    PayloadTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+    from_validation_error,
+    param_name,
+)
+from leanlm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from leanlm.server.serving import OpenAIServing, ServerSettings
+
+logger = logging.getLogger("leanlm.server")
+
+
+def build_app(llm, settings: ServerSettings, engine: AsyncEngine | None = None) -> FastAPI:
+    """The app over a loaded `LLM` (its `engine` runs on a background thread started with the app)."""
+    if engine is None:
+        running = getattr(getattr(llm.engine, "config", None), "max_num_seqs", 64)
+        engine = AsyncEngine(llm.engine, max_in_flight=running + settings.max_queue)
+    serving = OpenAIServing(llm, engine, settings)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        await engine.shutdown(settings.shutdown_grace_s)  # a no-op when the server already drained it
+
+    # No /docs or /openapi.json: they would answer without the API key.
+    app = FastAPI(title="leanlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.state.settings = settings
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    _add_error_handlers(app)
+    authorized = [Depends(_api_key_check(settings.api_key))]
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine.healthy:
+            return _error(ServiceUnavailable("The engine is not running.", code="engine_dead"))
+        if not engine.accepting:
+            return _error(ServiceUnavailable("The server is shutting down.", code="shutting_down"))
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/v1/models", dependencies=authorized)
+    async def models() -> dict:
+        return ModelList(data=[ModelCard(id=settings.model_name, created=started)]).model_dump()
+
+    @app.get("/v1/models/{name:path}", dependencies=authorized)
+    async def model(name: str) -> dict:
+        serving.check_model(name)
+        return ModelCard(id=settings.model_name, created=started).model_dump()
+
+    @app.get("/metrics", dependencies=authorized)
+    async def metrics() -> Response:
+        text = engine.metrics.render(engine.stats, engine.in_flight)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/completions", dependencies=authorized)
+    async def completions(request: Request) -> Response:
+        return await serving.completions(await _parse(request, CompletionRequest), request)
+
+    @app.post("/v1/chat/completions", dependencies=authorized)
+    async def chat_completions(request: Request) -> Response:
+        return await serving.chat(await _parse(request, ChatCompletionRequest), request)
+
+    return app
+
+
+async def _parse(request: Request, model: type[BaseModel]):
+    """The body as `model`, with errors that say what is wrong where (the body is parsed here, not by FastAPI,
+    so that invalid UTF-8, malformed JSON and wrong types each get their own message)."""
+    body = await request.body()
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(
+            f"The request body is not valid UTF-8 (byte {body[exc.start]:#04x} at offset {exc.start}). "
+            "Send JSON encoded as UTF-8.",
+            code="invalid_utf8",
+        ) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BadRequest(
+            f"The request body is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}).",
+            code="invalid_json",
+        ) from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"The request body must be a JSON object, got a {type(data).__name__}.", code="invalid_json")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def _api_key_check(api_key: str | None):
+    async def check(request: Request) -> None:
+        if api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise Unauthorized(
+                "Missing or incorrect API key. Send it as 'Authorization: Bearer <key>' (the server's --api-key).",
+                code="invalid_api_key",
+            )
+
+    return check
+
+
+def _error(exc: APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(PromptTooLongError)
+    async def prompt_too_long(request: Request, exc: PromptTooLongError) -> JSONResponse:
+        return _error(BadRequest(str(exc), "prompt", "context_length_exceeded"))
+
+    @app.exception_handler(InvalidRequestError)
+    async def invalid_request(request: Request, exc: InvalidRequestError) -> JSONResponse:
+        return _error(BadRequest(str(exc)))
+
+    @app.exception_handler(LeanLMError)
+    async def leanlm_error(request: Request, exc: LeanLMError) -> JSONResponse:
+        return _error(InternalError(str(exc)))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        param = param_name(tuple(first.get("loc", ())))
+        return _error(BadRequest(f"Invalid value for '{param}': {first.get('msg', 'invalid')}.", param))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        error = APIError(
+            f"{exc.detail}: {request.method} {request.url.path}. This server answers POST /v1/completions, "
+            "POST /v1/chat/completions, GET /v1/models, GET /health and GET /metrics.",
+            code=str(exc.status_code),
+        )
+        error.status = exc.status_code
+        return _error(error)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        logger.exception("Unexpected error on %s %s", request.method, request.url.path)
+        return _error(InternalError(f"Internal server error ({type(exc).__name__}). The server keeps running."))
+
+
+class BodySizeLimit:
+    """413 for request bodies over `max_bytes`, checked on Content-Length and again while the body streams in."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = PayloadTooLarge(
+            f"The request body is larger than this server accepts ({self.max_bytes} bytes; "
+            "--max-request-bytes sets it). Send a shorter prompt.",
+            code="request_too_large",
+        )
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await _error(too_large)(scope, receive, send)
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise too_large
+            return message
+
+        await self.app(scope, limited_receive, send)

@@ -1,0 +1,292 @@
+"""Request and response bodies of the OpenAI API subset leanlm serves, validated strictly.
+
+Strict types (no "5" for 5, no true for 1), no NaN/infinity, and unknown fields are rejected as OpenAI does,
+so a typo such as `max_token` is an error rather than a silently ignored setting. Fields OpenAI defines but
+leanlm does not implement are accepted only at their neutral value, with an error that names them otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
+
+MAX_N = 16  # choices per request
+MAX_PROMPTS = 16  # prompts per /v1/completions request
+MAX_STOP = 4  # stop strings, as OpenAI
+MAX_LOGPROBS = 20  # top alternatives per token
+MAX_SEED = 2**63 - 1 - MAX_N  # seed + choice index must stay a valid 64-bit seed
+
+STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+def _no_surrogates(text: str) -> str:
+    # JSON escapes such as "\ud800" decode to lone surrogates, which no tokenizer can encode.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text must be valid Unicode; it has an unpaired surrogate at character {exc.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_no_surrogates)]
+
+
+def _prompt(value: Any) -> str | list[str] | list[int] | list[list[int]]:
+    def is_ids(item: Any) -> bool:
+        return isinstance(item, list) and bool(item) and all(type(t) is int for t in item)
+
+    if isinstance(value, str):
+        return _no_surrogates(value)
+    if is_ids(value):
+        return value
+    if isinstance(value, list) and value and len(value) <= MAX_PROMPTS:
+        if all(isinstance(p, str) for p in value):
+            return [_no_surrogates(p) for p in value]
+        if all(is_ids(p) for p in value):
+            return value
+    raise ValueError(
+        f"prompt must be a string, a list of up to {MAX_PROMPTS} strings, a non-empty list of token ids, "
+        "or a list of such lists"
+    )
+
+
+def _stop(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    stops = [value] if isinstance(value, str) else value
+    if not isinstance(stops, list) or len(stops) > MAX_STOP or not all(isinstance(s, str) and s for s in stops):
+        raise ValueError(f"stop must be a non-empty string or a list of up to {MAX_STOP} non-empty strings")
+    return [_no_surrogates(s) for s in stops]
+
+
+def _content(value: Any) -> str | list[TextPart]:
+    if isinstance(value, str):
+        return _no_surrogates(value)
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        return [TextPart.model_validate(p) for p in value]
+    raise ValueError("content must be a string or a list of {'type': 'text', 'text': ...} parts (text only)")
+
+
+def _neutral(value: Any, info: ValidationInfo) -> Any:
+    """Accept an OpenAI field leanlm does not implement only at its neutral value (0, empty, false)."""
+    if value in (None, 0, {}, [], False, "", "none", {"type": "text"}):
+        return value
+    hint = " (repetition_penalty is the supported alternative)" if info.field_name.endswith("_penalty") else ""
+    raise ValueError(f"{info.field_name} is not supported by leanlm; leave it out{hint}")
+
+
+class StreamOptions(BaseModel):
+    model_config = STRICT
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Fields that completions and chat completions share."""
+
+    model_config = STRICT
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)  # the upper bound is the server's --max-tokens-limit
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: Annotated[Any, PlainValidator(_stop)] = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    # leanlm (and vLLM) extensions
+    top_k: int = Field(0, ge=0)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    ignore_eos: bool = False
+
+    _unsupported = field_validator("presence_penalty", "frequency_penalty", "logit_bias")(_neutral)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Annotated[Any, PlainValidator(_prompt)]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+    _unsupported_completion = field_validator("echo", "suffix")(_neutral)
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and value != info.data.get("n", 1):
+            raise ValueError("best_of other than n is not supported by leanlm; leave it out")
+        return value
+
+
+class TextPart(BaseModel):
+    model_config = STRICT
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(BaseModel):
+    model_config = STRICT
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Annotated[Any, PlainValidator(_content)]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+
+    _unsupported_chat = field_validator("response_format", "tools", "tool_choice")(_neutral)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _one_token_limit(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("max_tokens") is not None:
+            raise ValueError("give max_tokens or max_completion_tokens, not both")
+        return value
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def conversation(self) -> list[dict[str, str]]:
+        # Chat templates know system/user/assistant; OpenAI's newer "developer" role plays the system part.
+        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+# ---- responses ------------------------------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_unset(self, handler):
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "leanlm"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

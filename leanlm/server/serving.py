@@ -1,0 +1,353 @@
+"""OpenAI requests -> engine requests -> OpenAI responses (whole or streamed), for completions and chat."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from leanlm.errors import InvalidRequestError
+from leanlm.sampling_params import SamplingParams
+from leanlm.server import sse
+from leanlm.server.async_engine import AsyncEngine, Submission
+from leanlm.server.errors import APIError, BadRequest, NotFound
+from leanlm.server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+    SamplingFields,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+
+CLIENT_CLOSED = 499  # nginx's status for "the client went away"; nobody reads it
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str
+    max_tokens_limit: int = 4096
+    max_queue: int = 64
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    shutdown_grace_s: float = 10.0
+    completion_default_max_tokens: int = 16  # as OpenAI; chat defaults to the limit
+
+    def __post_init__(self) -> None:
+        if self.max_tokens_limit < 1 or self.max_queue < 0 or self.max_body_bytes < 1024:
+            raise ValueError("max_tokens_limit >= 1, max_queue >= 0 and max_body_bytes >= 1024 are required")
+
+
+@dataclass
+class _Job:
+    prompts: list[list[int]]  # one per choice (choice index = prompt index * n + j)
+    params: list[SamplingParams]
+    texts: list[str | None]
+    distinct_prompt_tokens: int
+
+
+class OpenAIServing:
+    def __init__(self, llm, engine: AsyncEngine, settings: ServerSettings):
+        self.llm = llm
+        self.engine = engine
+        self.settings = settings
+        self.context_length = llm.config.context_length
+
+    # ---- entry points -------------------------------------------------------------------------------------------
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self.check_model(body.model)
+        prompts = _completion_prompts(body.prompt)
+        ids = [self._encode(p, "prompt") for p in prompts]
+        texts = [p if isinstance(p, str) else None for p in prompts]
+        job = self._job(ids, texts, body, body.max_tokens, self.settings.completion_default_max_tokens, body.logprobs)
+        submission = await self.engine.submit(job.prompts, job.params, job.texts)
+        reply = _Reply("cmpl", self.settings.model_name, self._token_text, body.logprobs is not None)
+        if body.stream:
+            return sse.EventStreamResponse(self._stream(submission, reply, reply.completion_chunk, body, job))
+        outputs = await _unless_disconnected(request, _collect(submission))
+        if outputs is None:
+            return Response(status_code=CLIENT_CLOSED)
+        return JSONResponse(reply.completion(outputs, _usage(job, outputs)).model_dump(mode="json"))
+
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self.check_model(body.model)
+        try:
+            ids = self.llm.apply_chat_template(body.conversation())
+        except InvalidRequestError as exc:
+            raise BadRequest(str(exc), "messages") from None
+        self._check_length(ids, "messages")
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        job = self._job([ids], [None], body, body.token_limit, self.settings.max_tokens_limit, top)
+        submission = await self.engine.submit(job.prompts, job.params, job.texts)
+        reply = _Reply("chatcmpl", self.settings.model_name, self._token_text, body.logprobs)
+        if body.stream:
+            return sse.EventStreamResponse(self._stream(submission, reply, reply.chat_chunk, body, job))
+        outputs = await _unless_disconnected(request, _collect(submission))
+        if outputs is None:
+            return Response(status_code=CLIENT_CLOSED)
+        return JSONResponse(reply.chat(outputs, _usage(job, outputs)).model_dump(mode="json"))
+
+    def check_model(self, name: str) -> None:
+        if name != self.settings.model_name:
+            raise NotFound(
+                f"The model '{name}' does not exist on this server, which serves '{self.settings.model_name}' "
+                "(GET /v1/models lists it).",
+                "model",
+                "model_not_found",
+            )
+
+    # ---- requests -----------------------------------------------------------------------------------------------
+
+    def _encode(self, prompt: str | list[int], param: str) -> list[int]:
+        try:
+            ids = self.llm.encode(prompt)
+        except InvalidRequestError as exc:
+            raise BadRequest(str(exc), param) from None
+        self._check_length(ids, param)
+        return ids
+
+    def _check_length(self, ids: list[int], param: str) -> None:
+        if not ids:
+            raise BadRequest(f"The {param} is empty. Send at least one token of text.", param)
+        if len(ids) >= self.context_length:
+            raise BadRequest(
+                f"The {param} has {len(ids)} tokens but the model's context window is {self.context_length}, "
+                "which must also hold at least one generated token. Shorten it.",
+                param,
+                "context_length_exceeded",
+            )
+
+    def _job(
+        self,
+        prompt_ids: list[list[int]],
+        texts: list[str | None],
+        body: SamplingFields,
+        max_tokens: int | None,
+        default_max_tokens: int,
+        logprobs: int | None,
+    ) -> _Job:
+        limit = self.settings.max_tokens_limit
+        if max_tokens is not None and max_tokens > limit:
+            param = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            raise BadRequest(
+                f"{param} is {max_tokens} but this server allows at most {limit} (its --max-tokens-limit).", param
+            )
+        if len(prompt_ids) * body.n > self.engine.max_in_flight:
+            raise BadRequest(
+                f"{len(prompt_ids)} prompt(s) x n={body.n} choices exceed what this server holds at once "
+                f"({self.engine.max_in_flight}). Lower n or send fewer prompts per request.",
+                "n",
+            )
+        job = _Job([], [], [], sum(len(ids) for ids in prompt_ids))
+        for ids, text in zip(prompt_ids, texts, strict=True):
+            room = self.context_length - len(ids)  # the context window caps generation
+            for choice in range(body.n):
+                job.prompts.append(ids)
+                job.texts.append(text)
+                job.params.append(self._params(body, min(max_tokens or default_max_tokens, room), choice, logprobs))
+        return job
+
+    @staticmethod
+    def _params(body: SamplingFields, max_tokens: int, choice: int, logprobs: int | None) -> SamplingParams:
+        extra = {} if logprobs is None else {"logprobs": logprobs}
+        try:
+            return SamplingParams(
+                max_tokens=max_tokens,
+                temperature=body.temperature,
+                top_k=body.top_k,
+                top_p=body.top_p,
+                min_p=body.min_p,
+                repetition_penalty=body.repetition_penalty,
+                seed=None if body.seed is None else body.seed + choice,  # n choices must differ
+                stop=tuple(body.stop or ()),
+                ignore_eos=body.ignore_eos,
+                **extra,
+            )
+        except (InvalidRequestError, TypeError) as exc:
+            raise BadRequest(str(exc)) from None
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 (one serving object per server; the vocabulary bounds it)
+    def _token_text(self, token_id: int) -> str:
+        return self.llm.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    # ---- streaming ----------------------------------------------------------------------------------------------
+
+    async def _stream(
+        self, submission: Submission, reply: _Reply, chunk, body: SamplingFields, job: _Job
+    ) -> AsyncIterator[bytes]:
+        finals: dict[int, object] = {}
+        try:
+            started: set[int] = set()
+            async for index, output in submission.outputs():
+                first = index not in started
+                started.add(index)
+                payload = chunk(index, output, first)
+                if payload is not None:
+                    yield sse.event(payload)
+                if output.finish_reason is not None:
+                    finals[index] = output
+            if body.include_usage:
+                yield sse.event(reply.usage_chunk(_usage(job, list(finals.values()))))
+            yield sse.DONE
+        except APIError as exc:  # stopped by the server (shutdown, engine error): tell the client in-band
+            yield sse.event(exc.body())
+        finally:
+            submission.close()  # aborts the engine requests of a client that went away
+
+
+class _Reply:
+    """Builds the response objects of one request."""
+
+    def __init__(self, prefix: str, model: str, token_text, logprobs: bool):
+        self.id = f"{prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.model = model
+        self.token_text = token_text
+        self.logprobs = logprobs
+
+    # completions
+
+    def _completion_logprobs(self, entries: list, offset: int) -> CompletionLogprobs:
+        result = CompletionLogprobs()
+        for entry in entries:
+            token = self.token_text(entry.token_id)
+            result.tokens.append(token)
+            result.token_logprobs.append(entry.logprob)
+            result.top_logprobs.append({self.token_text(t): lp for t, lp in entry.top.items()})
+            result.text_offset.append(offset)
+            offset += len(token)
+        return result
+
+    def completion(self, outputs: list, usage: Usage) -> CompletionResponse:
+        choices = [
+            CompletionChoice(
+                index=index,
+                text=out.text,
+                logprobs=self._completion_logprobs(out.logprobs or [], 0) if self.logprobs else None,
+                finish_reason=out.finish_reason,
+            )
+            for index, out in enumerate(outputs)
+        ]
+        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def completion_chunk(self, index: int, output, first: bool) -> CompletionResponse | None:
+        entries = (output.new_logprobs or []) if self.logprobs else []
+        if not output.new_text and not entries and output.finish_reason is None:
+            return None  # text held back (a possible stop string, an incomplete character)
+        offset = len(output.text) - len(output.new_text)
+        choice = CompletionChoice(
+            index=index,
+            text=output.new_text,
+            logprobs=self._completion_logprobs(entries, offset) if self.logprobs else None,
+            finish_reason=output.finish_reason,
+        )
+        return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice])
+
+    # chat
+
+    def _chat_logprobs(self, entries: list) -> ChatLogprobs:
+        def top(token_id: int, logprob: float) -> TopLogprob:
+            token = self.token_text(token_id)
+            return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
+
+        content = []
+        for entry in entries:
+            sampled = top(entry.token_id, entry.logprob)
+            alternatives = [top(t, lp) for t, lp in entry.top.items()]
+            content.append(TokenLogprob(**sampled.model_dump(), top_logprobs=alternatives))
+        return ChatLogprobs(content=content)
+
+    def chat(self, outputs: list, usage: Usage) -> ChatCompletionResponse:
+        choices = [
+            ChatChoice(
+                index=index,
+                message=AssistantMessage(content=out.text),
+                logprobs=self._chat_logprobs(out.logprobs or []) if self.logprobs else None,
+                finish_reason=out.finish_reason,
+            )
+            for index, out in enumerate(outputs)
+        ]
+        return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
+
+    def chat_chunk(self, index: int, output, first: bool) -> ChatCompletionChunk | None:
+        entries = (output.new_logprobs or []) if self.logprobs else []
+        if not first and not output.new_text and not entries and output.finish_reason is None:
+            return None
+        delta = ChatDelta(role="assistant" if first else None, content=output.new_text)
+        choice = ChatChunkChoice(
+            index=index,
+            delta=delta,
+            logprobs=self._chat_logprobs(entries) if self.logprobs else None,
+            finish_reason=output.finish_reason,
+        )
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+
+    def usage_chunk(self, usage: Usage):
+        kind = ChatCompletionChunk if self.id.startswith("chatcmpl") else CompletionResponse
+        return kind(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
+
+
+# ---- helpers ----------------------------------------------------------------------------------------------------
+
+
+def _completion_prompts(prompt) -> list[str | list[int]]:
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]
+    return list(prompt)
+
+
+async def _collect(submission: Submission) -> list:
+    finals: dict[int, object] = {}
+    try:
+        async for index, output in submission.outputs():
+            if output.finish_reason is not None:
+                finals[index] = output
+    finally:
+        submission.close()
+    return [finals[i] for i in range(submission.count)]
+
+
+def _usage(job: _Job, outputs: list) -> Usage:
+    completion = sum(len(out.token_ids) for out in outputs)
+    return Usage(
+        prompt_tokens=job.distinct_prompt_tokens,
+        completion_tokens=completion,
+        total_tokens=job.distinct_prompt_tokens + completion,
+    )
+
+
+async def _unless_disconnected(request: Request, work: Awaitable):
+    """Run `work`, cancelling it (and so aborting its engine requests) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        return None
+    return task.result()
