@@ -50,8 +50,14 @@ class ServerSettings:
     completion_default_max_tokens: int = 16  # as OpenAI; chat defaults to the limit
 
     def __post_init__(self) -> None:
-        if self.max_tokens_limit < 1 or self.max_queue < 0 or self.max_body_bytes < 1024:
-            raise ValueError("max_tokens_limit >= 1, max_queue >= 0 and max_body_bytes >= 1024 are required")
+        if self.max_tokens_limit < 1:
+            raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be >= 1024, got {self.max_body_bytes}")
+        if self.shutdown_grace_s < 0:
+            raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
 
 
 @dataclass

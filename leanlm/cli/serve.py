@@ -1,0 +1,105 @@
+"""`leanlm serve`: the OpenAI-compatible HTTP server (completions, chat, streaming, metrics)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from leanlm.cli.options import add_model_options, load_llm
+
+
+def add_parser(subparsers) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve the model over an OpenAI-compatible HTTP API",
+        description="Serve POST /v1/completions and /v1/chat/completions (streaming with stream: true), "
+        "GET /v1/models, /health and /metrics (Prometheus). Listens on 127.0.0.1 unless --host says otherwise.",
+    )
+    group = serve.add_argument_group("server")
+    group.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, local only)")
+    group.add_argument("--port", type=int, default=8000, help="TCP port (default: %(default)s)")
+    group.add_argument(
+        "--api-key",
+        default=os.environ.get("LEANLM_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: $LEANLM_API_KEY, or none)",
+    )
+    group.add_argument("--served-model-name", help="the model id clients send (default: the model file's name)")
+    group.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests that may wait beyond the running batch (--max-num-seqs); more get 429 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=4096,
+        help="largest max_tokens a request may ask for; more is a 400 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=1 << 20,
+        help="largest request body; more is a 413 (default: %(default)s)",
+    )
+    group.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds running requests get to finish on shutdown before they are stopped (default: %(default)s)",
+    )
+    group.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_model_options(serve)
+
+
+def served_model_name(model_path) -> str:
+    path = os.fspath(model_path)
+    name = os.path.basename(path.rstrip("/"))
+    return name.removesuffix(".gguf")
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from leanlm.errors import InvalidRequestError
+    from leanlm.server.serving import ServerSettings
+
+    if not 0 < args.port < 65536:
+        raise InvalidRequestError(f"--port must be in 1..65535, got {args.port}.")
+    try:  # checked before the (slower) model load
+        settings = ServerSettings(
+            model_name=args.served_model_name or "",
+            max_tokens_limit=args.max_tokens_limit,
+            max_queue=args.max_queue,
+            api_key=args.api_key,
+            max_body_bytes=args.max_request_bytes,
+            shutdown_grace_s=args.shutdown_timeout,
+        )
+    except ValueError as exc:
+        raise InvalidRequestError(f"Invalid server option: {exc}.") from None
+    if args.api_key is None and not _is_loopback(args.host):
+        print(
+            f"leanlm: warning: listening on {args.host} without --api-key: anyone who can reach it can use it.",
+            file=sys.stderr,
+        )
+
+    from leanlm.server.app import build_app
+    from leanlm.server.http_server import Server
+
+    llm = load_llm(args)
+    if not settings.model_name:
+        settings = dataclasses.replace(settings, model_name=served_model_name(llm.model_path))
+    print(f"leanlm: serving '{settings.model_name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    Server(build_app(llm, settings), args.host, args.port, log_level=args.log_level).run()
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
