@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import sys
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -50,24 +51,20 @@ def quantize_weights_calibrated(
             check_group_size(linear.in_features, config.group_size)
         except InvalidRequestError as exc:
             raise InvalidRequestError(f"{name}: {exc}") from None
-    ids = calibration_tensor(llm, config, calibration_ids)
-    hidden = model.embed_tokens(ids.to(model.embed_tokens.weight.device)).float().cpu()  # (S, T, hidden)
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
-    cos, sin = model._cos_sin(positions.to(model.inv_freq.device), torch.float32)
-    ctx = ForwardContext(cos.cpu(), sin.cpu(), None, 0, None, model.attention)
+    hidden, ctx = calibration_inputs(model, calibration_tensor(llm, config, calibration_ids))
     quantize_layer = gptq_layer if config.method == "gptq" else awq_layer
 
     quantized: dict[str, QuantizedTensor] = {}
-    for index, layer in enumerate(_progress(model.layers, config.method)):
+
+    def convert(index: int, work: nn.Module, hidden: torch.Tensor, ctx: ForwardContext) -> None:
         prefix = f"layers.{index}."
         names = [n.removeprefix(prefix) for n in targets if n.startswith(prefix)]
-        work = copy.deepcopy(layer).float().cpu()
         for name, weight in quantize_layer(work, hidden, ctx, names, config).items():
             quantized[prefix + name] = weight
         if config.method == "awq":
-            _write_back(work, layer)
-        hidden = work(hidden, ctx)
-        del work
+            write_back(work, model.layers[index])
+
+    hidden = run_layers(model, hidden, ctx, convert, config.method)
     if "lm_head" in targets:
         norm = copy.deepcopy(model.norm).float().cpu()
         head = model.lm_head.weight.detach().float().cpu().clone()  # a copy: the head may be the tied embedding
@@ -77,6 +74,32 @@ def quantize_weights_calibrated(
         else:
             quantized["lm_head"] = awq_head(model, norm, head, inputs, config)
     return quantized
+
+
+def calibration_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, ForwardContext]:
+    """(S, T, hidden) float32 CPU embeddings of the (S, T) token ids, and the context that runs layers on them."""
+    hidden = model.embed_tokens(ids.to(model.embed_tokens.weight.device)).float().cpu()
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    cos, sin = model._cos_sin(positions.to(model.inv_freq.device), torch.float32)
+    return hidden, ForwardContext(cos.cpu(), sin.cpu(), None, 0, None, model.attention)
+
+
+def run_layers(
+    model: nn.Module,
+    hidden: torch.Tensor,
+    ctx: ForwardContext,
+    convert: Callable[[int, nn.Module, torch.Tensor, ForwardContext], None],
+    desc: str,
+) -> torch.Tensor:
+    """The layer-by-layer driver: `convert(index, work, hidden, ctx)` changes `work`, a float32 CPU copy of layer
+    `index`, from the inputs it really sees; the converted copy's output feeds the next layer. Returns the last
+    layer's output (S, T, hidden). Writing `work` back into the model is the caller's choice."""
+    for index, layer in enumerate(_progress(model.layers, desc)):
+        work = copy.deepcopy(layer).float().cpu()
+        convert(index, work, hidden, ctx)
+        hidden = work(hidden, ctx)
+        del work
+    return hidden
 
 
 def calibration_tensor(llm, config: QuantConfig, calibration_ids: list[list[int]] | None) -> torch.Tensor:
@@ -190,7 +213,7 @@ def _fold_into_norm(norm: nn.Module, linear: nn.Linear, scales: torch.Tensor) ->
     linear.weight.mul_(scales)
 
 
-def _write_back(work: nn.Module, layer: nn.Module) -> None:
+def write_back(work: nn.Module, layer: nn.Module) -> None:
     """Copy the folded float32 weights into the model's own layer, in its dtype and on its device."""
     for name, param in layer.named_parameters():
         param.data.copy_(work.get_parameter(name).to(param.dtype))

@@ -99,6 +99,10 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, with_weights: bool = True) -
         from leanlm.formats.quantized_folder import read_quantized_weights
 
         raw = read_quantized_weights(path, raw)
+    if raw and (path / "compression.json").is_file():  # a leanlm pruned artifact: sparse matrices stored compactly
+        from leanlm.formats.sparse_folder import read_sparse_weights
+
+        raw = read_sparse_weights(path, raw)
     weights = {
         name: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for name, t in raw.items()
     }
