@@ -1,0 +1,141 @@
+"""Which requests run this step, and how many tokens each: FCFS under a token budget, with chunked prefill,
+prefix caching and preemption by recompute. No torch: tests drive it without a model.
+
+Each step the running requests come first (oldest first), each asking for all its pending tokens (one for a
+decode, the rest of the prompt for a prefill) within what is left of the budget; a prompt longer than that runs
+in chunks over several steps. When the KV cache has no block for a running request, the newest running request
+is preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later (its full
+blocks usually come back from the prefix cache). Waiting requests are admitted in arrival order while budget,
+sequence slots and blocks last; the first one that does not fit blocks the ones behind it (FCFS).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from leanlm.cache.block_manager import BlockManager, BlockTable
+from leanlm.config import EngineConfig
+from leanlm.engine.request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    num_tokens: int  # tokens to run this step
+    start: int  # position of the first of them (= request.num_computed_tokens when scheduled)
+    block_table: BlockTable
+
+    @property
+    def completes(self) -> bool:
+        """The step reaches the request's newest token, so its logits give the next token."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)  # running ones first, then new admissions
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.scheduled)
+
+    def num_tokens_by_id(self) -> dict[str, int]:
+        return {s.request.request_id: s.num_tokens for s in self.scheduled}
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in arrival order
+        self.num_preemptions = 0
+        self.prefix_cache_queries = 0  # tokens looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of which found
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, num_tokens, out):
+                break  # the request preempted itself: no one after it is left
+            out.scheduled.append(self._entry(request, num_tokens))
+            budget -= num_tokens
+            i += 1
+        if not out.preempted:  # memory is short: admitting more would only preempt again
+            self._admit(budget, out)
+        return out
+
+    def update(self, out: SchedulerOutput) -> None:
+        """After the step ran: count the computed tokens, and name the blocks they filled for the prefix cache."""
+        for entry in out.scheduled:
+            request = entry.request
+            if request.finished:  # aborted while the step ran
+                continue
+            request.num_computed_tokens = entry.start + entry.num_tokens
+            self.block_manager.cache_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
+
+    def finish(self, request: Request, reason: str) -> None:
+        """Remove a request (finished or aborted) wherever it is and free its blocks."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+        elif request.status is RequestStatus.WAITING:
+            self.waiting.remove(request)
+        self.block_manager.free(request.request_id)
+        request.status, request.finish_reason = RequestStatus.FINISHED, reason
+
+    # ---- internals ------------------------------------------------------------------------------------------
+
+    def _entry(self, request: Request, num_tokens: int) -> ScheduledRequest:
+        table = self.block_manager.tables[request.request_id]
+        return ScheduledRequest(request, num_tokens, request.num_computed_tokens, table)
+
+    def _allocate_or_preempt(self, request: Request, num_tokens: int, out: SchedulerOutput) -> bool:
+        needed = request.num_computed_tokens + num_tokens
+        while not self.block_manager.allocate(request.request_id, needed):
+            victim = self.running.pop()  # the newest running request
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.block_manager.free(request.request_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)  # victims leave newest first, so the oldest ends up in front
+
+    def _admit(self, budget: int, out: SchedulerOutput) -> None:
+        manager = self.block_manager
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            cached = manager.find_cached_prefix(request.all_token_ids)
+            num_cached = len(cached) * manager.block_size
+            num_tokens = min(request.num_tokens - num_cached, budget)
+            if not manager.allocate(request.request_id, num_cached + num_tokens, cached):
+                break
+            self.waiting.popleft()
+            if manager.enable_prefix_caching:
+                self.prefix_cache_queries += request.num_tokens
+                self.prefix_cache_hits += num_cached
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_cached
+            request.num_computed_tokens = num_cached
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(self._entry(request, num_tokens))
+            budget -= num_tokens
