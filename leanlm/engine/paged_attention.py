@@ -1,0 +1,144 @@
+"""Attention over block tables for one step's flattened batch of sequences.
+
+The batch is one row of N tokens: first the decode sequences (one query token each), then the others (prefill
+chunks). Each layer writes its new keys and values to their slots, then attends: the decode queries together,
+over their keys gathered into a padded (B, H_kv, S_max, D) batch with a mask; every other sequence on its own,
+causally over its cached tokens and the new ones. One decode sequence whose blocks are consecutive reads the
+cache as a plain slice, which keeps batch-1 decoding as cheap as a contiguous cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from leanlm.cache.paged_kv import Index, PagedKVCache
+
+
+@dataclass(frozen=True)
+class SequenceSlice:
+    """The part of one sequence that runs this step."""
+
+    start: int  # position of its first query token; positions before it are in the cache
+    num_tokens: int
+    block_ids: list[int]
+    contiguous: bool  # block_ids are consecutive
+
+    @property
+    def length(self) -> int:
+        return self.start + self.num_tokens
+
+
+@dataclass(frozen=True)
+class _Segment:
+    rows: slice  # its query tokens in the batch
+    key_slots: Index  # every key it attends to, in position order
+
+
+@dataclass(frozen=True)
+class _DecodeBatch:
+    rows: slice
+    key_slots: Index  # (B * S_max,) padded with the null slot, or one sequence's slots
+    mask: torch.Tensor | None  # (B, 1, 1, S_max) True = a real key; None for one sequence
+    max_len: int
+
+
+class PagedAttention:
+    """`attend(layer, q, k, v)` for one forward pass; build it with `build_paged_attention`."""
+
+    def __init__(
+        self,
+        cache: PagedKVCache,
+        backend: Callable,
+        write_slots: Index,
+        decode: _DecodeBatch | None,
+        others: list[_Segment],
+    ):
+        self.cache, self.backend, self.write_slots, self.decode, self.others = (
+            cache,
+            backend,
+            write_slots,
+            decode,
+            others,
+        )
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: (1, H, N, D); k, v: (1, H_kv, N, D). Returns (1, H, N, D) in the cache's compute dtype."""
+        self.cache.write(layer, self.write_slots, k[0], v[0])
+        q = q.to(self.cache.dtype)
+        parts = [] if self.decode is None else [self._decode(layer, q)]
+        for segment in self.others:
+            keys, values = self.cache.read(layer, segment.key_slots)  # (H_kv, S, D)
+            parts.append(self.backend(q[:, :, segment.rows], keys[None], values[None]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
+
+    def _decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        batch = self.decode
+        keys, values = self.cache.read(layer, batch.key_slots)  # (H_kv, B * S_max, D)
+        if batch.mask is None:
+            return self.backend(q[:, :, batch.rows], keys[None], values[None])
+        num_seqs = batch.mask.shape[0]
+        heads, _, dim = keys.shape
+        keys = keys.view(heads, num_seqs, batch.max_len, dim).transpose(0, 1)  # (B, H_kv, S_max, D)
+        values = values.view(heads, num_seqs, batch.max_len, dim).transpose(0, 1)
+        queries = q[0, :, batch.rows].transpose(0, 1).unsqueeze(2)  # (B, H, 1, D)
+        out = self.backend(queries, keys, values, batch.mask)  # (B, H, 1, D)
+        return out.squeeze(2).transpose(0, 1).unsqueeze(0)  # (1, H, B, D)
+
+
+def build_paged_attention(
+    cache: PagedKVCache, backend: Callable, sequences: list[SequenceSlice], device: torch.device | str = "cpu"
+) -> PagedAttention:
+    """sequences in batch order; the leading single-token ones form the decode batch."""
+    size = cache.block_size
+    num_decode = 0
+    while num_decode < len(sequences) and sequences[num_decode].num_tokens == 1:
+        num_decode += 1
+    if len(sequences) == 1 and sequences[0].contiguous:
+        only = sequences[0]
+        first = only.block_ids[0] * size
+        write_slots: Index = slice(first + only.start, first + only.length)
+    else:
+        write_slots = torch.tensor(
+            [seq.block_ids[p // size] * size + p % size for seq in sequences for p in range(seq.start, seq.length)],
+            dtype=torch.long,
+            device=device,
+        )
+    decode = _decode_batch(cache, sequences[:num_decode], device) if num_decode else None
+    others, row = [], num_decode
+    for seq in sequences[num_decode:]:
+        others.append(_Segment(slice(row, row + seq.num_tokens), _key_slots(seq, size, device)))
+        row += seq.num_tokens
+    return PagedAttention(cache, backend, write_slots, decode, others)
+
+
+def _key_slots(seq: SequenceSlice, size: int, device: torch.device | str) -> Index:
+    if seq.contiguous:
+        first = seq.block_ids[0] * size
+        return slice(first, first + seq.length)
+    blocks = torch.tensor(seq.block_ids[: -(-seq.length // size)], dtype=torch.long, device=device)
+    return (blocks[:, None] * size + torch.arange(size, device=device)).flatten()[: seq.length]
+
+
+def _decode_batch(cache: PagedKVCache, sequences: list[SequenceSlice], device: torch.device | str) -> _DecodeBatch:
+    rows = slice(0, len(sequences))
+    if len(sequences) == 1:
+        return _DecodeBatch(rows, _key_slots(sequences[0], cache.block_size, device), None, sequences[0].length)
+    size = cache.block_size
+    lengths = [seq.length for seq in sequences]
+    max_len = max(lengths)
+    width = -(-max_len // size)
+    table = torch.tensor(
+        [
+            seq.block_ids[: -(-seq.length // size)] + [cache.null_block] * (width - -(-seq.length // size))
+            for seq in sequences
+        ],
+        dtype=torch.long,
+        device=device,
+    )  # (B, blocks), padded with the null block
+    slots = (table[:, :, None] * size + torch.arange(size, device=device)).view(len(sequences), -1)[:, :max_len]
+    valid = torch.arange(max_len, device=device)[None] < torch.tensor(lengths, device=device)[:, None]  # (B, S_max)
+    slots = slots.masked_fill(~valid, cache.null_slot)  # never read a slot that may hold garbage
+    return _DecodeBatch(rows, slots.reshape(-1), valid[:, None, None, :], max_len)
