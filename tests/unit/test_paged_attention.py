@@ -33,12 +33,12 @@ def run_case(cache_class, backend, cases, seed=0, num_blocks=64):
         histories.append((k, v))
     attend = build_paged_attention(cache, backend, sequences)
     q = torch.randn(1, HEADS, sum(n for _, n, _ in cases), DIM, generator=gen)
-    new_k = torch.cat([k[:, s.start :] for (k, _), s in zip(histories, sequences)], dim=1)[None]
-    new_v = torch.cat([v[:, s.start :] for (_, v), s in zip(histories, sequences)], dim=1)[None]
+    new_k = torch.cat([k[:, s.start :] for (k, _), s in zip(histories, sequences, strict=True)], dim=1)[None]
+    new_v = torch.cat([v[:, s.start :] for (_, v), s in zip(histories, sequences, strict=True)], dim=1)[None]
     out = attend(1, q, new_k, new_v)
     assert out.shape == q.shape
     results, row = [], 0
-    for (k, v), seq in zip(histories, sequences):
+    for (k, v), seq in zip(histories, sequences, strict=True):
         expected = reference_attention(q[:, :, row : row + seq.num_tokens], k[None], v[None])
         results.append((out[:, :, row : row + seq.num_tokens], expected))
         row += seq.num_tokens
