@@ -32,7 +32,7 @@ def install(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> None:
         old = model.get_submodule(name)
         bias = None if old.bias is None else old.bias.detach().float()
         layer = QuantizedLinear(weight, bias).to(reference.device)
-        layer.prepare_runtime(reference.dtype, reference.device)
+        layer.prepare_runtime(reference.dtype, reference.device, getattr(model, "kernel_mode", "auto"))
         model.set_submodule(name, layer)
 
 

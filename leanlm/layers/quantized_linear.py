@@ -69,11 +69,19 @@ class QuantizedTensor:
 # torch's packed int4 CPU kernel supports these group sizes.
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
 
+# How CPU layers run: leanlm's own kernels with int8 activations (fastest), the same kernels with float
+# activations (exact), or torch's kernels only (the fallback when ours cannot be built).
+KERNEL_MODES = ("auto", "exact", "torch")
+# From this many activation rows on, the leanlm kernels dequantize W once and use torch's GEMM (prefill).
+DENSE_FROM_ROWS = 48
+
 
 class QuantizedLinear(nn.Module):
     """A drop-in for nn.Linear holding a QuantizedTensor.
 
     Kernels, picked by `prepare_runtime` from the weight and the activation dtype/device:
+      leanlm-q4 / leanlm-q8  leanlm's AVX2 kernels (leanlm/kernels/) for blocks of 32 inputs; with int8
+                activations (mode "auto") or float activations (mode "exact")
       int4pack  torch's packed 4-bit CPU matmul (group-wise scale and offset; bf16 activations read fastest)
       int8pack  torch's int8 CPU matmul with one scale per output row (symmetric, per-channel)
       dense     a dequantized copy in the activation dtype (any layout, any device; memory as a dense layer)
@@ -101,13 +109,21 @@ class QuantizedLinear(nn.Module):
         bias = None if self.bias is None else self.bias.float()
         return F.linear(x.float(), self.dequantize(torch.float32), bias).to(x.dtype)
 
-    def prepare_runtime(self, dtype: torch.dtype, device: torch.device) -> str:
+    def prepare_runtime(self, dtype: torch.dtype, device: torch.device, mode: str = "auto") -> str:
         """Build the layout of the fastest kernel for activations of `dtype` on `device`; returns its name."""
-        for name in ("_int4pack", "_int4scales", "_int8scale", "_dense"):
+        if mode not in KERNEL_MODES:
+            raise ValueError(f"Unknown kernel mode '{mode}'. Choose among: {', '.join(KERNEL_MODES)}.")
+        for name in ("_int4pack", "_int4scales", "_int8scale", "_dense", "_packed"):
             self.__dict__.pop(name, None)
         on_cpu = device.type == "cpu"
         kernel_group = self._int4pack_group()
-        if on_cpu and self.bits <= 4 and kernel_group:  # 2- and 3-bit codes fit the 4-bit kernel too
+        if on_cpu and mode != "torch" and self._use_leanlm_kernels():
+            from leanlm.kernels.layout import pack
+
+            self._packed = pack(self.weight_q)
+            self._int8_activations = mode == "auto"
+            self.kernel = "leanlm-q4" if self._packed.q4 else "leanlm-q8"
+        elif on_cpu and self.bits <= 4 and kernel_group:  # 2- and 3-bit codes fit the 4-bit kernel too
             # Groups the kernel cannot take (128 over 576 inputs) are re-expressed as smaller equal groups.
             scale = self.weight_q.per_column(self.scale, kernel_group)
             offset = self.weight_q.per_column(self.offset, kernel_group) if self.offset is not None else 0 * scale
@@ -124,6 +140,12 @@ class QuantizedLinear(nn.Module):
             self.kernel = "dense"
         return self.kernel
 
+    def _use_leanlm_kernels(self) -> bool:
+        from leanlm.kernels.build import load_kernels
+        from leanlm.kernels.layout import kernel_format
+
+        return kernel_format(self.weight_q) is not None and load_kernels()
+
     def _int4pack_group(self) -> int | None:
         """The largest group size the int4 kernel supports that divides both our groups and the row."""
         if self.in_features % 64:
@@ -139,6 +161,8 @@ class QuantizedLinear(nn.Module):
 
     def runtime_bytes(self) -> int:
         """Bytes the current kernel reads per call (the roofline's weight traffic)."""
+        if self.kernel.startswith("leanlm"):
+            return self._packed.nbytes()
         layout = {"int4pack": ("_int4pack", "_int4scales"), "int8pack": ("codes", "_int8scale"), "dense": ("_dense",)}
         names = layout.get(self.kernel, ("codes", "scale", "offset"))
         tensors = [getattr(self, name) for name in names if getattr(self, name, None) is not None]
@@ -147,6 +171,16 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "reference":
             return self.reference_forward(x)
+        if self.kernel == "leanlm-q4":
+            p = self._packed
+            return torch.ops.leanlm.q4_linear(
+                x, p.codes, p.scales, p.offsets, self.bias, p.rows, DENSE_FROM_ROWS, self._int8_activations
+            )
+        if self.kernel == "leanlm-q8":
+            p = self._packed
+            return torch.ops.leanlm.q8_linear(
+                x, p.codes, p.scales, self.bias, p.rows, DENSE_FROM_ROWS, self._int8_activations
+            )
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
         if self.kernel == "int4pack":

@@ -1,0 +1,88 @@
+"""Compile leanlm's C++ kernels on first use and register them as torch ops (`torch.ops.leanlm.*`).
+
+The build is cached per machine under $LEANLM_HOME/kernels/<source hash>-<torch version>, so only the first
+use pays (about a minute on 2 cores). Without a compiler, ninja or AVX2 the kernels are reported
+unavailable with one warning and callers keep to the torch path; nothing crashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("quant_linear.cpp", "fused_ops.cpp")]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17"]
+DISABLE_ENV = "LEANLM_DISABLE_KERNELS"  # set to 1 to force the torch fallback (tests, comparisons)
+
+
+def _cpu_has_avx2() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: trust torch's own dispatch level
+        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+    return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
+
+
+def build_directory() -> Path:
+    from leanlm.formats.assets import leanlm_home
+
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES) + " ".join(FLAGS).encode())
+    tag = f"{digest.hexdigest()[:12]}-torch{torch.__version__.replace('+', '_')}"
+    return leanlm_home() / "kernels" / tag
+
+
+@cache
+def load_kernels() -> bool:
+    """Build (or load the cached build of) the kernels; True when torch.ops.leanlm is ready."""
+    if os.environ.get(DISABLE_ENV) == "1":
+        return False
+    if not _cpu_has_avx2():
+        warnings.warn("leanlm kernels need AVX2/FMA/F16C, which this CPU lacks; using torch's kernels.", stacklevel=2)
+        return False
+    try:
+        from torch.utils.cpp_extension import load
+
+        directory = build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        load(
+            name="leanlm_kernels",
+            sources=[str(path) for path in SOURCES],
+            extra_cflags=FLAGS,
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as error:  # no compiler, no ninja, a failed build: fall back, say why once
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        warnings.warn(
+            f"leanlm kernels could not be built ({first_line}); using torch's kernels. "
+            "Install a C++ compiler and ninja (pip install ninja) for the fast path.",
+            stacklevel=2,
+        )
+        return False
+    _register_fake_kernels()
+    return True
+
+
+def _register_fake_kernels() -> None:
+    """Shape-only versions, so torch.compile can trace through the ops."""
+
+    def linear_shape(x, codes, scales, *args):
+        rows = args[-3]
+        return x.new_empty(*x.shape[:-1], rows)
+
+    def dequantize_shape(codes, scales, offsets, rows):
+        return scales.new_empty(rows, codes.shape[1] * 32, dtype=torch.float32)
+
+    torch.library.register_fake("leanlm::q4_linear")(linear_shape)
+    torch.library.register_fake("leanlm::q8_linear")(linear_shape)
+    torch.library.register_fake("leanlm::dequantize")(dequantize_shape)
+    torch.library.register_fake("leanlm::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
+    torch.library.register_fake("leanlm::silu_mul")(
+        lambda gate_up: gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+    )

@@ -1,0 +1,336 @@
+// Weight-only quantized linear layers for x86 CPUs with AVX2, FMA and F16C.
+//
+// W[n, k] = code[n, k] * scale[n, k / 32] + offset[n, k / 32]: blocks of 32 inputs (GGUF's block size), one
+// float16 scale (and offset) per block. q4 codes are 0..15 (2- and 3-bit codes fit too), q8 codes int8.
+//
+// Layout (written by leanlm/kernels/layout.py at load time): rows are taken 8 at a time and interleaved
+// 4 inputs at a time, so one 32-byte load holds inputs 4c..4c+3 of 8 rows and an 8-lane vector holds
+// 8 output rows. For one block of one group of 8 rows:
+//   q4: 4 slabs of 32 bytes; slab j, byte 4r + i = code[r][4j + i] | code[r][16 + 4j + i] << 4
+//   q8: 8 slabs of 32 bytes; slab c, byte 4r + i = code[r][4c + i]
+//   scales, offsets: 8 float16, one per row
+// With activations quantized to int8 per block (llama.cpp's approach), a slab times the 4 broadcast
+// activation bytes is one maddubs: the 8 rows' dot products accumulate in integer lanes and are scaled once
+// per block. With float activations (exact mode) each input is decoded to float and multiplied in float.
+// Larger batches (prefill) dequantize W^T once and call torch's GEMM, which is better blocked.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+constexpr int64_t kRows = 8;     // rows interleaved per group = lanes of a float vector
+constexpr int64_t kBatchTile = 4;  // activation rows that share one decode of a block
+
+struct Weights {
+  const uint8_t* codes;     // (groups, blocks, 128 or 256)
+  const at::Half* scales;   // (groups, blocks, 8)
+  const at::Half* offsets;  // (groups, blocks, 8) or nullptr
+  int64_t rows, cols, groups, blocks;
+  bool q4;
+  int64_t block_bytes() const { return q4 ? 128 : 256; }
+};
+
+inline __m256 load_halves(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+inline __m256i broadcast4(const int8_t* p) {
+  int32_t value;
+  std::memcpy(&value, p, sizeof(value));
+  return _mm256_set1_epi32(value);
+}
+
+// ---- int8 activations --------------------------------------------------------------------------------------
+
+struct QuantizedActivations {
+  at::Tensor codes;   // (M, K) int8
+  at::Tensor scales;  // (M, K / 32) float32
+  at::Tensor sums;    // (M, K / 32) float32: sum of the unquantized x over each block, for the offsets
+};
+
+// x ~= codes * scale per block of 32, |error| <= scale / 2 = max|x| / 254.
+QuantizedActivations quantize_activations(const at::Tensor& x) {
+  const int64_t rows = x.size(0), blocks = x.size(1) / kBlock;
+  QuantizedActivations q{at::empty(x.sizes(), x.options().dtype(at::kChar)), at::empty({rows, blocks}, x.options()),
+                         at::empty({rows, blocks}, x.options())};
+  const float* src = x.data_ptr<float>();
+  int8_t* codes = q.codes.data_ptr<int8_t>();
+  float* scales = q.scales.data_ptr<float>();
+  float* sums = q.sums.data_ptr<float>();
+  for (int64_t i = 0; i < rows * blocks; ++i) {
+    const float* block = src + i * kBlock;
+    float amax = 0.f, sum = 0.f;
+    for (int j = 0; j < kBlock; ++j) {
+      amax = std::max(amax, std::abs(block[j]));
+      sum += block[j];
+    }
+    const float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
+    for (int j = 0; j < kBlock; ++j) codes[i * kBlock + j] = static_cast<int8_t>(std::nearbyint(block[j] * inverse));
+    scales[i] = scale;
+    sums[i] = sum;
+  }
+  return q;
+}
+
+// Dot products of 8 rows with one block of activations, as 8 int32 lanes.
+inline __m256i block_dot_q4(const uint8_t* block, const int8_t* x) {
+  const __m256i low_mask = _mm256_set1_epi8(0x0F);
+  __m256i sum16 = _mm256_setzero_si256();  // 8 slabs x 2 products x 15 x 127 < 32767: int16 lanes never overflow
+  for (int j = 0; j < 4; ++j) {
+    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * j));
+    const __m256i low = _mm256_and_si256(packed, low_mask);
+    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
+    sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(low, broadcast4(x + 4 * j)));
+    sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(high, broadcast4(x + 16 + 4 * j)));
+  }
+  return _mm256_madd_epi16(sum16, _mm256_set1_epi16(1));
+}
+
+inline __m256i block_dot_q8(const uint8_t* block, const int8_t* x) {
+  __m256i sum32 = _mm256_setzero_si256();
+  for (int c = 0; c < 8; ++c) {
+    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * c));
+    const __m256i xc = broadcast4(x + 4 * c);
+    // maddubs multiplies unsigned by signed bytes: move w's sign onto x and use |w|.
+    const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xc, w));
+    sum32 = _mm256_add_epi32(sum32, _mm256_madd_epi16(products, _mm256_set1_epi16(1)));
+  }
+  return sum32;
+}
+
+template <int Tile>
+void groups_int8(const Weights& w, const QuantizedActivations& xq, float* out, int64_t m0, int64_t g_begin,
+                 int64_t g_end) {
+  const int8_t* x_codes = xq.codes.data_ptr<int8_t>();
+  const float* x_scales = xq.scales.data_ptr<float>();
+  const float* x_sums = xq.sums.data_ptr<float>();
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    __m256 acc[Tile];
+    for (int t = 0; t < Tile; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < w.blocks; ++b) {
+      const int64_t at = g * w.blocks + b;
+      const uint8_t* block = w.codes + at * w.block_bytes();
+      const __m256 scales = load_halves(w.scales + at * kRows);
+      const __m256 offsets = w.offsets ? load_halves(w.offsets + at * kRows) : _mm256_setzero_ps();
+      for (int t = 0; t < Tile; ++t) {
+        const int64_t xb = (m0 + t) * w.blocks + b;
+        const int8_t* x = x_codes + xb * kBlock;
+        const __m256i dot = w.q4 ? block_dot_q4(block, x) : block_dot_q8(block, x);
+        const __m256 scaled = _mm256_mul_ps(scales, _mm256_set1_ps(x_scales[xb]));
+        acc[t] = _mm256_fmadd_ps(scaled, _mm256_cvtepi32_ps(dot), acc[t]);
+        if (w.offsets) acc[t] = _mm256_fmadd_ps(offsets, _mm256_set1_ps(x_sums[xb]), acc[t]);
+      }
+    }
+    for (int t = 0; t < Tile; ++t) _mm256_storeu_ps(out + ((m0 + t) * w.groups + g) * kRows, acc[t]);
+  }
+}
+
+// ---- float activations (exact up to float32 rounding) ------------------------------------------------------
+
+// 8 rows' codes for inputs 4c + i, i = 0..3, from one slab of bytes (lane r = row r), as floats.
+inline void slab_to_floats(__m256i bytes, bool is_signed, __m256 w[4]) {
+  for (int i = 0; i < 4; ++i) {
+    const __m256i moved = _mm256_slli_epi32(bytes, 24 - 8 * i);  // byte i to the top
+    const __m256i value = is_signed ? _mm256_srai_epi32(moved, 24) : _mm256_srli_epi32(moved, 24);
+    w[i] = _mm256_cvtepi32_ps(value);
+  }
+}
+
+inline __m256 slab_dot(__m256i bytes, bool is_signed, const float* x) {
+  __m256 w[4];
+  slab_to_floats(bytes, is_signed, w);
+  __m256 sum = _mm256_mul_ps(w[0], _mm256_set1_ps(x[0]));
+  for (int i = 1; i < 4; ++i) sum = _mm256_fmadd_ps(w[i], _mm256_set1_ps(x[i]), sum);
+  return sum;
+}
+
+// sum over one block of code * x for 8 rows, in float.
+inline __m256 block_dot_float(const Weights& w, const uint8_t* block, const float* x) {
+  __m256 sum = _mm256_setzero_ps();
+  if (w.q4) {
+    const __m256i low_mask = _mm256_set1_epi8(0x0F);
+    for (int j = 0; j < 4; ++j) {
+      const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * j));
+      sum = _mm256_add_ps(sum, slab_dot(_mm256_and_si256(packed, low_mask), false, x + 4 * j));
+      sum = _mm256_add_ps(sum, slab_dot(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask), false,
+                                        x + 16 + 4 * j));
+    }
+  } else {
+    for (int c = 0; c < 8; ++c) {
+      const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * c));
+      sum = _mm256_add_ps(sum, slab_dot(codes, true, x + 4 * c));
+    }
+  }
+  return sum;
+}
+
+template <int Tile>
+void groups_float(const Weights& w, const float* x, const float* x_sums, float* out, int64_t m0, int64_t g_begin,
+                  int64_t g_end) {
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    __m256 acc[Tile];
+    for (int t = 0; t < Tile; ++t) acc[t] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < w.blocks; ++b) {
+      const int64_t at = g * w.blocks + b;
+      const uint8_t* block = w.codes + at * w.block_bytes();
+      const __m256 scales = load_halves(w.scales + at * kRows);
+      for (int t = 0; t < Tile; ++t) {
+        const int64_t xb = (m0 + t) * w.blocks + b;
+        acc[t] = _mm256_fmadd_ps(scales, block_dot_float(w, block, x + xb * kBlock), acc[t]);
+        if (w.offsets) acc[t] = _mm256_fmadd_ps(load_halves(w.offsets + at * kRows), _mm256_set1_ps(x_sums[xb]), acc[t]);
+      }
+    }
+    for (int t = 0; t < Tile; ++t) _mm256_storeu_ps(out + ((m0 + t) * w.groups + g) * kRows, acc[t]);
+  }
+}
+
+// (M, K) float activations -> (M, groups * 8) float outputs; rows past w.rows are the layout's padding.
+at::Tensor matvec(const Weights& w, const at::Tensor& x, bool int8_activations) {
+  const int64_t m_total = x.size(0);
+  at::Tensor out = at::empty({m_total, w.groups * kRows}, x.options());
+  float* op = out.data_ptr<float>();
+  // Enough groups per task that scheduling is noise, few enough that every thread gets work.
+  const int64_t grain = std::max<int64_t>(4, w.groups / (4 * at::get_num_threads()));
+  if (int8_activations) {
+    const QuantizedActivations xq = quantize_activations(x);
+    at::parallel_for(0, w.groups, grain, [&](int64_t begin, int64_t end) {
+      int64_t m = 0;
+      for (; m + kBatchTile <= m_total; m += kBatchTile) groups_int8<kBatchTile>(w, xq, op, m, begin, end);
+      for (; m < m_total; ++m) groups_int8<1>(w, xq, op, m, begin, end);
+    });
+  } else {
+    const at::Tensor x_sums = x.view({m_total, w.blocks, kBlock}).sum(-1).contiguous();
+    const float* xp = x.data_ptr<float>();
+    const float* sums = x_sums.data_ptr<float>();
+    at::parallel_for(0, w.groups, grain, [&](int64_t begin, int64_t end) {
+      int64_t m = 0;
+      for (; m + kBatchTile <= m_total; m += kBatchTile) groups_float<kBatchTile>(w, xp, sums, op, m, begin, end);
+      for (; m < m_total; ++m) groups_float<1>(w, xp, sums, op, m, begin, end);
+    });
+  }
+  return out;
+}
+
+// W^T as a dense (K, rows) float32 tensor: 8 consecutive outputs of one input are one vector store.
+at::Tensor dequantize_transposed(const Weights& w) {
+  at::Tensor dense = at::empty({w.cols, w.groups * kRows}, at::TensorOptions().dtype(at::kFloat));
+  float* dp = dense.data_ptr<float>();
+  const int64_t stride = w.groups * kRows;
+  at::parallel_for(0, w.groups, 4, [&](int64_t begin, int64_t end) {
+    const __m256i low_mask = _mm256_set1_epi8(0x0F);
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t b = 0; b < w.blocks; ++b) {
+        const int64_t at = g * w.blocks + b;
+        const uint8_t* block = w.codes + at * w.block_bytes();
+        const __m256 scales = load_halves(w.scales + at * kRows);
+        const __m256 offsets = w.offsets ? load_halves(w.offsets + at * kRows) : _mm256_setzero_ps();
+        float* column = dp + b * kBlock * stride + g * kRows;  // input b * 32, output rows g * 8..
+        auto store = [&](__m256i bytes, bool is_signed, int64_t first_input) {
+          __m256 values[4];
+          slab_to_floats(bytes, is_signed, values);
+          for (int i = 0; i < 4; ++i)
+            _mm256_storeu_ps(column + (first_input + i) * stride, _mm256_fmadd_ps(values[i], scales, offsets));
+        };
+        for (int j = 0; j < (w.q4 ? 4 : 8); ++j) {
+          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * j));
+          if (w.q4) {
+            store(_mm256_and_si256(packed, low_mask), false, 4 * j);
+            store(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask), false, 16 + 4 * j);
+          } else {
+            store(packed, true, 4 * j);
+          }
+        }
+      }
+    }
+  });
+  return dense;
+}
+
+Weights check_weights(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
+                      int64_t rows, bool q4) {
+  TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() && codes.dim() == 3 && codes.scalar_type() == at::kByte,
+              "codes: a contiguous (groups, blocks, bytes) uint8 CPU tensor from leanlm.kernels.layout");
+  TORCH_CHECK(codes.size(2) == (q4 ? 128 : 256), "codes: ", q4 ? 128 : 256, " bytes per block of 8 rows");
+  const int64_t groups = codes.size(0), blocks = codes.size(1);
+  TORCH_CHECK(rows > 0 && rows <= groups * kRows && rows > (groups - 1) * kRows, "rows does not match the layout");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+                  scales.sizes() == at::IntArrayRef({groups, blocks, kRows}),
+              "scales: contiguous float16 (groups, blocks, 8)");
+  const at::Half* offset_ptr = nullptr;
+  if (offsets.has_value()) {
+    TORCH_CHECK(offsets->scalar_type() == at::kHalf && offsets->is_contiguous() && offsets->sizes() == scales.sizes(),
+                "offsets must be laid out like scales");
+    offset_ptr = offsets->data_ptr<at::Half>();
+  }
+  return Weights{codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), offset_ptr, rows, blocks * kBlock, groups,
+                 blocks, q4};
+}
+
+at::Tensor quantized_linear(const at::Tensor& x, const Weights& w, const c10::optional<at::Tensor>& bias,
+                            int64_t dense_from_rows, bool int8_activations) {
+  TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU");
+  TORCH_CHECK(x.size(-1) == w.cols, "x has ", x.size(-1), " features, the weight expects ", w.cols);
+  const at::Tensor x2d = x.reshape({-1, w.cols});
+  at::Tensor out;
+  if (x2d.size(0) >= dense_from_rows) {
+    at::Tensor weight_t = dequantize_transposed(w);
+    if (x.scalar_type() != at::kFloat) weight_t = weight_t.to(x.scalar_type());
+    out = at::matmul(x2d, weight_t);
+  } else {
+    out = matvec(w, x2d.to(at::kFloat).contiguous(), int8_activations);
+    if (x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());
+  }
+  if (out.size(1) != w.rows) out = out.narrow(1, 0, w.rows);
+  if (bias.has_value()) out = out + bias->to(out.scalar_type());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w.rows;
+  return out.reshape(shape);
+}
+
+at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias, int64_t rows,
+                     int64_t dense_from_rows, bool int8_activations) {
+  return quantized_linear(x, check_weights(codes, scales, offsets, rows, true), bias, dense_from_rows,
+                          int8_activations);
+}
+
+at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
+                     const c10::optional<at::Tensor>& bias, int64_t rows, int64_t dense_from_rows,
+                     bool int8_activations) {
+  return quantized_linear(x, check_weights(codes, scales, c10::nullopt, rows, false), bias, dense_from_rows,
+                          int8_activations);
+}
+
+at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
+                      int64_t rows) {
+  const Weights w = check_weights(codes, scales, offsets, rows, codes.size(2) == 128);
+  return dequantize_transposed(w).narrow(1, 0, rows).t().contiguous();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(leanlm, m) {
+  m.def(
+      "q4_linear(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, Tensor? bias, int rows, "
+      "int dense_from_rows, bool int8_activations) -> Tensor");
+  m.def(
+      "q8_linear(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int rows, int dense_from_rows, "
+      "bool int8_activations) -> Tensor");
+  m.def("dequantize(Tensor codes, Tensor scales, Tensor? offsets, int rows) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(leanlm, CPU, m) {
+  m.impl("q4_linear", &q4_linear);
+  m.impl("q8_linear", &q8_linear);
+  m.impl("dequantize", &dequantize);
+}
