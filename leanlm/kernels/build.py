@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).parent / "csrc" / name for name in ("quant_linear.cpp", "fused_ops.cpp")]
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17"]
+# fp-contract off: a written multiply-then-add stays two roundings (dequantize must equal torch exactly).
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17"]
 DISABLE_ENV = "LEANLM_DISABLE_KERNELS"  # set to 1 to force the torch fallback (tests, comparisons)
 
 

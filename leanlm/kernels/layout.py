@@ -1,7 +1,8 @@
 """Repack a QuantizedTensor into the layout leanlm's C++ kernels read (see csrc/quant_linear.cpp).
 
 Rows are taken 8 at a time (padded with zero rows) and interleaved 4 inputs at a time, so that one 32-byte load
-holds 4 inputs of 8 rows; scales and offsets become float16, 8 per block (one per row).
+holds 4 inputs of 8 rows; scales and offsets are stored 8 per block (one per row), as float16 when that is
+exact (GGUF blocks always are) and float32 otherwise.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ ROWS = 8
 @dataclass
 class KernelWeight:
     codes: torch.Tensor  # (groups, blocks, 128) for q4, (groups, blocks, 256) for q8; uint8
-    scales: torch.Tensor  # (groups, blocks, 8) float16
+    scales: torch.Tensor  # (groups, blocks, 8) float16, or float32 when float16 would round them
     offsets: torch.Tensor | None
     rows: int
     q4: bool
@@ -43,7 +44,7 @@ def kernel_format(weight: QuantizedTensor) -> str | None:
 
 
 def fits_float16(params: torch.Tensor) -> bool:
-    """Whether float16 holds these scales exactly (GGUF's always do; freshly quantized ones may round)."""
+    """Whether float16 holds these parameters exactly (GGUF's always do; leanlm's own are float32)."""
     return bool(torch.equal(params.half().float(), params.float()))
 
 
@@ -64,7 +65,9 @@ def pack(weight: QuantizedTensor) -> KernelWeight:
 
     def per_row(params: torch.Tensor) -> torch.Tensor:
         per_block = weight.per_column(params, BLOCK)  # (N, blocks)
-        return F.pad(per_block, (0, 0, 0, pad)).view(groups, ROWS, blocks).transpose(1, 2).contiguous().half()
+        return F.pad(per_block, (0, 0, 0, pad)).view(groups, ROWS, blocks).transpose(1, 2).contiguous().to(dtype)
 
+    params = [weight.scale] + ([weight.offset] if weight.offset is not None else [])
+    dtype = torch.float16 if all(fits_float16(p) for p in params) else torch.float32
     offsets = per_row(weight.offset) if weight.offset is not None else None
     return KernelWeight(packed, per_row(weight.scale), offsets, rows, kind == "q4")

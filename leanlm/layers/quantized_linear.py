@@ -148,7 +148,7 @@ class QuantizedLinear(nn.Module):
 
     def _int4pack_group(self) -> int | None:
         """The largest group size the int4 kernel supports that divides both our groups and the row."""
-        if self.in_features % 64:
+        if self.in_features % 64 or self.out_features % 16:  # the kernel's own shape rules
             return None
         return next(
             (

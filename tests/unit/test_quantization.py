@@ -47,28 +47,36 @@ def test_group_that_does_not_divide_the_width_leaves_a_short_last_group():
 
 def test_int4_kernel_takes_groups_it_cannot_divide_by_smaller_equal_groups():
     layer = QuantizedLinear(quantize_rtn(random_weight(cols=576), 4, 128, False))
-    assert layer.prepare_runtime(torch.bfloat16, torch.device("cpu")) == "int4pack"
+    assert layer.prepare_runtime(torch.bfloat16, torch.device("cpu"), "torch") == "int4pack"
     x = torch.randn(3, 576, generator=torch.Generator().manual_seed(2))
     expected = layer.reference_forward(x)
     assert ((layer(x.bfloat16()).float() - expected).abs().max() / expected.abs().max()) < 3e-2
 
 
 @pytest.mark.parametrize(
-    "bits,group,symmetric,kernel",
+    "bits,group,symmetric,torch_kernel,leanlm_kernel",
     [
-        (4, 32, False, "int4pack"),
-        (4, 128, False, "int4pack"),
-        (8, -1, True, "int8pack"),
-        (8, 32, True, "dense"),
-        (3, 64, False, "int4pack"),
+        (4, 32, False, "int4pack", "leanlm-q4"),
+        (4, 128, False, "int4pack", "leanlm-q4"),
+        (8, -1, True, "int8pack", "leanlm-q8"),
+        (8, 32, True, "dense", "leanlm-q8"),
+        (3, 64, False, "int4pack", "leanlm-q4"),
     ],
 )
+@pytest.mark.parametrize("mode", ["torch", "exact"])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_kernels_match_reference(bits, group, symmetric, kernel, dtype, tolerance):
+def test_kernels_match_reference(bits, group, symmetric, torch_kernel, leanlm_kernel, mode, dtype, tolerance):
+    """torch's kernels (the fallback) and leanlm's own with float activations; tests/unit/test_kernels.py
+    covers int8 activations and odd shapes."""
+    from leanlm.kernels.build import load_kernels
+
+    if mode == "exact" and not load_kernels():
+        pytest.skip("leanlm kernels unavailable")
     layer = QuantizedLinear(quantize_rtn(random_weight(), bits, group, symmetric), torch.randn(96) * 0.1)
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(1)).to(dtype)
     expected = layer.reference_forward(x.float())
-    assert layer.prepare_runtime(dtype, torch.device("cpu")) == kernel
+    kernel = torch_kernel if mode == "torch" else leanlm_kernel
+    assert layer.prepare_runtime(dtype, torch.device("cpu"), mode) == kernel
     got = layer(x).float()
     scale = expected.abs().max()
     assert ((got - expected).abs().max() / scale) < tolerance

@@ -8,7 +8,7 @@
 // 8 output rows. For one block of one group of 8 rows:
 //   q4: 4 slabs of 32 bytes; slab j, byte 4r + i = code[r][4j + i] | code[r][16 + 4j + i] << 4
 //   q8: 8 slabs of 32 bytes; slab c, byte 4r + i = code[r][4c + i]
-//   scales, offsets: 8 float16, one per row
+//   scales, offsets: 8 float16 (or float32 when float16 would round them), one per row
 // With activations quantized to int8 per block (llama.cpp's approach), a slab times the 4 broadcast
 // activation bytes is one maddubs: the 8 rows' dot products accumulate in integer lanes and are scaled once
 // per block. With float activations (exact mode) each input is decoded to float and multiplied in float.
@@ -32,17 +32,23 @@ constexpr int64_t kRows = 8;     // rows interleaved per group = lanes of a floa
 constexpr int64_t kBatchTile = 4;  // activation rows that share one decode of a block
 
 struct Weights {
-  const uint8_t* codes;     // (groups, blocks, 128 or 256)
-  const at::Half* scales;   // (groups, blocks, 8)
-  const at::Half* offsets;  // (groups, blocks, 8) or nullptr
+  const uint8_t* codes;  // (groups, blocks, 128 or 256)
+  const void* scales;    // (groups, blocks, 8) float16 or float32
+  const void* offsets;   // like scales, or nullptr
   int64_t rows, cols, groups, blocks;
-  bool q4;
+  bool q4, half_params;
   int64_t block_bytes() const { return q4 ? 128 : 256; }
+  // the 8 rows' parameters of block `at` (= group * blocks + block)
+  __m256 params(const void* base, int64_t at) const {
+    if (half_params) {
+      const auto* halves = static_cast<const at::Half*>(base) + at * 8;
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(halves)));
+    }
+    return _mm256_loadu_ps(static_cast<const float*>(base) + at * 8);
+  }
+  __m256 scales_at(int64_t at) const { return params(scales, at); }
+  __m256 offsets_at(int64_t at) const { return offsets ? params(offsets, at) : _mm256_setzero_ps(); }
 };
-
-inline __m256 load_halves(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
 
 inline __m256i broadcast4(const int8_t* p) {
   int32_t value;
@@ -120,8 +126,8 @@ void groups_int8(const Weights& w, const QuantizedActivations& xq, float* out, i
     for (int64_t b = 0; b < w.blocks; ++b) {
       const int64_t at = g * w.blocks + b;
       const uint8_t* block = w.codes + at * w.block_bytes();
-      const __m256 scales = load_halves(w.scales + at * kRows);
-      const __m256 offsets = w.offsets ? load_halves(w.offsets + at * kRows) : _mm256_setzero_ps();
+      const __m256 scales = w.scales_at(at);
+      const __m256 offsets = w.offsets_at(at);
       for (int t = 0; t < Tile; ++t) {
         const int64_t xb = (m0 + t) * w.blocks + b;
         const int8_t* x = x_codes + xb * kBlock;
@@ -183,11 +189,12 @@ void groups_float(const Weights& w, const float* x, const float* x_sums, float* 
     for (int64_t b = 0; b < w.blocks; ++b) {
       const int64_t at = g * w.blocks + b;
       const uint8_t* block = w.codes + at * w.block_bytes();
-      const __m256 scales = load_halves(w.scales + at * kRows);
+      const __m256 scales = w.scales_at(at);
+      const __m256 offsets = w.offsets_at(at);
       for (int t = 0; t < Tile; ++t) {
         const int64_t xb = (m0 + t) * w.blocks + b;
         acc[t] = _mm256_fmadd_ps(scales, block_dot_float(w, block, x + xb * kBlock), acc[t]);
-        if (w.offsets) acc[t] = _mm256_fmadd_ps(load_halves(w.offsets + at * kRows), _mm256_set1_ps(x_sums[xb]), acc[t]);
+        if (w.offsets) acc[t] = _mm256_fmadd_ps(offsets, _mm256_set1_ps(x_sums[xb]), acc[t]);
       }
     }
     for (int t = 0; t < Tile; ++t) _mm256_storeu_ps(out + ((m0 + t) * w.groups + g) * kRows, acc[t]);
@@ -232,14 +239,16 @@ at::Tensor dequantize_transposed(const Weights& w) {
       for (int64_t b = 0; b < w.blocks; ++b) {
         const int64_t at = g * w.blocks + b;
         const uint8_t* block = w.codes + at * w.block_bytes();
-        const __m256 scales = load_halves(w.scales + at * kRows);
-        const __m256 offsets = w.offsets ? load_halves(w.offsets + at * kRows) : _mm256_setzero_ps();
+        const __m256 scales = w.scales_at(at);
+        const __m256 offsets = w.offsets_at(at);
         float* column = dp + b * kBlock * stride + g * kRows;  // input b * 32, output rows g * 8..
         auto store = [&](__m256i bytes, bool is_signed, int64_t first_input) {
           __m256 values[4];
           slab_to_floats(bytes, is_signed, values);
           for (int i = 0; i < 4; ++i)
-            _mm256_storeu_ps(column + (first_input + i) * stride, _mm256_fmadd_ps(values[i], scales, offsets));
+            // multiply, then add (not fused): the same two roundings as QuantizedTensor.dequantize
+            _mm256_storeu_ps(column + (first_input + i) * stride,
+                             _mm256_add_ps(_mm256_mul_ps(values[i], scales), offsets));
         };
         for (int j = 0; j < (w.q4 ? 4 : 8); ++j) {
           const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * j));
@@ -263,17 +272,19 @@ Weights check_weights(const at::Tensor& codes, const at::Tensor& scales, const c
   TORCH_CHECK(codes.size(2) == (q4 ? 128 : 256), "codes: ", q4 ? 128 : 256, " bytes per block of 8 rows");
   const int64_t groups = codes.size(0), blocks = codes.size(1);
   TORCH_CHECK(rows > 0 && rows <= groups * kRows && rows > (groups - 1) * kRows, "rows does not match the layout");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() &&
+  const bool half_params = scales.scalar_type() == at::kHalf;
+  TORCH_CHECK((half_params || scales.scalar_type() == at::kFloat) && scales.is_contiguous() &&
                   scales.sizes() == at::IntArrayRef({groups, blocks, kRows}),
-              "scales: contiguous float16 (groups, blocks, 8)");
-  const at::Half* offset_ptr = nullptr;
+              "scales: contiguous float16 or float32 (groups, blocks, 8)");
+  const void* offset_ptr = nullptr;
   if (offsets.has_value()) {
-    TORCH_CHECK(offsets->scalar_type() == at::kHalf && offsets->is_contiguous() && offsets->sizes() == scales.sizes(),
+    TORCH_CHECK(offsets->scalar_type() == scales.scalar_type() && offsets->is_contiguous() &&
+                    offsets->sizes() == scales.sizes(),
                 "offsets must be laid out like scales");
-    offset_ptr = offsets->data_ptr<at::Half>();
+    offset_ptr = offsets->data_ptr();
   }
-  return Weights{codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), offset_ptr, rows, blocks * kBlock, groups,
-                 blocks, q4};
+  return Weights{codes.data_ptr<uint8_t>(), scales.data_ptr(), offset_ptr, rows, blocks * kBlock, groups,
+                 blocks, q4, half_params};
 }
 
 at::Tensor quantized_linear(const at::Tensor& x, const Weights& w, const c10::optional<at::Tensor>& bias,

@@ -1,0 +1,163 @@
+"""leanlm's C++ kernels against their plain torch references, on random shapes.
+
+Tolerances (relative Frobenius error of the output against float64 dequantize-then-matmul):
+  float activations ("exact" mode, and the dense prefill path): 1e-5, float32 rounding only
+  int8 activations ("auto" mode): 2e-2; each activation block is rounded to max|x|/127 steps, so the error of a
+  dot product is at most 1/254 of sum |w| * max|x| per block; on random data it lands near 5e-3.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from leanlm.kernels import build
+from leanlm.kernels.layout import kernel_format, pack
+from leanlm.layers.quantized_linear import DENSE_FROM_ROWS, QuantizedLinear, QuantizedTensor
+
+pytestmark = pytest.mark.skipif(not build.load_kernels(), reason="leanlm kernels unavailable (no compiler or AVX2)")
+
+EXACT_TOLERANCE = 1e-5
+INT8_ACTIVATION_TOLERANCE = 2e-2
+
+
+def random_weight(rows: int, columns: int, kind: str, group: int, seed: int) -> QuantizedTensor:
+    generator = torch.Generator().manual_seed(seed)
+    groups = -(-columns // group)
+    # float16-representable scales, as every stored checkpoint has (GGUF blocks, leanlm artifacts)
+    scale = (torch.rand(rows, groups, generator=generator) * 0.02 + 1e-3).half().float()
+    if kind == "q4":
+        codes = torch.randint(0, 16, (rows, columns), dtype=torch.uint8, generator=generator)
+        offset = (torch.randn(rows, groups, generator=generator) * 0.05).half().float()
+        return QuantizedTensor(codes, scale, offset, 4, group)
+    codes = torch.randint(-127, 128, (rows, columns), dtype=torch.int8, generator=generator)
+    return QuantizedTensor(codes, scale, None, 8, group)
+
+
+def run_kernel(weight, x: torch.Tensor, int8_activations: bool, dense_from_rows: int = DENSE_FROM_ROWS):
+    p = pack(weight)
+    if p.q4:
+        return torch.ops.leanlm.q4_linear(
+            x, p.codes, p.scales, p.offsets, None, p.rows, dense_from_rows, int8_activations
+        )
+    return torch.ops.leanlm.q8_linear(x, p.codes, p.scales, None, p.rows, dense_from_rows, int8_activations)
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((out.double() - reference).norm() / reference.norm())
+
+
+# rows not a multiple of 8 (the interleave), batches not a multiple of 4 (the batch tile), widths of 1..48
+# blocks, group sizes of 32, 64 and 128 (128 over 576 inputs leaves a short last group).
+SHAPES = [(1, 1, 32, 32), (5, 3, 96, 32), (13, 4, 64, 64), (577, 1, 576, 128), (64, 9, 1536, 32), (200, 6, 160, 32)]
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+@pytest.mark.parametrize("rows,batch,columns,group", SHAPES)
+def test_matvec_kernels_match_reference(kind, rows, batch, columns, group):
+    weight = random_weight(rows, columns, kind, group, seed=rows * batch + columns)
+    x = torch.randn(batch, columns, generator=torch.Generator().manual_seed(batch))
+    reference = x.double() @ weight.dequantize().double().t()
+    assert relative_error(run_kernel(weight, x, int8_activations=False), reference) < EXACT_TOLERANCE
+    assert relative_error(run_kernel(weight, x, int8_activations=True), reference) < INT8_ACTIVATION_TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+def test_dense_path_for_large_batches_matches_reference(kind):
+    weight = random_weight(70, 96, kind, 32, seed=3)
+    x = torch.randn(2, 30, 96)  # 60 rows >= DENSE_FROM_ROWS: dequantize + GEMM, leading dimensions kept
+    out = run_kernel(weight, x, int8_activations=True)
+    assert out.shape == (2, 30, 70)
+    reference = x.double() @ weight.dequantize().double().t()
+    assert relative_error(out, reference) < EXACT_TOLERANCE
+
+
+@pytest.mark.parametrize("kind", ["q4", "q8"])
+@pytest.mark.parametrize("float16_params", [True, False])
+def test_dequantize_is_exact(kind, float16_params):
+    weight = random_weight(21, 128, kind, 64, seed=5)
+    if not float16_params:  # float32 scales, as leanlm's own quantizers make them
+        weight.scale += 1e-6
+    p = pack(weight)
+    dense = torch.ops.leanlm.dequantize(p.codes, p.scales, p.offsets, p.rows)
+    torch.testing.assert_close(dense, weight.dequantize(), rtol=0, atol=0)
+
+
+def test_bfloat16_activations_come_back_as_bfloat16():
+    weight = random_weight(16, 64, "q4", 32, seed=7)
+    x = torch.randn(1, 64).bfloat16()
+    out = run_kernel(weight, x, int8_activations=False)
+    assert out.dtype == torch.bfloat16
+    reference = x.double() @ weight.dequantize().double().t()
+    assert relative_error(out, reference) < 1e-2  # the output's own bfloat16 rounding
+
+
+@pytest.mark.parametrize("mode,kernel", [("auto", "leanlm-q4"), ("exact", "leanlm-q4"), ("torch", "int4pack")])
+def test_quantized_linear_modes_match_reference_forward(mode, kernel):
+    layer = QuantizedLinear(random_weight(48, 128, "q4", 32, seed=11), bias=torch.randn(48))
+    assert layer.prepare_runtime(torch.float32, torch.device("cpu"), mode) == kernel
+    x = torch.randn(3, 128)
+    tolerance = INT8_ACTIVATION_TOLERANCE if mode == "auto" else EXACT_TOLERANCE
+    assert relative_error(layer(x), layer.reference_forward(x).double()) < tolerance
+
+
+def test_layouts_the_kernels_cannot_read_keep_the_torch_path():
+    odd_width = random_weight(8, 48, "q8", 48, seed=1)  # 48 inputs: not a whole number of 32-blocks
+    assert kernel_format(odd_width) is None
+    layer = QuantizedLinear(odd_width)
+    assert layer.prepare_runtime(torch.float32, torch.device("cpu"), "auto") == "int8pack"  # torch's per-row kernel
+    with pytest.raises(ValueError, match="kernel mode"):
+        layer.prepare_runtime(torch.float32, torch.device("cpu"), "fastest")
+
+
+def test_fused_ops_match_torch():
+    x = torch.randn(3, 7, 576) * 4
+    weight = torch.rand(576) + 0.5
+    torch.testing.assert_close(
+        torch.ops.leanlm.rms_norm(x, weight, 1e-5), torch.nn.functional.rms_norm(x, (576,), weight, 1e-5)
+    )
+    gate_up = torch.randn(2, 5, 2 * 96) * 3
+    gate, up = gate_up.split(96, dim=-1)
+    torch.testing.assert_close(torch.ops.leanlm.silu_mul(gate_up), torch.nn.functional.silu(gate) * up)
+
+
+def test_ops_pass_torch_library_checks():
+    """Schema, fake (shape-only) implementations for torch.compile, and eager results agree."""
+    p = pack(random_weight(24, 64, "q4", 32, seed=2))
+    torch.library.opcheck(
+        torch.ops.leanlm.q4_linear.default, (torch.randn(2, 64), p.codes, p.scales, p.offsets, None, p.rows, 48, True)
+    )
+    torch.library.opcheck(torch.ops.leanlm.silu_mul.default, (torch.randn(3, 8),))
+
+
+def test_failed_build_falls_back_with_one_warning(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension: c++ not found")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    build.load_kernels.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert build.load_kernels() is False
+        assert len(caught) == 1 and "using torch's kernels" in str(caught[0].message)
+    finally:
+        build.load_kernels.cache_clear()
+        monkeypatch.undo()
+        assert build.load_kernels()  # the real build again, from the cache
+
+
+def test_disable_variable_forces_the_fallback(monkeypatch):
+    monkeypatch.setenv(build.DISABLE_ENV, "1")
+    build.load_kernels.cache_clear()
+    try:
+        assert build.load_kernels() is False
+        layer = QuantizedLinear(random_weight(16, 64, "q4", 32, seed=4))
+        assert layer.prepare_runtime(torch.float32, torch.device("cpu"), "auto") == "int4pack"
+    finally:
+        monkeypatch.delenv(build.DISABLE_ENV)
+        build.load_kernels.cache_clear()
