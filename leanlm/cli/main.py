@@ -27,6 +27,7 @@ COMMANDS = {
     "eval": "leanlm.cli.evaluate",
     "bench": "leanlm.cli.bench",
     "quantize": "leanlm.cli.quantize",
+    "prune": "leanlm.cli.prune",
     "serve": "leanlm.cli.serve",
 }
 

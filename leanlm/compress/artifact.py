@@ -11,6 +11,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from leanlm.formats.quantized_folder import MANIFEST, pack_codes
@@ -43,15 +45,29 @@ def hf_config_dict(config) -> dict:
     return raw
 
 
-def save_quantized(llm, folder: str | Path, manifest: dict) -> Path:
-    """Write the (quantized) model of `llm` to `folder`, atomically."""
-    from safetensors.torch import save_file
-
+@contextmanager
+def atomic_folder(folder: str | Path) -> Iterator[Path]:
+    """Yield a scratch folder next to `folder`; on success it replaces `folder` in one rename, on any error it is
+    removed, so an interrupted run never leaves a folder that loads."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     scratch.chmod(0o755)  # mkdtemp makes it private; the artifact is an ordinary shareable folder
     try:
+        yield scratch
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(scratch, folder)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+
+
+def save_quantized(llm, folder: str | Path, manifest: dict) -> Path:
+    """Write the (quantized) model of `llm` to `folder`, atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_folder(folder) as scratch:
         tensors, layers = {}, {}
         for name, module in llm.model.named_modules():
             if isinstance(module, QuantizedLinear):
@@ -80,10 +96,4 @@ def save_quantized(llm, folder: str | Path, manifest: dict) -> Path:
         (scratch / "config.json").write_text(json.dumps(hf_config_dict(llm.config), indent=2))
         llm.tokenizer.to_folder_files(scratch)
         (scratch / MANIFEST).write_text(json.dumps({**manifest, "layers": layers}, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(scratch, folder)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
