@@ -56,20 +56,15 @@ def references(default_gguf_path):
 
 
 @pytest.fixture(scope="module")
-def server(default_gguf_path, references):
+def server(default_gguf_path):
+    """The server process; it loads the model while the references are computed, and the test waits for it."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "leanlm.cli.main", "serve", "--model", str(default_gguf_path)]
     command += ["--port", str(port), "--threads", "2", "--served-model-name", "smol", "--log-level", "warning"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while not _healthy(url):
-        assert process.poll() is None, process.stdout.read()
-        assert time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.2)
-    yield url
+    yield process, f"http://127.0.0.1:{port}"
     process.terminate()
     try:
         process.wait(timeout=30)
@@ -77,6 +72,14 @@ def server(default_gguf_path, references):
         process.kill()
         process.wait()
         pytest.fail("the server did not exit within 30 s of SIGTERM")
+
+
+def _wait_until_healthy(process: subprocess.Popen, url: str, timeout_s: float = 180) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not _healthy(url):
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.2)
 
 
 def _healthy(url: str) -> bool:
@@ -135,6 +138,8 @@ async def _load(url: str) -> list[Outcome]:
 
 
 def test_concurrent_streams_equal_single_requests_and_free_their_blocks(server, references):
+    process, server = server
+    _wait_until_healthy(process, server)
     idle_blocks = _metric(server, "leanlm_kv_blocks_used")
     outcomes = asyncio.run(_load(server))
     assert [o.status for o in outcomes] == [200] * CLIENTS
