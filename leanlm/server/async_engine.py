@@ -184,6 +184,8 @@ class AsyncEngine:
     def _send(self, command) -> None:
         self._commands.put(command)
         self._wake.set()
+        if self.error is not None:  # no engine thread drains the queue any more
+            self._refuse_commands()
 
     # ---- engine thread ------------------------------------------------------------------------------------------
 
@@ -203,7 +205,21 @@ class AsyncEngine:
         except BaseException as exc:  # a bug or out of memory: fail every request instead of hanging them
             logger.exception("The engine thread stopped")
             self.error = exc
-            self._fail_all(InternalError(f"The engine stopped with an internal error: {exc!r}.", code="engine_error"))
+            self._fail_all(self._dead_error())
+            self._refuse_commands()
+
+    def _dead_error(self) -> InternalError:
+        return InternalError(f"The engine stopped with an internal error: {self.error!r}.", code="engine_error")
+
+    def _refuse_commands(self) -> None:
+        """Answer the adds still queued once the engine thread is gone, so that no handler waits forever."""
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Add):
+                self._post(_resolve, command.submission.accepted, self._dead_error())
 
     def _run_commands(self) -> bool:
         while True:
