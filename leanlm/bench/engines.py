@@ -37,7 +37,7 @@ class LeanLMEngine(Engine):
         self.llm = LLM(model, dtype=dtype, device=device, threads=threads, **options)
         self.precision = _leanlm_precision(self.llm)
         self.bits_per_weight = self.llm.dtype.itemsize * 8
-        self.kv_bytes_per_value = 1 if options.get("kv_cache") == "int8" else self.llm.generator.cache_dtype.itemsize
+        self.kv_bytes_per_value = 1 if options.get("kv_cache") == "int8" else self.llm.engine.cache_dtype.itemsize
         self.decode_weight_bytes = runtime_weight_bytes(self.llm.model)
 
     def generate(self, prompts, new_tokens):

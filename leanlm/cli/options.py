@@ -39,6 +39,26 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU threads for torch (default: all cores; decode needs 2+ to use the memory bandwidth)",
     )
+    engine = parser.add_argument_group("engine (batching and KV cache)")
+    engine.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="memory for the KV cache, e.g. 2GiB or 512MiB (default: a quarter of free memory, at most 2GiB on CPU; "
+        "half of free GPU memory)",
+    )
+    engine.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once (default: %(default)s)")
+    engine.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=512,
+        help="tokens one step may run: prefill chunks plus decode tokens (default: %(default)s)",
+    )
+    engine.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block (default: %(default)s)")
+    engine.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="do not share the KV blocks of a common prompt prefix between requests",
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -74,6 +94,18 @@ def sampling_params_from(args: argparse.Namespace):
     )
 
 
+def engine_config_from(args: argparse.Namespace):
+    from leanlm.config import EngineConfig, parse_size
+
+    return EngineConfig(
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size,
+        kv_cache_memory=None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory),
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+
+
 def load_llm(args: argparse.Namespace):
     from leanlm.engine.llm import LLM
 
@@ -85,4 +117,5 @@ def load_llm(args: argparse.Namespace):
         dequantize=args.dequantize,
         kv_cache=args.kv_cache,
         attention=getattr(args, "attention", "sdpa"),
+        engine_config=engine_config_from(args),
     )

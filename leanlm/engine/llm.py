@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import time
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
-from leanlm.engine.generator import Generator
+from leanlm.config import EngineConfig
+from leanlm.engine.engine import LLMEngine
 from leanlm.engine.outputs import RequestOutput, StreamChunk
 from leanlm.errors import InvalidRequestError
 from leanlm.formats.loader import load_checkpoint
@@ -44,7 +47,9 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
 
 
 class LLM:
-    """A loaded model with its tokenizer. `model=None` uses the default model (SmolLM2-135M-Instruct)."""
+    """A loaded model with its tokenizer and the engine that runs it. `model=None` uses the default model
+    (SmolLM2-135M-Instruct). Every call goes through `self.engine` (LLMEngine): prompts of one call run together,
+    scheduled step by step under `engine_config`'s limits."""
 
     def __init__(
         self,
@@ -55,6 +60,7 @@ class LLM:
         attention: str = "sdpa",
         dequantize: bool = False,
         kv_cache: str = "auto",
+        engine_config: EngineConfig | None = None,
     ):
         if threads is not None:
             if threads < 1:
@@ -73,8 +79,12 @@ class LLM:
         self.weight_types = checkpoint.weight_types
         self.model = build_model(checkpoint.config, checkpoint.weights, self.dtype, self.device)
         self.model.set_attention_backend(attention)
-        self.generator = Generator(self.model, self.tokenizer, kv_cache)
+        self.engine = LLMEngine(self.model, self.tokenizer, engine_config, kv_cache)
         self.load_time_s = time.perf_counter() - started
+        self._ids = itertools.count()
+        self._mine: set[str] = set()  # requests added by this object and not finished
+        self._held: dict[str, list[RequestOutput]] = defaultdict(list)  # outputs for another call of this object
+        self._last_outputs: list[RequestOutput] = []
 
     # ---- prompts -> token ids -----------------------------------------------------------------------------
 
@@ -99,11 +109,11 @@ class LLM:
     def generate(
         self, prompts: Prompt | Sequence[Prompt], params: SamplingParams | Sequence[SamplingParams] | None = None
     ) -> list[RequestOutput]:
-        """Complete each prompt (raw text, no chat template). Prompts run together as one batch."""
+        """Complete each prompt (raw text, no chat template). Prompts run together, batched by the engine."""
         prompts = _as_list(prompts)
         ids = [self.encode(p) for p in prompts]
         texts = [p if isinstance(p, str) else None for p in prompts]
-        return self.generator.generate(ids, _params_for(params, len(ids)), texts)
+        return self._generate(ids, _params_for(params, len(ids)), texts)
 
     def chat(
         self,
@@ -114,7 +124,7 @@ class LLM:
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         ids = [self.apply_chat_template(list(c)) for c in conversations]
-        return self.generator.generate(ids, _params_for(params, len(ids)))
+        return self._generate(ids, _params_for(params, len(ids)), [None] * len(ids))
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None, chat: bool = False) -> Iterator[StreamChunk]:
         """Yield text chunks as they are generated. With chat=True the prompt is one user message."""
@@ -125,13 +135,83 @@ class LLM:
         yield from self.stream_ids(self.apply_chat_template(messages), params)
 
     def stream_ids(self, ids: list[int], params: SamplingParams | None = None) -> Iterator[StreamChunk]:
-        for chunks in self.generator.stream([ids], [params or SamplingParams()]):
-            yield from chunks
+        """Chunks carry the new text and every token sampled since the previous chunk (a token may add no text
+        yet: a character's bytes still incomplete, or a possible stop string held back)."""
+        self.engine.check_prompt(ids)
+        (request_id,) = self._add([ids], [params or SamplingParams()], [None])
+        pending: list[int] = []
+        try:
+            for out in self._outputs_of({request_id}):
+                pending += out.new_token_ids
+                if out.new_text or out.finished:
+                    yield StreamChunk(0, out.new_text, pending, out.finish_reason)
+                    pending = []
+                if out.finished:
+                    self._last_outputs = [out]
+        finally:  # an abandoned stream frees its blocks
+            self._abort(request_id)
 
     @property
     def last_outputs(self) -> list[RequestOutput]:
-        """Outputs (with metrics) of the most recent generate/stream call."""
-        return self.generator.outputs
+        """Outputs (with metrics) of the most recent generate/chat/stream call."""
+        return self._last_outputs
+
+    # ---- driving the engine -------------------------------------------------------------------------------
+
+    def _generate(
+        self, ids: list[list[int]], params: list[SamplingParams], texts: list[str | None]
+    ) -> list[RequestOutput]:
+        for prompt in ids:  # all or nothing: check every prompt before adding any
+            self.engine.check_prompt(prompt)
+        request_ids = self._add(ids, params, texts)
+        index = {request_id: i for i, request_id in enumerate(request_ids)}
+        results: list[RequestOutput | None] = [None] * len(ids)
+        try:
+            for out in self._outputs_of(set(request_ids)):
+                if out.finished:
+                    out.index = index[out.request_id]
+                    results[out.index] = out
+        finally:
+            for request_id in request_ids:
+                self._abort(request_id)
+        self._last_outputs = results
+        return results
+
+    def _add(self, ids: list[list[int]], params: list[SamplingParams], texts: list[str | None]) -> list[str]:
+        request_ids = [f"llm-{next(self._ids)}" for _ in ids]
+        for request_id, prompt, p, text in zip(request_ids, ids, params, texts, strict=True):
+            self.engine.add_request(request_id, prompt, p, text)
+            self._mine.add(request_id)
+        return request_ids
+
+    def _outputs_of(self, request_ids: set[str]) -> Iterator[RequestOutput]:
+        """Step the engine until these requests finish, yielding their outputs; outputs of this object's other
+        requests (say, a stream paused by its consumer) are held for them."""
+        remaining = set(request_ids)
+        while remaining:
+            outputs = [o for rid in list(remaining) for o in self._held.pop(rid, [])]
+            if not outputs:
+                outputs = self.engine.step()
+            for out in outputs:
+                if out.request_id in remaining:
+                    if out.finished:
+                        remaining.discard(out.request_id)
+                        self._mine.discard(out.request_id)
+                    yield out
+                elif out.request_id in self._mine:
+                    self._held[out.request_id].append(out)
+
+    def _abort(self, request_id: str) -> None:
+        if request_id in self._mine:
+            self._mine.discard(request_id)
+            self._held.pop(request_id, None)
+            self.engine.abort_request(request_id)
+
+
+def _leanlm_kernels_available() -> bool:
+    from leanlm.kernels.build import load_kernels
+
+    return load_kernels()
 
 
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

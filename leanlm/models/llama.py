@@ -32,6 +32,8 @@ class ForwardContext:
     start: int  # cache column of the first input token
     mask: torch.Tensor | None  # (B, 1, T, S) True = may attend; None = plain causal
     attention: Callable
+    # The engine's paged attention: attend(layer_index, q, k, v) stores k/v and attends; replaces cache + attention.
+    attend: Callable | None = None
 
 
 class RMSNorm(nn.Module):
@@ -60,10 +62,14 @@ class Attention(nn.Module):
         qk = apply_rotary(qkv[:, :rotated_heads], ctx.cos, ctx.sin)  # one rotation for q and k together
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, rotated_heads:]
-        if ctx.cache is not None:
-            k, v = ctx.cache.update(self.layer_index, ctx.start, k, v)
-        # Attention runs in the cache's dtype (float32 on CPU, where bfloat16 attention kernels are ~5x slower).
-        out = ctx.attention(q.to(k.dtype), k, v, ctx.mask).to(x.dtype)  # (B, H, T, D)
+        if ctx.attend is not None:
+            out = ctx.attend(self.layer_index, q, k, v)
+        else:
+            if ctx.cache is not None:
+                k, v = ctx.cache.update(self.layer_index, ctx.start, k, v)
+            # Attention runs in the cache's dtype (float32 on CPU, where bfloat16 attention kernels are ~5x slower).
+            out = ctx.attention(q.to(k.dtype), k, v, ctx.mask)  # (B, H, T, D)
+        out = out.to(x.dtype)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
 
@@ -117,15 +123,20 @@ class LlamaForCausalLM(nn.Module):
         start: int = 0,
         mask: torch.Tensor | None = None,
         last_only: bool = False,
+        attend: Callable | None = None,
+        logits_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids, positions: (B, T). Returns float32 logits (B, T, V), or (B, 1, V) with last_only."""
+        """input_ids, positions: (B, T). Returns float32 logits (B, T, V), or (B, 1, V) with last_only,
+        or (B, R, V) for the R columns in logits_indices. `attend` (paged attention) replaces cache/start/mask."""
         x = self.embed_tokens(input_ids)
         cos, sin = self._cos_sin(positions, x.dtype)
-        ctx = ForwardContext(cos, sin, cache, start, mask, self.attention)
+        ctx = ForwardContext(cos, sin, cache, start, mask, self.attention, attend)
         for layer in self.layers:
             x = layer(x, ctx)
         if last_only:
             x = x[:, -1:]
+        elif logits_indices is not None:
+            x = x[:, logits_indices]
         return self.lm_head(self.norm(x)).float()
 
     def _cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,10 +55,24 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor) -> int:
         """logits: (V,) float32; seen: token ids of the prompt and output so far (for the penalty)."""
+        return self.sample(self.penalize(logits, seen))
+
+    def penalize(self, logits: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        return apply_repetition_penalty(logits, seen, self.params.repetition_penalty)
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """logits: (V,) after the penalty."""
         p = self.params
-        logits = apply_repetition_penalty(logits, seen, p.repetition_penalty)
         if p.greedy:
             return int(logits.argmax())
         logits = logits / p.temperature
         logits = min_p_filter(top_p_filter(top_k_filter(logits, p.top_k), p.top_p), p.min_p)
         return int(torch.multinomial(logits.softmax(-1), 1, generator=self.generator))
+
+
+def token_logprobs(logits: torch.Tensor, token_id: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """Log-probability of token_id and the `top` most likely (id, log-probability) pairs under logits (V,)."""
+    logprobs = logits.float().log_softmax(-1)
+    best = torch.topk(logprobs, top) if top > 0 else None
+    pairs = list(zip(best.indices.tolist(), best.values.tolist(), strict=True)) if best is not None else []
+    return float(logprobs[token_id]), pairs

@@ -60,7 +60,7 @@ def test_finish_reasons_and_metrics(llm):
 
 def test_generation_is_capped_by_the_context_window(llm, monkeypatch):
     # A 64-token window stands in for the real 8192 one, so the test does not prefill 8k tokens.
-    monkeypatch.setattr(llm.generator, "config", llm.config.replace(context_length=64))
+    monkeypatch.setattr(llm.engine, "model_config", llm.config.replace(context_length=64))
     ids = llm.tokenizer.encode("word " * 100)[:61]
     out = llm.generate([ids], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))[0]
     assert (len(out.token_ids), out.finish_reason) == (3, "length")

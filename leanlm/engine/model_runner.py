@@ -1,0 +1,97 @@
+"""One step's schedule -> one forward pass over all its tokens -> one sampled token per request that needs one.
+
+The tokens of every scheduled request are laid out in one row (1, N): a 256-token prefill chunk and 15 decode
+tokens make 271 rows for the linear layers, not 16 x 256. Decode requests go first so that their attention runs
+as one padded batch (see paged_attention.py). Logits are computed only for the rows that are sampled.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from leanlm.cache.paged_kv import PagedKVCache
+from leanlm.engine.paged_attention import SequenceSlice, build_paged_attention
+from leanlm.engine.scheduler import ScheduledRequest, SchedulerOutput
+from leanlm.sampling.sampler import Sampler, token_logprobs
+from leanlm.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SampledToken:
+    token_id: int
+    logprob: float | None = None  # with SamplingParams.logprobs
+    top: list[tuple[int, float]] | None = None
+
+
+class _SamplingState:
+    def __init__(self, params: SamplingParams, prompt_token_ids: list[int], device: torch.device):
+        self.params = params
+        self.sampler = Sampler(params, device)
+        # prompt + output ids for the repetition penalty; kept only when the penalty is on
+        self.seen = torch.tensor(prompt_token_ids, device=device) if params.repetition_penalty != 1.0 else None
+        self.plain_greedy = params.greedy and self.seen is None and params.logprobs is None
+
+    def append(self, token_id: int) -> None:
+        if self.seen is not None:
+            self.seen = torch.cat([self.seen, self.seen.new_tensor([token_id])])
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device):
+        self.model, self.cache, self.device = model, cache, device
+        self._states: dict[str, _SamplingState] = {}
+
+    def add_request(self, request_id: str, params: SamplingParams, prompt_token_ids: list[int]) -> None:
+        self._states[request_id] = _SamplingState(params, prompt_token_ids, self.device)
+
+    def remove_request(self, request_id: str) -> None:
+        self._states.pop(request_id, None)
+
+    @torch.inference_mode()
+    def run(self, schedule: SchedulerOutput) -> dict[str, SampledToken]:
+        """Run the scheduled tokens; return the sampled token of each request whose newest token ran."""
+        entries = sorted(schedule.scheduled, key=lambda e: e.num_tokens != 1)  # decodes first, order kept
+        if not entries:
+            return {}
+        token_ids: list[int] = []
+        positions: list[int] = []
+        sequences: list[SequenceSlice] = []
+        sample_rows: list[int] = []
+        sampled: list[ScheduledRequest] = []
+        for entry in entries:
+            end = entry.start + entry.num_tokens
+            token_ids.extend(entry.request.all_token_ids[entry.start : end])
+            positions.extend(range(entry.start, end))
+            sequences.append(
+                SequenceSlice(entry.start, entry.num_tokens, entry.block_table.ids, entry.block_table.contiguous)
+            )
+            if entry.completes:
+                sample_rows.append(len(token_ids) - 1)
+                sampled.append(entry)
+        attend = build_paged_attention(self.cache, self.model.attention, sequences, self.device)
+        last_only = sample_rows == [len(token_ids) - 1]
+        logits = self.model(
+            torch.tensor([token_ids], device=self.device),
+            torch.tensor([positions], device=self.device),
+            attend=attend,
+            last_only=last_only,
+            logits_indices=None if last_only else torch.tensor(sample_rows, dtype=torch.long, device=self.device),
+        )[0]  # (R, V) float32, one row per sampled request
+        return self._sample([e.request.request_id for e in sampled], logits)
+
+    def _sample(self, request_ids: list[str], logits: torch.Tensor) -> dict[str, SampledToken]:
+        states = [self._states[rid] for rid in request_ids]
+        if all(state.plain_greedy for state in states):  # one argmax for the whole batch
+            return {rid: SampledToken(t) for rid, t in zip(request_ids, logits.argmax(-1).tolist(), strict=True)}
+        results = {}
+        for i, (rid, state) in enumerate(zip(request_ids, states, strict=True)):
+            row = state.sampler.penalize(logits[i], state.seen) if state.seen is not None else logits[i]
+            token = state.sampler.sample(row)
+            state.append(token)
+            if state.params.logprobs is None:
+                results[rid] = SampledToken(token)
+            else:
+                results[rid] = SampledToken(token, *token_logprobs(row, token, state.params.logprobs))
+        return results
