@@ -15,6 +15,7 @@ from leanlm.engine.engine import LLMEngine
 from leanlm.engine.outputs import RequestOutput, StreamChunk
 from leanlm.errors import InvalidRequestError
 from leanlm.formats.loader import load_checkpoint
+from leanlm.layers.quantized_linear import QuantizedTensor
 from leanlm.models.registry import build_model
 from leanlm.sampling_params import SamplingParams
 
@@ -60,6 +61,7 @@ class LLM:
         attention: str = "sdpa",
         dequantize: bool = False,
         kv_cache: str = "auto",
+        kernels: str = "auto",
         engine_config: EngineConfig | None = None,
     ):
         if threads is not None:
@@ -72,12 +74,19 @@ class LLM:
         # GGUF Q8_0/Q4_0/Q4_1 matrices run at their own precision (as llama.cpp does) unless `dequantize` asks
         # for dense weights. float32 is the reference precision, so it always dequantizes.
         native_quant = not dequantize and self.dtype != torch.float32
-        checkpoint = load_checkpoint(model, self.dtype, native_quant=native_quant)
+        # leanlm's CPU kernels read float32 activations, and float32 norms and attention beat bfloat16 on CPU,
+        # so quantized checkpoints run float32 activations around their quantized weights.
+        self.compute_dtype = self.dtype
+        if native_quant and self.device.type == "cpu" and kernels != "torch" and _leanlm_kernels_available():
+            self.compute_dtype = torch.float32
+        checkpoint = load_checkpoint(model, self.compute_dtype, native_quant=native_quant)
+        if not any(isinstance(t, QuantizedTensor) for t in checkpoint.weights.values()):
+            self.compute_dtype = self.dtype  # a dense checkpoint: nothing for the kernels to do
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.model_path = checkpoint.path
         self.weight_types = checkpoint.weight_types
-        self.model = build_model(checkpoint.config, checkpoint.weights, self.dtype, self.device)
+        self.model = build_model(checkpoint.config, checkpoint.weights, self.compute_dtype, self.device, kernels)
         self.model.set_attention_backend(attention)
         self.engine = LLMEngine(self.model, self.tokenizer, engine_config, kv_cache)
         self.load_time_s = time.perf_counter() - started

@@ -50,4 +50,15 @@ def sdpa_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
-ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "reference": reference_attention}
+def fused_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
+) -> torch.Tensor:
+    """The fast path with leanlm's one-query kernel (leanlm/kernels): one float32 query per sequence on the CPU
+    (every decode step) in one call, where SDPA's setup dominates such a small problem; SDPA otherwise."""
+    if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32:
+        return torch.ops.leanlm.decode_attention(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
+    return sdpa_attention(q, k, v, mask, scale)
+
+
+# "fused" needs leanlm's kernels loaded (leanlm.kernels.build.load_kernels); models pick it for "sdpa" when it is.
+ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "reference": reference_attention, "fused": fused_attention}

@@ -41,8 +41,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.fused = False  # leanlm's one-call kernel (float32 CPU); see set_fused_ops
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return torch.ops.leanlm.rms_norm(x, self.weight, self.eps)
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
@@ -53,13 +56,15 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, config.q_size + 2 * config.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=False)
+        self.fused = False
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         batch, length, _ = x.shape
         qkv = self.qkv_proj(x).view(batch, length, self.num_heads + 2 * self.num_kv_heads, self.head_dim)
         qkv = qkv.transpose(1, 2)  # (B, H + 2 H_kv, T, D)
         rotated_heads = self.num_heads + self.num_kv_heads
-        qk = apply_rotary(qkv[:, :rotated_heads], ctx.cos, ctx.sin)  # one rotation for q and k together
+        rotate = torch.ops.leanlm.rotary if self.fused else apply_rotary
+        qk = rotate(qkv[:, :rotated_heads], ctx.cos, ctx.sin)  # one rotation for q and k together
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, rotated_heads:]
         if ctx.attend is not None:
@@ -79,8 +84,11 @@ class MLP(nn.Module):
         self.intermediate_size = config.intermediate_size
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self.down_proj(torch.ops.leanlm.silu_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -110,10 +118,22 @@ class LlamaForCausalLM(nn.Module):
             config.head_dim, config.rope_theta, config.rope_scaling, config.context_length, config.context_length
         )
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.attention_name, self.fused_ops = "sdpa", False
         self.attention = ATTENTION_BACKENDS["sdpa"]
 
     def set_attention_backend(self, name: str) -> None:
-        self.attention = ATTENTION_BACKENDS[name]
+        self.attention_name = name
+        # With the fused kernels loaded, the fast path ("sdpa") takes leanlm's one-query kernel for decode steps.
+        self.attention = ATTENTION_BACKENDS["fused" if name == "sdpa" and self.fused_ops else name]
+
+    def set_fused_ops(self, enabled: bool) -> None:
+        """Run RMSNorm, RoPE, SiLU-gating and one-query attention through leanlm's fused kernels (one dispatch
+        each instead of 3-6). Needs leanlm.kernels.build.load_kernels() to have succeeded."""
+        self.fused_ops = enabled
+        for module in self.modules():
+            if isinstance(module, RMSNorm | MLP | Attention):
+                module.fused = enabled
+        self.set_attention_backend(self.attention_name)
 
     def forward(
         self,

@@ -161,3 +161,23 @@ def test_disable_variable_forces_the_fallback(monkeypatch):
     finally:
         monkeypatch.delenv(build.DISABLE_ENV)
         build.load_kernels.cache_clear()
+
+
+def test_rotary_and_decode_attention_match_references():
+    from leanlm.layers.attention import fused_attention, reference_attention
+    from leanlm.layers.rope import apply_rotary
+
+    generator = torch.Generator().manual_seed(9)
+    qkv = torch.randn(2, 5, 15, 64, generator=generator).transpose(1, 2)  # (B, heads, T, D), strided like the model
+    cos, sin = torch.randn(2, 1, 5, 64, generator=generator), torch.randn(2, 1, 5, 64, generator=generator)
+    torch.testing.assert_close(torch.ops.leanlm.rotary(qkv[:, :12], cos, sin), apply_rotary(qkv[:, :12], cos, sin))
+    for batch, keys in ((1, 1), (1, 37), (3, 200)):
+        cache = torch.randn(2, 3, 300, 64, generator=generator)  # (k/v, H_kv, slots, D): reads are strided slices
+        k, v = cache[0, :, 5 : 5 + keys].expand(batch, -1, -1, -1), cache[1, :, 5 : 5 + keys].expand(batch, -1, -1, -1)
+        q = torch.randn(batch, 9, 1, 64, generator=generator)
+        mask = torch.rand(batch, 1, 1, keys, generator=generator) > 0.3
+        mask[..., 0] = True  # every query sees at least one key, as a real decode step does
+        for m in (None, mask):
+            torch.testing.assert_close(
+                fused_attention(q, k, v, m), reference_attention(q, k, v, m), atol=1e-5, rtol=1e-5
+            )
