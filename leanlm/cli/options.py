@@ -33,6 +33,13 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="run a quantized GGUF (Q8_0/Q4_0/Q4_1) as dense weights instead of at its own precision",
     )
     group.add_argument(
+        "--kernels",
+        default="auto",
+        choices=["auto", "exact", "torch"],
+        help="quantized layers on CPU: auto = leanlm's AVX2 kernels with int8 activations (fastest), exact = the "
+        "same kernels with float activations, torch = torch's own kernels (the fallback)",
+    )
+    group.add_argument(
         "--threads",
         "-t",
         type=int,
@@ -116,6 +123,7 @@ def load_llm(args: argparse.Namespace):
         threads=args.threads,
         dequantize=args.dequantize,
         kv_cache=args.kv_cache,
+        kernels=args.kernels,
         attention=getattr(args, "attention", "sdpa"),
         engine_config=engine_config_from(args),
     )
