@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from leanlm.errors import InvalidRequestError
+from leanlm.errors import InvalidRequestError, PromptTooLongError
 from leanlm.sampling_params import SamplingParams
 from leanlm.server import sse
 from leanlm.server.async_engine import AsyncEngine, Submission
@@ -83,7 +83,7 @@ class OpenAIServing:
         ids = [self._encode(p, "prompt") for p in prompts]
         texts = [p if isinstance(p, str) else None for p in prompts]
         job = self._job(ids, texts, body, body.max_tokens, self.settings.completion_default_max_tokens, body.logprobs)
-        submission = await self.engine.submit(job.prompts, job.params, job.texts)
+        submission = await self._submit(job, "prompt")
         reply = _Reply("cmpl", self.settings.model_name, self._token_text, body.logprobs is not None)
         if body.stream:
             return sse.EventStreamResponse(self._stream(submission, reply, reply.completion_chunk, body, job))
@@ -101,7 +101,7 @@ class OpenAIServing:
         self._check_length(ids, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         job = self._job([ids], [None], body, body.token_limit, self.settings.max_tokens_limit, top)
-        submission = await self.engine.submit(job.prompts, job.params, job.texts)
+        submission = await self._submit(job, "messages")
         reply = _Reply("chatcmpl", self.settings.model_name, self._token_text, body.logprobs)
         if body.stream:
             return sse.EventStreamResponse(self._stream(submission, reply, reply.chat_chunk, body, job))
@@ -120,6 +120,14 @@ class OpenAIServing:
             )
 
     # ---- requests -----------------------------------------------------------------------------------------------
+
+    async def _submit(self, job: _Job, param: str) -> Submission:
+        try:
+            return await self.engine.submit(job.prompts, job.params, job.texts)
+        except PromptTooLongError as exc:  # e.g. longer than the KV cache, which only the engine knows
+            raise BadRequest(str(exc), param, "context_length_exceeded") from None
+        except InvalidRequestError as exc:
+            raise BadRequest(str(exc), param) from None
 
     def _encode(self, prompt: str | list[int], param: str) -> list[int]:
         try:

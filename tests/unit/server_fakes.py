@@ -42,17 +42,20 @@ class FakeTokenizer:
 
 
 class FakeEngine:
-    def __init__(self, max_num_seqs: int = 4, context_length: int = 64, step_delay_s: float = 0.0):
+    def __init__(
+        self, max_num_seqs: int = 4, context_length: int = 64, step_delay_s: float = 0.0, max_cached_tokens: int = 64
+    ):
         self.config = SimpleNamespace(max_num_seqs=max_num_seqs)
         self.context_length = context_length
+        self.max_cached_tokens = max_cached_tokens  # the KV cache may hold less than the context
         self.step_delay_s = step_delay_s
         self.requests: dict[str, _Request] = {}
         self.generated = 0
         self.aborted: list[str] = []
 
     def add_request(self, request_id, prompt_token_ids, params, prompt=None):
-        if len(prompt_token_ids) >= self.context_length:
-            raise PromptTooLongError(f"prompt of {len(prompt_token_ids)} tokens is too long")
+        if len(prompt_token_ids) >= min(self.context_length, self.max_cached_tokens):
+            raise PromptTooLongError(f"prompt of {len(prompt_token_ids)} tokens does not fit")
         self.requests[request_id] = _Request(request_id, list(prompt_token_ids), params)
 
     def abort_request(self, request_id):

@@ -143,6 +143,15 @@ def test_errors_map_to_openai_exceptions(client):
     assert empty.value.body["param"] == "prompt"
 
 
+def test_a_prompt_only_the_engine_refuses_is_a_400_naming_the_field():
+    with running_server(make_app(FakeEngine(max_cached_tokens=8))) as (url, _):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "a" * 20}])
+        assert (refused.value.body["param"], refused.value.body["code"]) == ("messages", "context_length_exceeded")
+        assert client.completions.create(model="fake", prompt="a", max_tokens=1).choices[0].text == "<98>"
+
+
 def test_unknown_route_is_404_json(server):
     response = httpx.post(f"{server}/v1/embeddings", json={}, headers=AUTH)
     assert response.status_code == 404 and "/v1/completions" in response.json()["error"]["message"]
