@@ -53,6 +53,11 @@ class PagedKVCache:
             self.keys[layer].index_copy_(1, slots, keys.to(self.dtype))
             self.values[layer].index_copy_(1, slots, values.to(self.dtype))
 
+    def views(self, slots: slice) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(num_layers, 1, H_kv, S, D) views of consecutive slots in every layer, or None when the storage needs
+        converting (int8). Made once per step, they spare the decode loop any per-layer indexing."""
+        return self.keys[:, None, :, slots], self.values[:, None, :, slots]
+
     def read(self, layer: int, slots: Index) -> tuple[torch.Tensor, torch.Tensor]:
         """(H_kv, S, D) keys and values of the slots, in the dtype attention computes in."""
         if isinstance(slots, slice):
@@ -85,6 +90,9 @@ class PagedInt8KVCache(PagedKVCache):
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * num_kv_heads * (head_dim + 4)
+
+    def views(self, slots: slice) -> None:
+        return None
 
     def write(self, layer: int, slots: Index, keys: torch.Tensor, values: torch.Tensor) -> None:
         for store, scales, new in ((self.keys, self.key_scales, keys), (self.values, self.value_scales, values)):

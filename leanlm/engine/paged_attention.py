@@ -88,11 +88,32 @@ class PagedAttention:
         return out.squeeze(2).transpose(0, 1).unsqueeze(0)  # (1, H, B, D)
 
 
+class ContiguousAttention:
+    """One sequence whose blocks are consecutive (batch-1 decoding, mostly): the cache is a contiguous cache here,
+    so each layer copies its new keys and values into place and attends over a view, like KVCache does."""
+
+    def __init__(self, cache: PagedKVCache, backend: Callable, sequence: SequenceSlice, views):
+        self.dtype, self.backend = cache.dtype, backend
+        self.keys, self.values = views  # (L, 1, H_kv, S, D): the sequence's slots in every layer
+        written = slice(sequence.start, sequence.length)
+        self.new_keys, self.new_values = self.keys[:, :, :, written], self.values[:, :, :, written]
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        self.new_keys[layer].copy_(k)  # (1, H_kv, T, D), converted to the cache dtype
+        self.new_values[layer].copy_(v)
+        return self.backend(q.to(self.dtype), self.keys[layer], self.values[layer])
+
+
 def build_paged_attention(
     cache: PagedKVCache, backend: Callable, sequences: list[SequenceSlice], device: torch.device | str = "cpu"
-) -> PagedAttention:
+) -> PagedAttention | ContiguousAttention:
     """sequences in batch order; the leading single-token ones form the decode batch."""
     size = cache.block_size
+    if len(sequences) == 1 and sequences[0].contiguous:
+        first = sequences[0].block_ids[0] * size
+        views = cache.views(slice(first, first + sequences[0].length))
+        if views is not None:
+            return ContiguousAttention(cache, backend, sequences[0], views)
     num_decode = 0
     while num_decode < len(sequences) and sequences[num_decode].num_tokens == 1:
         num_decode += 1

@@ -5,7 +5,7 @@ import torch
 
 from leanlm.cache.paged_kv import PagedInt8KVCache, PagedKVCache
 from leanlm.engine.paged_attention import SequenceSlice, build_paged_attention
-from leanlm.layers.attention import reference_attention, sdpa_attention
+from leanlm.layers.attention import fused_attention, reference_attention, sdpa_attention
 
 HEADS, KV_HEADS, DIM, BLOCK = 4, 2, 16, 4
 
@@ -48,7 +48,15 @@ def run_case(cache_class, backend, cases, seed=0, num_blocks=64):
 MIXED = [(9, 1, False), (3, 1, True), (17, 1, False), (0, 1, False), (0, 7, False), (5, 6, True), (12, 4, False)]
 
 
-@pytest.mark.parametrize("backend", [sdpa_attention, reference_attention])
+def fused_or_skip(*args):
+    from leanlm.kernels.build import load_kernels
+
+    if not load_kernels():
+        pytest.skip("leanlm's kernels are not built here")
+    return fused_attention(*args)
+
+
+@pytest.mark.parametrize("backend", [sdpa_attention, reference_attention, fused_or_skip])
 @pytest.mark.parametrize(
     "cases",
     [
