@@ -72,8 +72,6 @@ INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
 # How CPU layers run: leanlm's own kernels with int8 activations (fastest), the same kernels with float
 # activations (exact), or torch's kernels only (the fallback when ours cannot be built).
 KERNEL_MODES = ("auto", "exact", "torch")
-# From this many activation rows on, the leanlm kernels dequantize W once and use torch's GEMM (prefill).
-DENSE_FROM_ROWS = 48
 
 
 class QuantizedLinear(nn.Module):
@@ -174,13 +172,11 @@ class QuantizedLinear(nn.Module):
         if self.kernel == "leanlm-q4":
             p = self._packed
             return torch.ops.leanlm.q4_linear(
-                x, p.codes, p.scales, p.offsets, self.bias, p.rows, DENSE_FROM_ROWS, self._int8_activations
+                x, p.codes, p.scales, p.offsets, self.bias, p.rows, self._int8_activations
             )
         if self.kernel == "leanlm-q8":
             p = self._packed
-            return torch.ops.leanlm.q8_linear(
-                x, p.codes, p.scales, self.bias, p.rows, DENSE_FROM_ROWS, self._int8_activations
-            )
+            return torch.ops.leanlm.q8_linear(x, p.codes, p.scales, self.bias, p.rows, self._int8_activations)
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
         if self.kernel == "int4pack":

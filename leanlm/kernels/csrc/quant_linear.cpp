@@ -12,7 +12,9 @@
 // With activations quantized to int8 per block (llama.cpp's approach), a slab times the 4 broadcast
 // activation bytes is one maddubs: the 8 rows' dot products accumulate in integer lanes and are scaled once
 // per block. With float activations (exact mode) each input is decoded to float and multiplied in float.
-// Larger batches (prefill) dequantize W^T once and call torch's GEMM, which is better blocked.
+// Every batch size runs the same per-row arithmetic (a thread takes 8 output rows and runs all activation rows
+// over them while their weights sit in L1), so a row's result never depends on what else is in the batch: the
+// serving engine's greedy outputs are the same alone or batched.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -201,6 +203,20 @@ void groups_float(const Weights& w, const float* x, const float* x_sums, float* 
   }
 }
 
+// Sum of x over each block of 32 (the offsets' term), row by row in a fixed order.
+at::Tensor block_sums(const at::Tensor& x) {
+  const int64_t rows = x.size(0), blocks = x.size(1) / kBlock;
+  at::Tensor sums = at::empty({rows, blocks}, x.options());
+  const float* src = x.data_ptr<float>();
+  float* dst = sums.data_ptr<float>();
+  for (int64_t i = 0; i < rows * blocks; ++i) {
+    float sum = 0.f;
+    for (int j = 0; j < kBlock; ++j) sum += src[i * kBlock + j];
+    dst[i] = sum;
+  }
+  return sums;
+}
+
 // (M, K) float activations -> (M, groups * 8) float outputs; rows past w.rows are the layout's padding.
 at::Tensor matvec(const Weights& w, const at::Tensor& x, bool int8_activations) {
   const int64_t m_total = x.size(0);
@@ -208,40 +224,38 @@ at::Tensor matvec(const Weights& w, const at::Tensor& x, bool int8_activations) 
   float* op = out.data_ptr<float>();
   // Enough groups per task that scheduling is noise, few enough that every thread gets work.
   const int64_t grain = std::max<int64_t>(4, w.groups / (4 * at::get_num_threads()));
+  // Group by group, all activation rows of one group before the next: its weights are read from memory once.
+  auto over_rows = [m_total](auto tile4, auto tile1, int64_t g) {
+    int64_t m = 0;
+    for (; m + kBatchTile <= m_total; m += kBatchTile) tile4(m, g);
+    for (; m < m_total; ++m) tile1(m, g);
+  };
   if (int8_activations) {
     const QuantizedActivations xq = quantize_activations(x);
     at::parallel_for(0, w.groups, grain, [&](int64_t begin, int64_t end) {
-      int64_t m = 0;
-      for (; m + kBatchTile <= m_total; m += kBatchTile) groups_int8<kBatchTile>(w, xq, op, m, begin, end);
-      for (; m < m_total; ++m) groups_int8<1>(w, xq, op, m, begin, end);
+      for (int64_t g = begin; g < end; ++g) {
+        over_rows([&](int64_t m, int64_t gi) { groups_int8<kBatchTile>(w, xq, op, m, gi, gi + 1); },
+                  [&](int64_t m, int64_t gi) { groups_int8<1>(w, xq, op, m, gi, gi + 1); }, g);
+      }
     });
   } else {
-    const at::Tensor x_sums = x.view({m_total, w.blocks, kBlock}).sum(-1).contiguous();
+    const at::Tensor x_sums = block_sums(x);
     const float* xp = x.data_ptr<float>();
     const float* sums = x_sums.data_ptr<float>();
     at::parallel_for(0, w.groups, grain, [&](int64_t begin, int64_t end) {
-      int64_t m = 0;
-      for (; m + kBatchTile <= m_total; m += kBatchTile) groups_float<kBatchTile>(w, xp, sums, op, m, begin, end);
-      for (; m < m_total; ++m) groups_float<1>(w, xp, sums, op, m, begin, end);
+      for (int64_t g = begin; g < end; ++g) {
+        over_rows([&](int64_t m, int64_t gi) { groups_float<kBatchTile>(w, xp, sums, op, m, gi, gi + 1); },
+                  [&](int64_t m, int64_t gi) { groups_float<1>(w, xp, sums, op, m, gi, gi + 1); }, g);
+      }
     });
   }
   return out;
 }
 
-// 8 floats -> 8 bfloat16 (round to nearest even), stored as 16 bytes.
-inline void store_bfloat16(at::BFloat16* dst, __m256 values) {
-  const __m256i bits = _mm256_castps_si256(values);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-  const __m256i top = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(_mm256_set1_epi32(0x7FFF), lsb)), 16);
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(top, top), 0xD8);  // 8 x u16 in the low half
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
-}
-
-// W^T as a dense (K, rows) float32 or bfloat16 tensor: 8 consecutive outputs of one input are one vector store.
-at::Tensor dequantize_transposed(const Weights& w, bool bfloat16 = false) {
-  at::Tensor dense = at::empty({w.cols, w.groups * kRows}, at::TensorOptions().dtype(bfloat16 ? at::kBFloat16 : at::kFloat));
-  float* dp = bfloat16 ? nullptr : dense.data_ptr<float>();
-  at::BFloat16* hp = bfloat16 ? dense.data_ptr<at::BFloat16>() : nullptr;
+// W^T as a dense (K, rows) float32 tensor: 8 consecutive outputs of one input are one vector store.
+at::Tensor dequantize_transposed(const Weights& w) {
+  at::Tensor dense = at::empty({w.cols, w.groups * kRows}, at::TensorOptions().dtype(at::kFloat));
+  float* dp = dense.data_ptr<float>();
   const int64_t stride = w.groups * kRows;
   at::parallel_for(0, w.groups, 4, [&](int64_t begin, int64_t end) {
     const __m256i low_mask = _mm256_set1_epi8(0x0F);
@@ -258,12 +272,7 @@ at::Tensor dequantize_transposed(const Weights& w, bool bfloat16 = false) {
           for (int i = 0; i < 4; ++i) {
             // multiply, then add (not fused): the same two roundings as QuantizedTensor.dequantize
             const __m256 weight = _mm256_add_ps(_mm256_mul_ps(values[i], scales), offsets);
-            const int64_t at_input = column + (first_input + i) * stride;
-            if (hp) {
-              store_bfloat16(hp + at_input, weight);
-            } else {
-              _mm256_storeu_ps(dp + at_input, weight);
-            }
+            _mm256_storeu_ps(dp + column + (first_input + i) * stride, weight);
           }
         };
         for (int j = 0; j < (w.q4 ? 4 : 8); ++j) {
@@ -304,23 +313,12 @@ Weights check_weights(const at::Tensor& codes, const at::Tensor& scales, const c
 }
 
 at::Tensor quantized_linear(const at::Tensor& x, const Weights& w, const c10::optional<at::Tensor>& bias,
-                            int64_t dense_from_rows, bool int8_activations) {
+                            bool int8_activations) {
   TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU");
   TORCH_CHECK(x.size(-1) == w.cols, "x has ", x.size(-1), " features, the weight expects ", w.cols);
   const at::Tensor x2d = x.reshape({-1, w.cols});
-  at::Tensor out;
-  if (x2d.size(0) >= dense_from_rows) {
-    // The fast mode multiplies in bfloat16 where the CPU has bfloat16 dot products (half the bytes, twice the
-    // rate); float32 otherwise, and always in exact mode.
-    static const bool native_bfloat16 = __builtin_cpu_supports("avx512bf16");
-    const bool bfloat16 = x.scalar_type() == at::kBFloat16 || (int8_activations && native_bfloat16);
-    at::Tensor weight_t = dequantize_transposed(w, bfloat16);
-    if (!bfloat16 && x.scalar_type() != at::kFloat) weight_t = weight_t.to(x.scalar_type());
-    out = at::matmul(x2d.to(weight_t.scalar_type()), weight_t).to(x.scalar_type());
-  } else {
-    out = matvec(w, x2d.to(at::kFloat).contiguous(), int8_activations);
-    if (x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());
-  }
+  at::Tensor out = matvec(w, x2d.to(at::kFloat).contiguous(), int8_activations);
+  if (x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());
   if (out.size(1) != w.rows) out = out.narrow(1, 0, w.rows);
   if (bias.has_value()) out = out + bias->to(out.scalar_type());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -330,16 +328,13 @@ at::Tensor quantized_linear(const at::Tensor& x, const Weights& w, const c10::op
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias, int64_t rows,
-                     int64_t dense_from_rows, bool int8_activations) {
-  return quantized_linear(x, check_weights(codes, scales, offsets, rows, true), bias, dense_from_rows,
-                          int8_activations);
+                     bool int8_activations) {
+  return quantized_linear(x, check_weights(codes, scales, offsets, rows, true), bias, int8_activations);
 }
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                     const c10::optional<at::Tensor>& bias, int64_t rows, int64_t dense_from_rows,
-                     bool int8_activations) {
-  return quantized_linear(x, check_weights(codes, scales, c10::nullopt, rows, false), bias, dense_from_rows,
-                          int8_activations);
+                     const c10::optional<at::Tensor>& bias, int64_t rows, bool int8_activations) {
+  return quantized_linear(x, check_weights(codes, scales, c10::nullopt, rows, false), bias, int8_activations);
 }
 
 at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
@@ -353,10 +348,9 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c
 TORCH_LIBRARY(leanlm, m) {
   m.def(
       "q4_linear(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, Tensor? bias, int rows, "
-      "int dense_from_rows, bool int8_activations) -> Tensor");
-  m.def(
-      "q8_linear(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int rows, int dense_from_rows, "
       "bool int8_activations) -> Tensor");
+  m.def(
+      "q8_linear(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int rows, bool int8_activations) -> Tensor");
   m.def("dequantize(Tensor codes, Tensor scales, Tensor? offsets, int rows) -> Tensor");
 }
 
