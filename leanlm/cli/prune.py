@@ -45,10 +45,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--drop", type=int, default=0, help="layers: how many decoder layers to remove")
     p.add_argument(
         "--layer-score",
-        default="kl",
+        default="cosine",
         choices=LAYER_SCORES,
-        help="layers: kl = greedy, by next-token KL when removed (default); cosine = by how little a layer changes "
-        "its input",
+        help="layers: cosine = by how little a layer changes its input (default, one pass); kl = greedy, by "
+        "next-token KL when removed (slower)",
     )
     p.add_argument(
         "--no-repair",
@@ -57,7 +57,13 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--calibration-samples", type=int, default=32, help="c4 sequences (default 32)")
     p.add_argument("--calibration-length", type=int, default=256, help="tokens per sequence (default 256)")
-    p.add_argument("--damp", type=float, default=0.01, help="SparseGPT and repair: dampening fraction (default 0.01)")
+    p.add_argument("--damp", type=float, default=0.01, help="SparseGPT: dampening fraction (default 0.01)")
+    p.add_argument(
+        "--repair-ridge",
+        type=float,
+        default=1.0,
+        help="repair: ridge strength relative to the mean input energy (default 1.0; weaker overfits c4)",
+    )
     p.add_argument(
         "--eval-tokens",
         type=int,
@@ -87,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         calibration_samples=args.calibration_samples,
         calibration_length=args.calibration_length,
         damp=args.damp,
+        repair_ridge=args.repair_ridge,
     )
     runtime_dtype = resolve_dtype(args.dtype)
     # Prune float32 copies of the original weights (a quantized GGUF is dequantized); the artifact keeps runtime_dtype.

@@ -41,12 +41,15 @@ class PruneConfig:
     drop_mlp: float = 0.0
     # method "layers": how many decoder layers to remove, chosen by `layer_score`.
     drop_layers: int = 0
-    layer_score: str = "kl"
+    layer_score: str = "cosine"
     repair: bool = True  # structured methods: least-squares refit of o_proj / down_proj towards the original
+    # Repair's ridge, relative to the mean input energy: strong, since a weak one overfits the calibration text
+    # (measured on SmolLM2 MLP 25%: KL 0.73 at 0.01, 0.52 at 0.3, against 0.57 without repair).
+    repair_ridge: float = 1.0
     # Calibration: sequences of c4.utf8, never the evaluation text (magnitude needs none).
     calibration_samples: int = 32
     calibration_length: int = 256
-    damp: float = 0.01  # SparseGPT and repair: fraction of the mean Hessian diagonal added for stability
+    damp: float = 0.01  # SparseGPT: fraction of the mean Hessian diagonal added for stability
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -60,6 +63,8 @@ class PruneConfig:
             raise InvalidRequestError("calibration needs at least 1 sample of at least 16 tokens.")
         if not 0 <= self.damp < 1:
             raise InvalidRequestError(f"damp must be in [0, 1), got {self.damp}.")
+        if self.repair_ridge < 0:
+            raise InvalidRequestError(f"repair_ridge must be >= 0, got {self.repair_ridge}.")
 
     def _check_unstructured(self) -> None:
         if self.drop_heads or self.drop_mlp or self.drop_layers:

@@ -20,7 +20,7 @@ from torch import nn
 
 from leanlm.errors import InvalidRequestError
 
-KL_SEQUENCES = 4
+KL_SEQUENCES = 2
 KL_LENGTH = 128
 
 

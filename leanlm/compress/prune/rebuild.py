@@ -1,4 +1,4 @@
-"""Swap a structurally pruned model into an LLM: a new config, a new module tree, a new generator (the KV cache
+"""Swap a structurally pruned model into an LLM: a new config, a new module tree, and a new engine (the KV cache
 shape follows the head count and the layer count)."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from leanlm.config import ModelConfig
 
 
 def install_model(llm, config: ModelConfig, weights: dict[str, torch.Tensor]) -> None:
-    from leanlm.engine.generator import Generator
     from leanlm.models.registry import build_model
 
     device = next(llm.model.parameters()).device
@@ -17,4 +16,4 @@ def install_model(llm, config: ModelConfig, weights: dict[str, torch.Tensor]) ->
     weights = {name: tensor.clone() for name, tensor in weights.items()}
     llm.model = build_model(config, weights, llm.dtype, device)
     llm.config = config
-    llm.generator = Generator(llm.model, llm.tokenizer)
+    llm.engine = type(llm.engine)(llm.model, llm.tokenizer, llm.engine.config)  # same engine settings, new shapes

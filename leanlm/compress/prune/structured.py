@@ -186,8 +186,12 @@ def _prune_layer(
     x_o = o_in[:, o_cols]
     w_o = attn.o_proj.weight[:, o_cols]
     heads_changed = shape.num_heads < heads
-    if config.repair and (drifted or heads_changed):
-        w_o = refit(w_o, x_o, (reference_mid - hidden).reshape(x_o.shape[0], -1), config.damp)
+    if config.repair and heads_changed:
+        # The layer's own attention output as target: measured better than the original stream's for heads
+        # (SmolLM2, 25% of heads: KL 0.29 against 0.33, and 1.15 without repair).
+        w_o = refit(w_o, x_o, o_in @ attn.o_proj.weight.T, config.repair_ridge)
+    elif config.repair and drifted:
+        w_o = refit(w_o, x_o, (reference_mid - hidden).reshape(x_o.shape[0], -1), config.repair_ridge)
     mid = hidden + (x_o @ w_o.T).view_as(hidden)
 
     width = mlp.down_proj.in_features
@@ -200,8 +204,9 @@ def _prune_layer(
     bias = mlp.down_proj.bias
     mlp_changed = shape.intermediate_size < width
     if config.repair and (drifted or heads_changed or mlp_changed):
+        # The original stream as target: the refit also absorbs earlier layers' errors and dropped layers.
         target = (reference_out - mid).reshape(x_d.shape[0], -1)
-        w_d = refit(w_d, x_d, target if bias is None else target - bias, config.damp)
+        w_d = refit(w_d, x_d, target if bias is None else target - bias, config.repair_ridge)
     out = (x_d @ w_d.T).view_as(mid) + mid
     if bias is not None:
         out = out + bias
