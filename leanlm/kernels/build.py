@@ -85,7 +85,7 @@ def _register_fake_kernels() -> None:
     torch.library.register_fake("leanlm::dequantize")(dequantize_shape)
     torch.library.register_fake("leanlm::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
     torch.library.register_fake("leanlm::rotary")(lambda x, cos, sin: x.new_empty(x.shape))
-    torch.library.register_fake("leanlm::decode_attention")(lambda q, k, v, mask, scale: torch.empty_like(q))
+    torch.library.register_fake("leanlm::causal_attention")(lambda q, k, v, mask, scale: torch.empty_like(q))
     torch.library.register_fake("leanlm::silu_mul")(
         lambda gate_up: gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
     )

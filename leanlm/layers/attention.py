@@ -53,10 +53,11 @@ def sdpa_attention(
 def fused_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
 ) -> torch.Tensor:
-    """The fast path with leanlm's one-query kernel (leanlm/kernels): one float32 query per sequence on the CPU
-    (every decode step) in one call, where SDPA's setup dominates such a small problem; SDPA otherwise."""
-    if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32:
-        return torch.ops.leanlm.decode_attention(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
+    """leanlm's per-query kernel (leanlm/kernels) for float32 on the CPU, SDPA otherwise. Each query is computed
+    alone over its keys in order, so its result does not depend on how a prompt is chunked or batched (the
+    engine's lossless batching rests on it), and a decode step's one query skips SDPA's setup."""
+    if q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32:
+        return torch.ops.leanlm.causal_attention(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
     return sdpa_attention(q, k, v, mask, scale)
 
 

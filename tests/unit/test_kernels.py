@@ -165,21 +165,41 @@ def test_disable_variable_forces_the_fallback(monkeypatch):
         build.load_kernels.cache_clear()
 
 
-def test_rotary_and_decode_attention_match_references():
-    from leanlm.layers.attention import fused_attention, reference_attention
+def test_rotary_matches_reference():
     from leanlm.layers.rope import apply_rotary
 
     generator = torch.Generator().manual_seed(9)
     qkv = torch.randn(2, 5, 15, 64, generator=generator).transpose(1, 2)  # (B, heads, T, D), strided like the model
     cos, sin = torch.randn(2, 1, 5, 64, generator=generator), torch.randn(2, 1, 5, 64, generator=generator)
     torch.testing.assert_close(torch.ops.leanlm.rotary(qkv[:, :12], cos, sin), apply_rotary(qkv[:, :12], cos, sin))
-    for batch, keys in ((1, 1), (1, 37), (3, 200)):
-        cache = torch.randn(2, 3, 300, 64, generator=generator)  # (k/v, H_kv, slots, D): reads are strided slices
-        k, v = cache[0, :, 5 : 5 + keys].expand(batch, -1, -1, -1), cache[1, :, 5 : 5 + keys].expand(batch, -1, -1, -1)
-        q = torch.randn(batch, 9, 1, 64, generator=generator)
-        mask = torch.rand(batch, 1, 1, keys, generator=generator) > 0.3
-        mask[..., 0] = True  # every query sees at least one key, as a real decode step does
-        for m in (None, mask):
-            torch.testing.assert_close(
-                fused_attention(q, k, v, m), reference_attention(q, k, v, m), atol=1e-5, rtol=1e-5
-            )
+
+
+@pytest.mark.parametrize("batch,queries,keys", [(1, 1, 1), (1, 1, 37), (3, 1, 200), (2, 7, 7), (1, 5, 40)])
+def test_fused_attention_matches_reference(batch, queries, keys):
+    """float32 tolerance 1e-5; masks (padding, decode batches) and the causal rule with a cached prefix."""
+    from leanlm.layers.attention import fused_attention, reference_attention
+
+    generator = torch.Generator().manual_seed(keys)
+    cache = torch.randn(2, 3, 300, 64, generator=generator)  # (k/v, H_kv, slots, D): reads are strided slices
+    k, v = (cache[i, :, 5 : 5 + keys].expand(batch, -1, -1, -1) for i in (0, 1))
+    q = torch.randn(batch, 9, queries, 64, generator=generator)
+    mask = torch.rand(batch, 1, queries, keys, generator=generator) > 0.3
+    mask[..., 0] = True  # every query sees at least one key, as in the model
+    for m in (None, mask):
+        torch.testing.assert_close(fused_attention(q, k, v, m), reference_attention(q, k, v, m), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_attention_gives_a_query_the_same_bits_in_any_chunk():
+    """A prompt's queries computed all at once, in two chunks over a cached prefix, or one at a time."""
+    from leanlm.layers.attention import fused_attention
+
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 9, 30, 64, generator=generator)
+    k, v = torch.randn(1, 3, 30, 64, generator=generator), torch.randn(1, 3, 30, 64, generator=generator)
+    whole = fused_attention(q, k, v)
+    chunk = fused_attention(q[:, :, 12:], k, v)  # queries 12..29 over keys 0..29
+    assert torch.equal(chunk, whole[:, :, 12:])
+    for t in (0, 17, 29):
+        assert torch.equal(
+            fused_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1]), whole[:, :, t : t + 1]
+        )

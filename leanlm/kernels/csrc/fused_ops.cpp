@@ -3,7 +3,7 @@
 //   rms_norm(x, weight, eps)  x / sqrt(mean(x^2) + eps) * weight over the last dimension
 //   silu_mul(gate_up)         silu(gate) * up, where gate_up = [gate | up] along the last dimension
 //   rotary(x, cos, sin)       x * cos + rotate_half(x) * sin (RoPE, rotate-half layout), any strides of x
-//   decode_attention(q, k, v, mask)  softmax(q k^T / sqrt(d)) v for ONE query per sequence, grouped-query
+//   causal_attention(q, k, v, mask, scale)  softmax(q k^T * scale) v per query, causal or masked, grouped-query
 // Other dtypes and devices go to torch's own implementations.
 
 #include <ATen/ATen.h>
@@ -99,54 +99,76 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return out;
 }
 
-// q: (B, H, 1, D); k, v: (B, H_kv, S, D) with any strides (slices of the cache); mask: (B, 1, 1, S) bool, True =
-// may attend, or None. One query per sequence: scores, softmax and the weighted sum of values in one pass per
-// head, where torch's SDPA spends most of its time setting up for such a small problem.
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  float total = _mm_cvtss_f32(sum);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// q: (B, H, T, D); k, v: (B, H_kv, S, D), any strides but a contiguous last dimension (slices of the cache);
+// mask: (B, 1, T or 1, S) bool, True = may attend, or None for causal (query t sits at position S - T + t).
+// Each query is computed on its own, over its keys in order: a query's result is the same bit for bit whether
+// it runs in a prefill, a chunk of one, a decode step or a batch, which is what makes the engine's batching and
+// chunked prefill lossless. For one query per sequence it is also far cheaper than SDPA's setup.
+at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in,
                             const c10::optional<at::Tensor>& mask, double scale) {
-  TORCH_CHECK(fast_path(q) && fast_path(k) && fast_path(v) && q.dim() == 4 && q.size(2) == 1,
-              "decode_attention: float32 CPU tensors with one query per sequence");
-  const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(3);
+  TORCH_CHECK(fast_path(q) && fast_path(k_in) && fast_path(v_in) && q.dim() == 4 && k_in.dim() == 4,
+              "causal_attention: 4-D float32 CPU tensors");
+  const at::Tensor k = k_in.stride(3) == 1 ? k_in : k_in.contiguous();
+  const at::Tensor v = v_in.stride(3) == 1 ? v_in : v_in.contiguous();
+  const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), keys = k.size(2), group = heads / kv_heads;
-  TORCH_CHECK(heads % kv_heads == 0 && k.size(0) == batch && v.sizes() == k.sizes() && k.size(3) == dim,
-              "decode_attention: shapes of q, k and v disagree");
-  at::Tensor mask_bool;
-  if (mask.has_value()) mask_bool = mask->to(at::kBool).expand({batch, 1, 1, keys}).contiguous();
-  const bool* mp = mask.has_value() ? mask_bool.data_ptr<bool>() : nullptr;
-  at::Tensor out = at::empty({batch, heads, 1, dim}, q.options());
-  const auto qa = q.accessor<float, 4>();
-  const auto ka = k.accessor<float, 4>();
-  const auto va = v.accessor<float, 4>();
+  TORCH_CHECK(heads % kv_heads == 0 && k.size(0) == batch && v.sizes() == k.sizes() && k.size(3) == dim &&
+                  keys >= queries,
+              "causal_attention: shapes of q, k and v disagree");
+  at::Tensor allowed;
+  if (mask.has_value()) allowed = mask->to(at::kBool).expand({batch, 1, queries, keys}).contiguous();
+  const bool* mp = mask.has_value() ? allowed.data_ptr<bool>() : nullptr;
+  const at::Tensor query = q.contiguous();
+  at::Tensor out = at::empty({batch, heads, queries, dim}, q.options());
+  const float* qp = query.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t kb = k.stride(0), kh = k.stride(1), ks = k.stride(2);
+  const int64_t vb = v.stride(0), vh = v.stride(1), vs = v.stride(2);
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  at::parallel_for(0, batch * heads * queries, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(keys);
-    std::vector<float> acc(dim);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / heads, h = bh % heads, g = h / group;
-      const auto query = qa[b][h][0];
-      float best = -std::numeric_limits<float>::infinity();
-      for (int64_t j = 0; j < keys; ++j) {
-        if (mp && !mp[b * keys + j]) {
-          scores[j] = -std::numeric_limits<float>::infinity();
-          continue;
-        }
-        const auto key = ka[b][g][j];
-        float dot = 0.f;
-        for (int64_t d = 0; d < dim; ++d) dot += query[d] * key[d];
-        scores[j] = dot * static_cast<float>(scale);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / (heads * queries), h = item / queries % heads, t = item % queries;
+      const float* qv = qp + item * dim;
+      const float* key0 = kp + b * kb + (h / group) * kh;
+      const float* value0 = vp + b * vb + (h / group) * vh;
+      const bool* row_mask = mp ? mp + (b * queries + t) * keys : nullptr;
+      const int64_t last = mp ? keys - 1 : keys - queries + t;  // a mask replaces the causal rule, as in SDPA
+      float best = kNegInf;
+      for (int64_t j = 0; j <= last; ++j) {
+        scores[j] = (row_mask && !row_mask[j]) ? kNegInf : dot(qv, key0 + j * ks, dim) * static_cast<float>(scale);
         best = std::max(best, scores[j]);
       }
-      std::fill(acc.begin(), acc.end(), 0.f);
+      float* dst = op + item * dim;
+      std::fill(dst, dst + dim, 0.f);
       float total = 0.f;
-      for (int64_t j = 0; j < keys; ++j) {
-        if (scores[j] == -std::numeric_limits<float>::infinity()) continue;
+      for (int64_t j = 0; j <= last; ++j) {
+        if (scores[j] == kNegInf) continue;
         const float p = std::exp(scores[j] - best);
         total += p;
-        const auto value = va[b][g][j];
-        for (int64_t d = 0; d < dim; ++d) acc[d] += p * value[d];
+        const float* value = value0 + j * vs;
+        const __m256 weight = _mm256_set1_ps(p);
+        int64_t d = 0;
+        for (; d + 8 <= dim; d += 8)
+          _mm256_storeu_ps(dst + d, _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + d), _mm256_loadu_ps(dst + d)));
+        for (; d < dim; ++d) dst[d] += p * value[d];
       }
-      float* dst = op + bh * dim;
-      for (int64_t d = 0; d < dim; ++d) dst[d] = acc[d] / total;
+      const float inverse = total > 0.f ? 1.f / total : 0.f;
+      for (int64_t d = 0; d < dim; ++d) dst[d] *= inverse;
     }
   });
   return out;
@@ -158,7 +180,7 @@ TORCH_LIBRARY_FRAGMENT(leanlm, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("rotary(Tensor x, Tensor cos, Tensor sin) -> Tensor");
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(leanlm, CompositeExplicitAutograd, m) {
@@ -167,4 +189,4 @@ TORCH_LIBRARY_IMPL(leanlm, CompositeExplicitAutograd, m) {
   m.impl("rotary", &rotary);
 }
 
-TORCH_LIBRARY_IMPL(leanlm, CPU, m) { m.impl("decode_attention", &decode_attention); }
+TORCH_LIBRARY_IMPL(leanlm, CPU, m) { m.impl("causal_attention", &causal_attention); }
