@@ -134,8 +134,10 @@ def test_ops_pass_torch_library_checks():
     torch.library.opcheck(torch.ops.leanlm.silu_mul.default, (torch.randn(3, 8),))
 
 
-def test_failed_build_falls_back_with_one_warning(monkeypatch):
+def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
     import torch.utils.cpp_extension
+
+    monkeypatch.setenv("LEANLM_HOME", str(tmp_path))  # no cached build: the compiler is asked
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Error building extension: c++ not found")
