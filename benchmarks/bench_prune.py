@@ -213,7 +213,7 @@ def target_verdict(rows: list[dict]) -> str:
     return " ".join(parts)
 
 
-def save_plot(rows: list[dict], path: Path) -> None:
+def save_plot(rows: list[dict], path: Path, dtype: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,7 +235,7 @@ def save_plot(rows: list[dict], path: Path) -> None:
     ax.plot([r["perplexity"] for r in frontier], [r["decode_tok_s"] for r in frontier], "--", color="gray", lw=1)
     ax.set_xscale("log")
     ax.set_xlabel("perplexity on wiki.utf8 (log scale, lower is better)")
-    ax.set_ylabel("decode tok/s, bfloat16, batch 1 (higher is better)")
+    ax.set_ylabel(f"decode tok/s, dense {dtype}, batch 1 (higher is better)")
     ax.set_title("Pruning SmolLM2-135M-Instruct: speed vs quality (dashed: Pareto front)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -247,6 +247,12 @@ def main() -> int:
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--calibration-samples", type=int, default=16, help="c4 sequences of 256 tokens")
+    parser.add_argument(
+        "--speed-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float32"],
+        help="dense dtype of the speed runs, the same for the original and every variant",
+    )
     parser.add_argument("--out", default="out/prune", help="folder for the artifacts")
     parser.add_argument("--report", default="out/bench_prune", help="path stem of the .json/.md/.png outputs")
     args = parser.parse_args()
@@ -255,7 +261,7 @@ def main() -> int:
 
     measured = {ORIGINAL: None} | {label: path for label, path in artifacts.items() if speed_source(label) == label}
     engines = [
-        EngineSpec("leanlm", "bfloat16", None if path is None else str(path), (("dequantize", True),), label)
+        EngineSpec("leanlm", args.speed_dtype, None if path is None else str(path), (("dequantize", True),), label)
         for label, path in measured.items()
     ]
     spec = BenchSpec(model=model, threads=2, repetitions=args.repetitions, engines=engines)
@@ -270,12 +276,13 @@ def main() -> int:
     report["kernels"] = kernel_table()
     report["table"] = rows_of(report)
     report["verdict"] = target_verdict(report["table"])
+    report["speed_dtype"] = args.speed_dtype
     stem = Path(args.report)
     stem.parent.mkdir(parents=True, exist_ok=True)
     save_json(report, stem.with_suffix(".json"))
     text = "\n\n".join([markdown(report["table"]), report["verdict"], kernel_markdown(report["kernels"])])
     stem.with_suffix(".md").write_text(text + "\n")
-    save_plot(report["table"], stem.with_suffix(".png"))
+    save_plot(report["table"], stem.with_suffix(".png"), args.speed_dtype)
     print(text)
     return 0
 
