@@ -86,7 +86,23 @@ def save_quantized(llm, folder: str | Path, manifest: dict) -> Path:
         for name, tensor in llm.model.state_dict().items():
             if not name.startswith(quantized_prefixes) and name not in tensors:
                 tensors[name] = tensor
-        tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+        # Dense tensors at the model's stated dtype: a bfloat16 model computing in float32 around leanlm's
+        # kernels (models/registry.adopt_quantized_runtime) holds bfloat16 values, so this loses nothing.
+        stated = getattr(llm, "dtype", None)
+        tensors = {
+            name: (
+                t.to(stated)
+                if stated is not None
+                and t.is_floating_point()
+                and name.split(".")[-1] == "weight"
+                and not name.startswith(quantized_prefixes)
+                else t
+            )
+            .detach()
+            .contiguous()
+            .cpu()
+            for name, t in tensors.items()
+        }
         if (
             "lm_head.weight" in tensors
             and tensors["lm_head.weight"].data_ptr() == tensors["embed_tokens.weight"].data_ptr()

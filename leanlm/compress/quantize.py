@@ -13,6 +13,7 @@ from leanlm.compress.config import QuantConfig
 from leanlm.compress.rtn import quantize_rtn
 from leanlm.errors import InvalidRequestError
 from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
+from leanlm.models.registry import adopt_quantized_runtime
 
 
 def target_linears(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear]:
@@ -56,4 +57,6 @@ def quantize(llm, config: QuantConfig, calibration_ids: list[list[int]] | None =
         quantized = quantize_weights_calibrated(llm, config, calibration_ids)
     after = sum(w.storage_bytes() for w in quantized.values())
     install(model, quantized)
+    if adopt_quantized_runtime(model):
+        llm.compute_dtype = torch.float32
     return {"quantized_layers": len(quantized), "dense_bytes": before, "quantized_bytes": after}

@@ -37,9 +37,35 @@ def build_model(
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.prepare_runtime(dtype, torch.device(device), kernels)
-    on_cpu = torch.device(device).type == "cpu"
-    if kernels != "torch" and on_cpu and dtype == torch.float32 and hasattr(model, "set_fused_ops"):
-        from leanlm.kernels.build import load_kernels
-
-        model.set_fused_ops(load_kernels())
+    if (
+        dtype == torch.float32
+        and uses_leanlm_kernels(torch.device(device), kernels)
+        and hasattr(model, "set_fused_ops")
+    ):
+        model.set_fused_ops(True)
     return model
+
+
+def uses_leanlm_kernels(device: torch.device, kernels: str) -> bool:
+    """Whether quantized layers on `device` run leanlm's CPU kernels (which read float32 activations)."""
+    if device.type != "cpu" or kernels == "torch":
+        return False
+    from leanlm.kernels.build import load_kernels
+
+    return load_kernels()
+
+
+def adopt_quantized_runtime(model: nn.Module) -> bool:
+    """After layers were quantized in place (compress/): run the model as the saved artifact will load, with
+    float32 activations around leanlm's kernels, so that saving and reloading changes no logit. The dense
+    tensors' values are unchanged (bfloat16 -> float32 is exact). True when the model now computes in float32."""
+    device = model.embed_tokens.weight.device
+    if not uses_leanlm_kernels(device, getattr(model, "kernel_mode", "auto")):
+        return False
+    model.float()  # quantized layers keep their integer codes; only floating tensors change
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.prepare_runtime(torch.float32, device, model.kernel_mode)
+    if hasattr(model, "set_fused_ops"):
+        model.set_fused_ops(True)
+    return True

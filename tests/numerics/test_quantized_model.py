@@ -32,16 +32,23 @@ def test_native_gguf_blocks_dequantize_to_the_dense_weights(default_gguf_path):
         assert torch.equal(native[name].dequantize(), dense[name]), name
 
 
-def test_default_model_runs_natively_at_4_bits(default_gguf_path):
-    llm = LLM(default_gguf_path)
+# kernel mode -> (kernel of the Q4_1 layers, KL bound, top-1 bound) against the same weights run dense:
+# torch's and leanlm's exact kernels differ only in rounding; the default quantizes activations to int8 per
+# block of 32 (as llama.cpp does), measured KL 0.02 here.
+NATIVE_MODES = {"torch": ("int4pack", 0.01, 0.95), "exact": ("leanlm-q4", 0.01, 0.95), "auto": ("leanlm-q4", 0.04, 0.9)}
+
+
+@pytest.mark.parametrize("mode", NATIVE_MODES)
+def test_default_model_runs_natively_at_4_bits(default_gguf_path, mode):
+    kernel, kl_bound, top1_bound = NATIVE_MODES[mode]
+    llm = LLM(default_gguf_path, kernels=mode)
     kernels = {m.kernel for m in llm.model.modules() if isinstance(m, QuantizedLinear)}
-    assert "int4pack" in kernels
+    assert kernel in kernels
     dense = LLM(default_gguf_path, dequantize=True)
     a, b = logits(llm).log_softmax(-1), logits(dense).log_softmax(-1)
     kl = (b.exp() * (b - a)).sum(-1).mean().item()
-    # Same weights; only the kernel's bfloat16 scales and accumulation order differ.
-    assert kl < 0.01, kl
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > 0.95
+    assert kl < kl_bound, kl
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() > top1_bound
 
 
 @pytest.mark.parametrize("method,group", [("int8", -1), ("int4", 64)])
