@@ -126,11 +126,11 @@ class LlamaForCausalLM(nn.Module):
 
     def set_attention_backend(self, name: str) -> None:
         self.attention_name = name
-        # With the fused kernels loaded, the fast path ("sdpa") takes leanlm's one-query kernel for decode steps.
+        # With the fused kernels loaded, the fast path ("sdpa") takes leanlm's per-query attention kernel.
         self.attention = ATTENTION_BACKENDS["fused" if name == "sdpa" and self.fused_ops else name]
 
     def set_fused_ops(self, enabled: bool) -> None:
-        """Run RMSNorm, RoPE, SiLU-gating and one-query attention through leanlm's fused kernels (one dispatch
+        """Run RMSNorm, RoPE, SiLU-gating and attention through leanlm's fused kernels (one dispatch
         each instead of 3-6). Needs leanlm.kernels.build.load_kernels() to have succeeded."""
         self.fused_ops = enabled
         for module in self.modules():
