@@ -15,9 +15,13 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("quant_linear.cpp", "fused_ops.cpp")]
-# fp-contract off: a written multiply-then-add stays two roundings (dequantize must equal torch exactly).
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17"]
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = [CSRC / name for name in ("quant_linear.cpp", "fused_ops.cpp")]
+HEADERS = sorted(CSRC.glob("*.h"))
+# -march=native: the build is per machine, so it may use what this CPU has beyond AVX2 (VNNI's dpbusd on newer
+# x86 cores; the results are the same bits). fp-contract off: a written multiply-then-add stays two roundings
+# (dequantize must equal torch exactly).
+FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17"]
 DISABLE_ENV = "LEANLM_DISABLE_KERNELS"  # set to 1 to force the torch fallback (tests, comparisons)
 
 
@@ -29,10 +33,20 @@ def _cpu_has_avx2() -> bool:
     return all(f" {flag}" in flags for flag in ("avx2", "fma", "f16c"))
 
 
+def _cpu_fingerprint() -> bytes:
+    """The CPU model and feature flags: a -march=native build is only valid on the CPU it was built for."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return b""
+    return "\n".join(line for line in lines if line.startswith(("model name", "flags"))).encode()
+
+
 def build_directory() -> Path:
     from leanlm.formats.assets import leanlm_home
 
-    digest = hashlib.sha256(b"".join(path.read_bytes() for path in SOURCES) + " ".join(FLAGS).encode())
+    sources = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
+    digest = hashlib.sha256(sources + " ".join(FLAGS).encode() + _cpu_fingerprint())
     tag = f"{digest.hexdigest()[:12]}-torch{torch.__version__.replace('+', '_')}"
     return leanlm_home() / "kernels" / tag
 

@@ -90,9 +90,27 @@ QuantizedActivations quantize_activations(const at::Tensor& x) {
   return q;
 }
 
-// Dot products of 8 rows with one block of activations, as 8 int32 lanes.
+// Dot products of 8 rows with one block of activations, as 8 int32 lanes. Integer sums are exact, so the VNNI
+// path (one dpbusd where AVX2 needs maddubs + add) gives the same bits as the AVX2 one.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+inline __m256i dot_u8_s8(__m256i sum, __m256i u, __m256i s) { return _mm256_dpbusd_epi32(sum, u, s); }
+#define LEANLM_VNNI 1
+#elif defined(__AVXVNNI__)
+inline __m256i dot_u8_s8(__m256i sum, __m256i u, __m256i s) { return _mm256_dpbusd_avx_epi32(sum, u, s); }
+#define LEANLM_VNNI 1
+#endif
+
 inline __m256i block_dot_q4(const uint8_t* block, const int8_t* x) {
   const __m256i low_mask = _mm256_set1_epi8(0x0F);
+#ifdef LEANLM_VNNI
+  __m256i sum32 = _mm256_setzero_si256();
+  for (int j = 0; j < 4; ++j) {
+    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * j));
+    sum32 = dot_u8_s8(sum32, _mm256_and_si256(packed, low_mask), broadcast4(x + 4 * j));
+    sum32 = dot_u8_s8(sum32, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask), broadcast4(x + 16 + 4 * j));
+  }
+  return sum32;
+#else
   __m256i sum16 = _mm256_setzero_si256();  // 8 slabs x 2 products x 15 x 127 < 32767: int16 lanes never overflow
   for (int j = 0; j < 4; ++j) {
     const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * j));
@@ -102,6 +120,7 @@ inline __m256i block_dot_q4(const uint8_t* block, const int8_t* x) {
     sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(high, broadcast4(x + 16 + 4 * j)));
   }
   return _mm256_madd_epi16(sum16, _mm256_set1_epi16(1));
+#endif
 }
 
 inline __m256i block_dot_q8(const uint8_t* block, const int8_t* x) {
@@ -109,9 +128,13 @@ inline __m256i block_dot_q8(const uint8_t* block, const int8_t* x) {
   for (int c = 0; c < 8; ++c) {
     const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * c));
     const __m256i xc = broadcast4(x + 4 * c);
-    // maddubs multiplies unsigned by signed bytes: move w's sign onto x and use |w|.
+    // Both instructions multiply unsigned by signed bytes: move w's sign onto x and use |w|.
+#ifdef LEANLM_VNNI
+    sum32 = dot_u8_s8(sum32, _mm256_sign_epi8(w, w), _mm256_sign_epi8(xc, w));
+#else
     const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xc, w));
     sum32 = _mm256_add_epi32(sum32, _mm256_madd_epi16(products, _mm256_set1_epi16(1)));
+#endif
   }
   return sum32;
 }
