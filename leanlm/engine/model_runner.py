@@ -2,7 +2,8 @@
 
 The tokens of every scheduled request are laid out in one row (1, N): a 256-token prefill chunk and 15 decode
 tokens make 271 rows for the linear layers, not 16 x 256. Decode requests go first so that their attention runs
-as one padded batch (see paged_attention.py). Logits are computed only for the rows that are sampled.
+as one padded batch (see paged_attention.py). Logits are computed only for the rows that are sampled, and all of
+them are sampled together.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from leanlm.cache.paged_kv import PagedKVCache
 from leanlm.engine.paged_attention import SequenceSlice, build_paged_attention
 from leanlm.engine.scheduler import ScheduledRequest, SchedulerOutput
-from leanlm.sampling.sampler import Sampler, token_logprobs
+from leanlm.sampling.batch import SamplingState, sample_batch
 from leanlm.sampling_params import SamplingParams
 
 
@@ -25,26 +26,13 @@ class SampledToken:
     top: list[tuple[int, float]] | None = None
 
 
-class _SamplingState:
-    def __init__(self, params: SamplingParams, prompt_token_ids: list[int], device: torch.device):
-        self.params = params
-        self.sampler = Sampler(params, device)
-        # prompt + output ids for the repetition penalty; kept only when the penalty is on
-        self.seen = torch.tensor(prompt_token_ids, device=device) if params.repetition_penalty != 1.0 else None
-        self.plain_greedy = params.greedy and self.seen is None and params.logprobs is None
-
-    def append(self, token_id: int) -> None:
-        if self.seen is not None:
-            self.seen = torch.cat([self.seen, self.seen.new_tensor([token_id])])
-
-
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device):
         self.model, self.cache, self.device = model, cache, device
-        self._states: dict[str, _SamplingState] = {}
+        self._states: dict[str, SamplingState] = {}
 
     def add_request(self, request_id: str, params: SamplingParams, prompt_token_ids: list[int]) -> None:
-        self._states[request_id] = _SamplingState(params, prompt_token_ids, self.device)
+        self._states[request_id] = SamplingState(params, prompt_token_ids, self.device)
 
     def remove_request(self, request_id: str) -> None:
         self._states.pop(request_id, None)
@@ -82,16 +70,6 @@ class ModelRunner:
         return self._sample([e.request.request_id for e in sampled], logits)
 
     def _sample(self, request_ids: list[str], logits: torch.Tensor) -> dict[str, SampledToken]:
-        states = [self._states[rid] for rid in request_ids]
-        if all(state.plain_greedy for state in states):  # one argmax for the whole batch
-            return {rid: SampledToken(t) for rid, t in zip(request_ids, logits.argmax(-1).tolist(), strict=True)}
-        results = {}
-        for i, (rid, state) in enumerate(zip(request_ids, states, strict=True)):
-            row = state.sampler.penalize(logits[i], state.seen) if state.seen is not None else logits[i]
-            token = state.sampler.sample(row)
-            state.append(token)
-            if state.params.logprobs is None:
-                results[rid] = SampledToken(token)
-            else:
-                results[rid] = SampledToken(token, *token_logprobs(row, token, state.params.logprobs))
-        return results
+        """All sampled rows at once (sampling/batch.py): one op per filter, not one per request."""
+        rows = sample_batch(logits, [self._states[rid] for rid in request_ids])
+        return {rid: SampledToken(*row) for rid, row in zip(request_ids, rows, strict=True)}
