@@ -50,6 +50,7 @@ class BlockManager:
         # Unreferenced blocks; allocation takes from the front, so the front is the next to be evicted.
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._cached: dict[int, int] = {}  # chain hash -> block id
+        self._num_cached_free = 0  # blocks in _free that hold prefix data (stats read it every step: no scan)
         self.tables: dict[str, BlockTable] = {}
 
     # ---- counts ---------------------------------------------------------------------------------------------
@@ -67,7 +68,7 @@ class BlockManager:
     @property
     def num_cached_blocks(self) -> int:
         """Unreferenced blocks that still hold prefix data."""
-        return sum(1 for b in self._free if self.blocks[b].hash is not None)
+        return self._num_cached_free
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -124,6 +125,7 @@ class BlockManager:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self._free[block_id]
+                self._num_cached_free -= 1  # a prefix hit: it holds data
             block.ref_count += 1
             table.append(block_id)
         for _ in range(new):
@@ -142,11 +144,14 @@ class BlockManager:
                 self._free[block_id] = None
                 if block.hash is None:  # holds nothing reusable: reuse it first
                     self._free.move_to_end(block_id, last=False)
+                else:
+                    self._num_cached_free += 1
 
     def _take_free_block(self) -> int:
         block_id, _ = self._free.popitem(last=False)
         block = self.blocks[block_id]
         if block.hash is not None:  # evict its prefix data
+            self._num_cached_free -= 1
             if self._cached.get(block.hash) == block_id:
                 del self._cached[block.hash]
             block.hash, block.token_ids = None, ()

@@ -95,3 +95,24 @@ def test_contiguous_flag_follows_the_block_ids():
     manager.allocate("a", 2)
     assert manager.tables["a"].ids == [0, 2] and not manager.tables["a"].contiguous
     assert manager.tables["b"].contiguous
+
+
+def test_cached_block_count_is_kept_without_scanning():
+    """num_cached_blocks is a counter (stats read it every step): it must equal a scan of the free queue through
+    allocations, prefix hits, frees and evictions."""
+    import random
+
+    rng = random.Random(0)
+    manager = BlockManager(num_blocks=12, block_size=2)
+    prompts = [[rng.randrange(3) for _ in range(rng.randrange(1, 9))] for _ in range(40)]
+    live: list[str] = []
+    for step, prompt in enumerate(prompts):
+        if live and (rng.random() < 0.5 or len(live) > 3):
+            manager.free(live.pop(rng.randrange(len(live))))
+        request_id = f"r{step}"
+        hits = manager.find_cached_prefix(prompt)
+        if manager.allocate(request_id, len(prompt), hits):
+            manager.cache_full_blocks(request_id, prompt, len(prompt))
+            live.append(request_id)
+        scanned = sum(1 for b in manager._free if manager.blocks[b].hash is not None)
+        assert manager.num_cached_blocks == scanned
