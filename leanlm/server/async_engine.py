@@ -2,7 +2,7 @@
 
 `LLMEngine` is not thread-safe, so only the engine thread touches it. Handlers send commands (add, abort)
 through a thread-safe queue that the thread drains before every step; the thread hands each step's outputs
-back to the event loop with `call_soon_threadsafe`. The thread sleeps while there is no work.
+back to the event loop with one `call_soon_threadsafe` per step. The thread sleeps while there is no work.
 """
 
 from __future__ import annotations
@@ -292,8 +292,13 @@ class AsyncEngine:
                 del self._routes[output.request_id]
                 self.metrics.observe_finished(output.finish_reason, now - submission.arrival)
             batches.setdefault(submission, []).append((route.index, output))
-        for submission, items in batches.items():
-            self._post(submission._deliver, items)
+        if batches:  # one wake-up of the event loop per step (each is a write to its self-pipe), not one per request
+            self._post(_deliver_all, batches)
+
+
+def _deliver_all(batches: dict[Submission, list]) -> None:
+    for submission, items in batches.items():
+        submission._deliver(items)
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None) -> None:
