@@ -10,6 +10,7 @@ Phase times come from time.perf_counter around the engine's own methods; figures
 machine, so compare proportions between runs rather than absolute numbers.
 
     python benchmarks/profile_engine.py [--concurrency 16] [--max-tokens 64] [--server] [--cprofile]
+                                        [--temperature 0.8 --top-p 0.9 --top-k 0 --repetition-penalty 1.1]
                                         [--threads 2] [--kernels auto] [--model M] [--json out.json]
 """
 
@@ -144,14 +145,25 @@ def run_engine(llm, args) -> tuple[dict, str]:
 
     engine = llm.engine
     clock = PhaseClock(engine)
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=0, ignore_eos=True)
+    params = [
+        SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=i if args.temperature > 0 else None,
+            ignore_eos=True,
+        )
+        for i in range(args.concurrency)
+    ]
     prompts = [llm.encode(prompt_for(i)) for i in range(args.concurrency)]
     clock.reset()
     profiler = cProfile.Profile() if args.cprofile else None
     profiling = False
     started = time.perf_counter()
     for i, ids in enumerate(prompts):
-        engine.add_request(f"profile-{i}", ids, params)
+        engine.add_request(f"profile-{i}", ids, params[i])
     while engine.has_unfinished_requests():
         engine.step()
         # Profile the steady state only: from the first step that decoded the whole batch.
@@ -244,6 +256,11 @@ def main() -> int:
     parser.add_argument("--server", action="store_true", help="profile the HTTP server path instead of the engine")
     parser.add_argument("--cprofile", action="store_true", help="also print cProfile's top functions")
     parser.add_argument("--top", type=int, default=30, help="functions listed per cProfile table")
+    sampling = parser.add_argument_group("sampling (engine mode; default greedy, as bench_serve.py)")
+    sampling.add_argument("--temperature", type=float, default=0.0)
+    sampling.add_argument("--top-k", type=int, default=0)
+    sampling.add_argument("--top-p", type=float, default=1.0)
+    sampling.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: %(default)s)")
     parser.add_argument("--kernels", default="auto", help="kernel mode, as `leanlm serve --kernels`")
     parser.add_argument("--model", default=None, help="model (default: the default model)")
