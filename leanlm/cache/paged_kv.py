@@ -7,11 +7,22 @@ the null block that padded reads point at; everything else is allocated uninitia
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from leanlm.cache.kv_cache import quantize_per_vector
 
 Index = torch.Tensor | slice  # slots: a (N,) int64 tensor, or a slice when they are consecutive
+
+
+class KVSlab(NamedTuple):
+    """One sequence stored in consecutive slots: what a whole-stack kernel needs to write and read its cache."""
+
+    keys: torch.Tensor  # (num_layers, H_kv, num_slots, D), the whole cache
+    values: torch.Tensor
+    first_slot: int  # the slot of the sequence's position 0
+    start: int  # positions before it are already in the cache
 
 
 class PagedKVCache:

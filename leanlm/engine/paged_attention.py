@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leanlm.cache.paged_kv import Index, PagedKVCache
+from leanlm.cache.paged_kv import Index, KVSlab, PagedKVCache
 
 
 @dataclass(frozen=True)
@@ -92,11 +92,12 @@ class ContiguousAttention:
     """One sequence whose blocks are consecutive (batch-1 decoding, mostly): the cache is a contiguous cache here,
     so each layer copies its new keys and values into place and attends over a view, like KVCache does."""
 
-    def __init__(self, cache: PagedKVCache, backend: Callable, sequence: SequenceSlice, views):
+    def __init__(self, cache: PagedKVCache, backend: Callable, sequence: SequenceSlice, first_slot: int, views):
         self.dtype, self.backend = cache.dtype, backend
         self.keys, self.values = views  # (L, 1, H_kv, S, D): the sequence's slots in every layer
         written = slice(sequence.start, sequence.length)
         self.new_keys, self.new_values = self.keys[:, :, :, written], self.values[:, :, :, written]
+        self.slab = KVSlab(cache.keys, cache.values, first_slot, sequence.start)  # for a whole-stack kernel
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.new_keys[layer].copy_(k)  # (1, H_kv, T, D), converted to the cache dtype
@@ -113,7 +114,7 @@ def build_paged_attention(
         first = sequences[0].block_ids[0] * size
         views = cache.views(slice(first, first + sequences[0].length))
         if views is not None:
-            return ContiguousAttention(cache, backend, sequences[0], views)
+            return ContiguousAttention(cache, backend, sequences[0], first, views)
     num_decode = 0
     while num_decode < len(sequences) and sequences[num_decode].num_tokens == 1:
         num_decode += 1

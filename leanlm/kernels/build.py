@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("quant_linear.cpp", "fused_ops.cpp")]
+SOURCES = [CSRC / name for name in ("quant_linear.cpp", "fused_ops.cpp", "decoder_stack.cpp")]
 HEADERS = sorted(CSRC.glob("*.h"))
 # -march=native: the build is per machine, so it may use what this CPU has beyond AVX2 (VNNI's dpbusd on newer
 # x86 cores; the results are the same bits). fp-contract off: a written multiply-then-add stays two roundings
 # (dequantize must equal torch exactly).
-FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17"]
+# -fopenmp: without it ATen's parallel_for compiles to a serial loop (it is a header template), and the
+# extension shares torch's already-loaded libgomp at run time.
+FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17", "-fopenmp"]
 DISABLE_ENV = "LEANLM_DISABLE_KERNELS"  # set to 1 to force the torch fallback (tests, comparisons)
 
 
@@ -72,6 +74,7 @@ def load_kernels() -> bool:
             name="leanlm_kernels",
             sources=[str(path) for path in SOURCES],
             extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
             is_python_module=False,
             verbose=False,

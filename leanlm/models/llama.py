@@ -123,6 +123,7 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.attention_name, self.fused_ops = "sdpa", False
         self.attention = ATTENTION_BACKENDS["sdpa"]
+        self.decoder_stack = None  # leanlm's one-call decoder layers; see set_fused_ops
 
     def set_attention_backend(self, name: str) -> None:
         self.attention_name = name
@@ -137,6 +138,7 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, RMSNorm | MLP | Attention):
                 module.fused = enabled
         self.set_attention_backend(self.attention_name)
+        self.decoder_stack = _build_decoder_stack(self) if enabled else None
 
     def forward(
         self,
@@ -153,9 +155,14 @@ class LlamaForCausalLM(nn.Module):
         or (B, R, V) for the R columns in logits_indices. `attend` (paged attention) replaces cache/start/mask."""
         x = self.embed_tokens(input_ids)
         cos, sin = self._cos_sin(positions, x.dtype)
-        ctx = ForwardContext(cos, sin, cache, start, mask, self.attention, attend)
-        for layer in self.layers:
-            x = layer(x, ctx)
+        slab = getattr(attend, "slab", None)  # one sequence over a contiguous stretch of the paged cache
+        stack_fits = slab is not None and self.attention_name == "sdpa" and x.dtype == slab.keys.dtype == torch.float32
+        if self.decoder_stack is not None and stack_fits:
+            x = self.decoder_stack.forward(x[0], cos[0, 0], sin[0, 0], *slab)[None]
+        else:
+            ctx = ForwardContext(cos, sin, cache, start, mask, self.attention, attend)
+            for layer in self.layers:
+                x = layer(x, ctx)
         if last_only:
             x = x[:, -1:]
         elif logits_indices is not None:
@@ -209,6 +216,38 @@ class LlamaForCausalLM(nn.Module):
         self.load_state_dict(fused, strict=False, assign=True)
         if "lm_head" not in quantized and fused["lm_head.weight"] is fused["embed_tokens.weight"]:
             self.lm_head.weight = self.embed_tokens.weight
+
+
+def _build_decoder_stack(model: LlamaForCausalLM):
+    """All decoder layers as one C++ call (kernels/csrc/decoder_stack.cpp), when every projection runs leanlm's
+    kernels with the same activation mode; None otherwise (the module path runs)."""
+    projections = [
+        (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+        for layer in model.layers
+    ]
+    flat = [p for layer in projections for p in layer]
+    if not flat or not all(isinstance(p, QuantizedLinear) and p.kernel.startswith("leanlm") for p in flat):
+        return None
+    modes = {p._int8_activations for p in flat}
+    if len(modes) != 1:
+        return None
+    config = model.config
+    stack = torch.classes.leanlm.DecoderStack(
+        config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps, config.head_dim**-0.5, *modes
+    )
+    none = torch.empty(0)
+    for layer, linears in zip(model.layers, projections, strict=True):
+        norms = [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
+        if any(n.dtype != torch.float32 for n in norms):
+            return None
+        tensors = []
+        for linear in linears:
+            packed = linear._packed
+            offsets = packed.offsets if packed.offsets is not None else none
+            bias = linear.bias.detach() if linear.bias is not None else none
+            tensors += [packed.codes, packed.scales, offsets, bias]
+        stack.add_layer(*norms, tensors, [linear.out_features for linear in linears])
+    return stack
 
 
 def _fuse_projections(weights: dict) -> dict:

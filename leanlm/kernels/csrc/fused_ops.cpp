@@ -16,9 +16,27 @@
 #include <limits>
 #include <vector>
 
+#include "kernels.h"
+
 namespace {
 
 bool fast_path(const at::Tensor& x) { return x.device().is_cpu() && x.scalar_type() == at::kFloat; }
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  float total = _mm_cvtss_f32(sum);
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+}  // namespace
+
+namespace leanlm {
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   if (!fast_path(x) || !fast_path(weight)) {
@@ -99,18 +117,6 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
   return out;
 }
 
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
-  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
-  float total = _mm_cvtss_f32(sum);
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
-
 // q: (B, H, T, D); k, v: (B, H_kv, S, D), any strides but a contiguous last dimension (slices of the cache);
 // mask: (B, 1, T or 1, S) bool, True = may attend, or None for causal (query t sits at position S - T + t).
 // Each query is computed on its own, over its keys in order: a query's result is the same bit for bit whether
@@ -174,7 +180,7 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k_in, const a
   return out;
 }
 
-}  // namespace
+}  // namespace leanlm
 
 TORCH_LIBRARY_FRAGMENT(leanlm, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -184,9 +190,9 @@ TORCH_LIBRARY_FRAGMENT(leanlm, m) {
 }
 
 TORCH_LIBRARY_IMPL(leanlm, CompositeExplicitAutograd, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("silu_mul", &silu_mul);
-  m.impl("rotary", &rotary);
+  m.impl("rms_norm", &leanlm::rms_norm);
+  m.impl("silu_mul", &leanlm::silu_mul);
+  m.impl("rotary", &leanlm::rotary);
 }
 
-TORCH_LIBRARY_IMPL(leanlm, CPU, m) { m.impl("causal_attention", &causal_attention); }
+TORCH_LIBRARY_IMPL(leanlm, CPU, m) { m.impl("causal_attention", &leanlm::causal_attention); }

@@ -27,6 +27,8 @@
 #include <cstring>
 #include <vector>
 
+#include "kernels.h"
+
 namespace {
 
 constexpr int64_t kBlock = 32;
@@ -349,6 +351,10 @@ at::Tensor quantized_linear(const at::Tensor& x, const Weights& w, const c10::op
   return out.reshape(shape);
 }
 
+}  // namespace
+
+namespace leanlm {
+
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias, int64_t rows,
                      bool int8_activations) {
@@ -366,7 +372,7 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c
   return dequantize_transposed(w).narrow(1, 0, rows).t().contiguous();
 }
 
-}  // namespace
+}  // namespace leanlm
 
 TORCH_LIBRARY(leanlm, m) {
   m.def(
@@ -378,7 +384,7 @@ TORCH_LIBRARY(leanlm, m) {
 }
 
 TORCH_LIBRARY_IMPL(leanlm, CPU, m) {
-  m.impl("q4_linear", &q4_linear);
-  m.impl("q8_linear", &q8_linear);
-  m.impl("dequantize", &dequantize);
+  m.impl("q4_linear", &leanlm::q4_linear);
+  m.impl("q8_linear", &leanlm::q8_linear);
+  m.impl("dequantize", &leanlm::dequantize);
 }
