@@ -8,7 +8,6 @@ The engine is not thread-safe: one thread owns it (the server runs it in a threa
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -231,7 +230,7 @@ class LLMEngine:
             text=progress.text,
             token_ids=list(request.output_token_ids),
             finish_reason=request.finish_reason,
-            metrics=dataclasses.replace(progress.metrics),
+            metrics=progress.metrics.copy(),
             request_id=request.request_id,
             new_text=new_text,
             new_token_ids=new_token_ids,
