@@ -6,8 +6,9 @@ app (uvicorn + the engine thread) in this process and replays bench_serve.py's c
 the event loop's work (handlers, SSE encoding, the queue handoff) competes for the GIL as it does in
 `leanlm serve`. Both report per-step milliseconds by phase, for steps that decode the whole batch (the steady
 state) and overall; --cprofile adds cProfile's top functions (engine thread, and the event loop in server mode).
-Phase times come from time.perf_counter around the engine's own methods; figures are only as quiet as the
-machine, so compare proportions between runs rather than absolute numbers.
+Phase times come from time.perf_counter around the engine's own methods in a pass without cProfile (with
+--cprofile a second pass, on other prompts, runs under it); figures are only as quiet as the machine, so
+compare proportions between runs rather than absolute numbers.
 
     python benchmarks/profile_engine.py [--concurrency 16] [--max-tokens 64] [--server] [--cprofile]
                                         [--temperature 0.8 --top-p 0.9 --top-k 0 --repetition-penalty 1.1]
@@ -42,6 +43,7 @@ class PhaseClock:
     def __init__(self, engine, async_engine=None):
         self.steps: list[dict] = []
         self._current: dict | None = None
+        self.last: dict | None = None  # the latest finished step, recorded or not
         self.recording = True
         self._wrap(engine.scheduler, "schedule", "schedule", on_result=self._note_schedule)
         self._wrap(engine.runner, "run", "run")
@@ -77,6 +79,7 @@ class PhaseClock:
                 on_result(result)
             self.add(phase, elapsed)
             if closes_step and self._current is not None:
+                self.last = self._current
                 if self.recording and self._current.get("num_requests"):
                     self.steps.append(self._current)
                 self._current = None
@@ -141,10 +144,24 @@ def _profile_text(profiler: cProfile.Profile, title: str, top: int) -> str:
 
 
 def run_engine(llm, args) -> tuple[dict, str]:
+    """A timed pass for the phase split; with --cprofile, a second pass (other prompts) under the profiler."""
+    clock = PhaseClock(llm.engine)
+    wall = _drive_engine(llm, args, clock, first_index=0)
+    report = {"wall_s": round(wall, 2), "output_tok_s": round(args.concurrency * args.max_tokens / wall, 1)}
+    report.update(clock.summary(args.concurrency))
+    if not args.cprofile:
+        return report, ""
+    clock.recording = False
+    profiler = cProfile.Profile()
+    _drive_engine(llm, args, clock, first_index=args.concurrency, profiler=profiler)
+    return report, _profile_text(profiler, "engine, full-batch decode steps", args.top)
+
+
+def _drive_engine(llm, args, clock: PhaseClock, first_index: int, profiler: cProfile.Profile | None = None) -> float:
+    """Add --concurrency requests at once and step until they finish; returns the wall time."""
     from leanlm import SamplingParams
 
     engine = llm.engine
-    clock = PhaseClock(engine)
     params = [
         SamplingParams(
             max_tokens=args.max_tokens,
@@ -157,32 +174,27 @@ def run_engine(llm, args) -> tuple[dict, str]:
         )
         for i in range(args.concurrency)
     ]
-    prompts = [llm.encode(prompt_for(i)) for i in range(args.concurrency)]
-    clock.reset()
-    profiler = cProfile.Profile() if args.cprofile else None
+    prompts = [llm.encode(prompt_for(first_index + i)) for i in range(args.concurrency)]
     profiling = False
     started = time.perf_counter()
     for i, ids in enumerate(prompts):
-        engine.add_request(f"profile-{i}", ids, params[i])
+        engine.add_request(f"profile-{first_index + i}", ids, params[i])
     while engine.has_unfinished_requests():
         engine.step()
         # Profile the steady state only: from the first step that decoded the whole batch.
-        if profiler and not profiling and clock.steps and _is_full_decode(clock.steps[-1], args.concurrency):
+        if profiler and not profiling and clock.last and _is_full_decode(clock.last, args.concurrency):
             profiler.enable()
             profiling = True
     if profiling:
         profiler.disable()
-    wall = time.perf_counter() - started
-    report = {"wall_s": round(wall, 2), "output_tok_s": round(len(prompts) * args.max_tokens / wall, 1)}
-    report.update(clock.summary(args.concurrency))
-    text = _profile_text(profiler, "engine, full-batch decode steps", args.top) if profiler else ""
-    return report, text
+    return time.perf_counter() - started
 
 
 # ---- server mode ------------------------------------------------------------------------------------------------
 
 
 def run_server(llm, args) -> tuple[dict, str]:
+    """A timed pass for the phase split; with --cprofile, a second pass (other prompts) under the profilers."""
     from leanlm.server.app import build_app
     from leanlm.server.http_server import Server
     from leanlm.server.serving import ServerSettings
@@ -191,9 +203,9 @@ def run_server(llm, args) -> tuple[dict, str]:
     async_engine = app.state.engine
     clock = PhaseClock(llm.engine, async_engine)
     profilers = {"engine thread": cProfile.Profile(), "event loop thread": cProfile.Profile()} if args.cprofile else {}
-    measuring = threading.Event()
+    profiling = threading.Event()
     if profilers:
-        _profile_engine_thread(async_engine, profilers["engine thread"], measuring)
+        _profile_engine_thread(async_engine, profilers["engine thread"], profiling)
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -203,25 +215,29 @@ def run_server(llm, args) -> tuple[dict, str]:
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    client = [sys.executable, __file__, "--client", url]
-    warm_up = [*client, "--concurrency", "2", "--max-tokens", "8"]  # first-call costs of the server stay out
-    subprocess.run(warm_up, check=True, capture_output=True)
-    client += ["--concurrency", str(args.concurrency), "--max-tokens", str(args.max_tokens)]
+
+    def client(concurrency: int, max_tokens: int, first_index: int) -> dict:
+        command = [sys.executable, __file__, "--client", url, "--concurrency", str(concurrency)]
+        command += ["--max-tokens", str(max_tokens), "--first-index", str(first_index)]
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    client(2, 8, 10_000)  # warm-up: first-call costs of the server stay out
     clock.reset()
-    measuring.set()
-    loop_profiler = profilers.get("event loop thread")
-    if loop_profiler:  # enable and disable must run on the event loop's own thread
-        async_engine._loop.call_soon_threadsafe(loop_profiler.enable)
-    done = subprocess.run(client, check=True, capture_output=True, text=True)
-    measuring.clear()
-    if loop_profiler:
+    report = client(args.concurrency, args.max_tokens, 0)
+    report.update(clock.summary(args.concurrency))
+    if profilers:
+        clock.recording = False
+        loop_profiler = profilers["event loop thread"]
+        profiling.set()
+        async_engine._loop.call_soon_threadsafe(loop_profiler.enable)  # it must run on the loop's own thread
+        client(args.concurrency, args.max_tokens, args.concurrency)
+        profiling.clear()
         async_engine._loop.call_soon_threadsafe(loop_profiler.disable)
         time.sleep(0.2)
     server.should_exit = True
     thread.join(60)
     sock.close()
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    report.update(clock.summary(args.concurrency))
     text = "\n".join(_profile_text(p, title, args.top) for title, p in profilers.items())
     return report, text
 
@@ -241,7 +257,8 @@ def _profile_engine_thread(async_engine, profiler: cProfile.Profile, measuring: 
 
 
 def client_main(args) -> int:
-    row = asyncio.run(run_level(args.client, args.concurrency, args.requests or args.concurrency, args.max_tokens, 0))
+    requests = args.requests or args.concurrency
+    row = asyncio.run(run_level(args.client, args.concurrency, requests, args.max_tokens, args.first_index))
     print(json.dumps(row))
     return 0
 
@@ -267,6 +284,7 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="also write the report here")
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)  # internal: the server mode's client
     parser.add_argument("--requests", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--first-index", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.client:
         return client_main(args)
