@@ -220,7 +220,10 @@ class LlamaForCausalLM(nn.Module):
 
 def _build_decoder_stack(model: LlamaForCausalLM):
     """All decoder layers as one C++ call (kernels/csrc/decoder_stack.cpp), when every projection runs leanlm's
-    kernels with the same activation mode; None otherwise (the module path runs)."""
+    kernels with the same activation mode and every layer has the config's shapes; None otherwise (the module
+    path runs)."""
+    config = model.config
+    shapes = (config.q_size + 2 * config.kv_size, config.hidden_size, 2 * config.intermediate_size, config.hidden_size)
     projections = [
         (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
         for layer in model.layers
@@ -229,24 +232,25 @@ def _build_decoder_stack(model: LlamaForCausalLM):
     if not flat or not all(isinstance(p, QuantizedLinear) and p.kernel.startswith("leanlm") for p in flat):
         return None
     modes = {p._int8_activations for p in flat}
-    if len(modes) != 1:
+    norms = [(layer.input_layernorm.weight, layer.post_attention_layernorm.weight) for layer in model.layers]
+    if (
+        len(modes) != 1
+        or any(tuple(p.out_features for p in linears) != shapes for linears in projections)
+        or any(w.dtype != torch.float32 for pair in norms for w in pair)
+    ):
         return None
-    config = model.config
     stack = torch.classes.leanlm.DecoderStack(
         config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps, config.head_dim**-0.5, *modes
     )
     none = torch.empty(0)
-    for layer, linears in zip(model.layers, projections, strict=True):
-        norms = [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
-        if any(n.dtype != torch.float32 for n in norms):
-            return None
+    for (input_norm, post_norm), linears in zip(norms, projections, strict=True):
         tensors = []
         for linear in linears:
             packed = linear._packed
             offsets = packed.offsets if packed.offsets is not None else none
-            bias = linear.bias.detach() if linear.bias is not None else none
+            bias = linear.bias.detach().float() if linear.bias is not None else none
             tensors += [packed.codes, packed.scales, offsets, bias]
-        stack.add_layer(*norms, tensors, [linear.out_features for linear in linears])
+        stack.add_layer(input_norm.detach(), post_norm.detach(), tensors, list(shapes))
     return stack
 
 

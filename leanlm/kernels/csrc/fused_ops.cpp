@@ -38,6 +38,52 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 namespace leanlm {
 
+void rms_norm_row(const float* row, const float* weight, float* out, int64_t width, double eps) {
+  double squares = 0.0;  // double: a long row of large activations must not lose the small ones
+  for (int64_t i = 0; i < width; ++i) squares += static_cast<double>(row[i]) * row[i];
+  const float inverse = static_cast<float>(1.0 / std::sqrt(squares / width + eps));
+  for (int64_t i = 0; i < width; ++i) out[i] = row[i] * inverse * weight[i];
+}
+
+void silu_mul_row(const float* gate_up, float* out, int64_t half) {
+  const float* up = gate_up + half;
+  for (int64_t i = 0; i < half; ++i) out[i] = gate_up[i] / (1.f + std::exp(-gate_up[i])) * up[i];
+}
+
+void rotary_row(const float* x, int64_t stride, const float* cos, const float* sin, float* out, int64_t dim) {
+  const int64_t half = dim / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float first = x[i * stride], second = x[(i + half) * stride];
+    out[i] = first * cos[i] - second * sin[i];
+    out[i + half] = second * cos[i + half] + first * sin[i + half];
+  }
+}
+
+void attend_query(const float* q, const float* key0, int64_t key_stride, const float* value0, int64_t value_stride,
+                  int64_t last, const bool* mask, float scale, int64_t dim, float* scores, float* out) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  float best = kNegInf;
+  for (int64_t j = 0; j <= last; ++j) {
+    scores[j] = (mask && !mask[j]) ? kNegInf : dot(q, key0 + j * key_stride, dim) * scale;
+    best = std::max(best, scores[j]);
+  }
+  std::fill(out, out + dim, 0.f);
+  float total = 0.f;
+  for (int64_t j = 0; j <= last; ++j) {
+    if (scores[j] == kNegInf) continue;
+    const float p = std::exp(scores[j] - best);
+    total += p;
+    const float* value = value0 + j * value_stride;
+    const __m256 weight = _mm256_set1_ps(p);
+    int64_t d = 0;
+    for (; d + 8 <= dim; d += 8)
+      _mm256_storeu_ps(out + d, _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + d), _mm256_loadu_ps(out + d)));
+    for (; d < dim; ++d) out[d] += p * value[d];
+  }
+  const float inverse = total > 0.f ? 1.f / total : 0.f;
+  for (int64_t d = 0; d < dim; ++d) out[d] *= inverse;
+}
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   if (!fast_path(x) || !fast_path(weight)) {
     return at::rms_norm(x, {weight.size(0)}, weight, eps);
@@ -51,13 +97,7 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   const float* wp = w.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = src + r * width;
-      double squares = 0.0;  // double: a long row of large activations must not lose the small ones
-      for (int64_t i = 0; i < width; ++i) squares += static_cast<double>(row[i]) * row[i];
-      const float inverse = static_cast<float>(1.0 / std::sqrt(squares / width + eps));
-      for (int64_t i = 0; i < width; ++i) dst[r * width + i] = row[i] * inverse * wp[i];
-    }
+    for (int64_t r = begin; r < end; ++r) rms_norm_row(src + r * width, wp, dst + r * width, width, eps);
   });
   return out;
 }
@@ -76,11 +116,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   const float* src = input.data_ptr<float>();
   float* dst = out.data_ptr<float>();
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const float* gate = src + r * 2 * half;
-      const float* up = gate + half;
-      for (int64_t i = 0; i < half; ++i) dst[r * half + i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-    }
+    for (int64_t r = begin; r < end; ++r) silu_mul_row(src + r * 2 * half, dst + r * half, half);
   });
   return out;
 }
@@ -91,11 +127,12 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
     const int64_t half = x.size(-1) / 2;
     return x * cos + at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1) * sin;
   }
-  const int64_t batch = x.size(0), heads = x.size(1), length = x.size(2), dim = x.size(3), half = dim / 2;
+  const int64_t batch = x.size(0), heads = x.size(1), length = x.size(2), dim = x.size(3);
   const at::Tensor c = cos.expand({batch, 1, length, dim}).contiguous();
   const at::Tensor s = sin.expand({batch, 1, length, dim}).contiguous();
   at::Tensor out = at::empty({batch, heads, length, dim}, x.options());
-  const auto xa = x.accessor<float, 4>();
+  const float* xp = x.data_ptr<float>();
+  const int64_t xb = x.stride(0), xh = x.stride(1), xt = x.stride(2), xd = x.stride(3);
   const float* cp = c.data_ptr<float>();
   const float* sp = s.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -103,14 +140,8 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / heads, h = bh % heads;
       for (int64_t t = 0; t < length; ++t) {
-        const auto row = xa[b][h][t];
-        const float* ct = cp + (b * length + t) * dim;
-        const float* st = sp + (b * length + t) * dim;
-        float* dst = op + ((b * heads + h) * length + t) * dim;
-        for (int64_t i = 0; i < half; ++i) {
-          dst[i] = row[i] * ct[i] - row[i + half] * st[i];
-          dst[i + half] = row[i + half] * ct[i + half] + row[i] * st[i + half];
-        }
+        const int64_t at = (b * length + t) * dim;
+        rotary_row(xp + b * xb + h * xh + t * xt, xd, cp + at, sp + at, op + ((b * heads + h) * length + t) * dim, dim);
       }
     }
   });
@@ -144,37 +175,14 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k_in, const a
   float* op = out.data_ptr<float>();
   const int64_t kb = k.stride(0), kh = k.stride(1), ks = k.stride(2);
   const int64_t vb = v.stride(0), vh = v.stride(1), vs = v.stride(2);
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   at::parallel_for(0, batch * heads * queries, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores(keys);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / (heads * queries), h = item / queries % heads, t = item % queries;
-      const float* qv = qp + item * dim;
-      const float* key0 = kp + b * kb + (h / group) * kh;
-      const float* value0 = vp + b * vb + (h / group) * vh;
       const bool* row_mask = mp ? mp + (b * queries + t) * keys : nullptr;
       const int64_t last = mp ? keys - 1 : keys - queries + t;  // a mask replaces the causal rule, as in SDPA
-      float best = kNegInf;
-      for (int64_t j = 0; j <= last; ++j) {
-        scores[j] = (row_mask && !row_mask[j]) ? kNegInf : dot(qv, key0 + j * ks, dim) * static_cast<float>(scale);
-        best = std::max(best, scores[j]);
-      }
-      float* dst = op + item * dim;
-      std::fill(dst, dst + dim, 0.f);
-      float total = 0.f;
-      for (int64_t j = 0; j <= last; ++j) {
-        if (scores[j] == kNegInf) continue;
-        const float p = std::exp(scores[j] - best);
-        total += p;
-        const float* value = value0 + j * vs;
-        const __m256 weight = _mm256_set1_ps(p);
-        int64_t d = 0;
-        for (; d + 8 <= dim; d += 8)
-          _mm256_storeu_ps(dst + d, _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + d), _mm256_loadu_ps(dst + d)));
-        for (; d < dim; ++d) dst[d] += p * value[d];
-      }
-      const float inverse = total > 0.f ? 1.f / total : 0.f;
-      for (int64_t d = 0; d < dim; ++d) dst[d] *= inverse;
+      attend_query(qp + item * dim, kp + b * kb + (h / group) * kh, ks, vp + b * vb + (h / group) * vh, vs, last,
+                   row_mask, static_cast<float>(scale), dim, scores.data(), op + item * dim);
     }
   });
   return out;

@@ -31,28 +31,10 @@
 
 namespace {
 
-constexpr int64_t kBlock = 32;
-constexpr int64_t kRows = 8;     // rows interleaved per group = lanes of a float vector
+using leanlm::kBlock;
+using leanlm::kRows;
+using leanlm::Weights;
 constexpr int64_t kBatchTile = 4;  // activation rows that share one decode of a block
-
-struct Weights {
-  const uint8_t* codes;  // (groups, blocks, 128 or 256)
-  const void* scales;    // (groups, blocks, 8) float16 or float32
-  const void* offsets;   // like scales, or nullptr
-  int64_t rows, cols, groups, blocks;
-  bool q4, half_params;
-  int64_t block_bytes() const { return q4 ? 128 : 256; }
-  // the 8 rows' parameters of block `at` (= group * blocks + block)
-  __m256 params(const void* base, int64_t at) const {
-    if (half_params) {
-      const auto* halves = static_cast<const at::Half*>(base) + at * 8;
-      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(halves)));
-    }
-    return _mm256_loadu_ps(static_cast<const float*>(base) + at * 8);
-  }
-  __m256 scales_at(int64_t at) const { return params(scales, at); }
-  __m256 offsets_at(int64_t at) const { return offsets ? params(offsets, at) : _mm256_setzero_ps(); }
-};
 
 inline __m256i broadcast4(const int8_t* p) {
   int32_t value;
@@ -63,20 +45,16 @@ inline __m256i broadcast4(const int8_t* p) {
 // ---- int8 activations --------------------------------------------------------------------------------------
 
 struct QuantizedActivations {
-  at::Tensor codes;   // (M, K) int8
-  at::Tensor scales;  // (M, K / 32) float32
-  at::Tensor sums;    // (M, K / 32) float32: sum of the unquantized x over each block, for the offsets
+  std::vector<int8_t> codes;  // (M, K)
+  std::vector<float> scales;  // (M, K / 32)
+  std::vector<float> sums;    // (M, K / 32): sum of the unquantized x over each block, for the offsets
 };
 
 // x ~= codes * scale per block of 32, |error| <= scale / 2 = max|x| / 254.
-QuantizedActivations quantize_activations(const at::Tensor& x) {
-  const int64_t rows = x.size(0), blocks = x.size(1) / kBlock;
-  QuantizedActivations q{at::empty(x.sizes(), x.options().dtype(at::kChar)), at::empty({rows, blocks}, x.options()),
-                         at::empty({rows, blocks}, x.options())};
-  const float* src = x.data_ptr<float>();
-  int8_t* codes = q.codes.data_ptr<int8_t>();
-  float* scales = q.scales.data_ptr<float>();
-  float* sums = q.sums.data_ptr<float>();
+QuantizedActivations quantize_activations(const float* src, int64_t rows, int64_t cols) {
+  const int64_t blocks = cols / kBlock;
+  QuantizedActivations q{std::vector<int8_t>(rows * cols), std::vector<float>(rows * blocks),
+                         std::vector<float>(rows * blocks)};
   for (int64_t i = 0; i < rows * blocks; ++i) {
     const float* block = src + i * kBlock;
     float amax = 0.f, sum = 0.f;
@@ -85,9 +63,9 @@ QuantizedActivations quantize_activations(const at::Tensor& x) {
       sum += block[j];
     }
     const float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
-    for (int j = 0; j < kBlock; ++j) codes[i * kBlock + j] = static_cast<int8_t>(std::nearbyint(block[j] * inverse));
-    scales[i] = scale;
-    sums[i] = sum;
+    for (int j = 0; j < kBlock; ++j) q.codes[i * kBlock + j] = static_cast<int8_t>(std::nearbyint(block[j] * inverse));
+    q.scales[i] = scale;
+    q.sums[i] = sum;
   }
   return q;
 }
@@ -144,9 +122,9 @@ inline __m256i block_dot_q8(const uint8_t* block, const int8_t* x) {
 template <int Tile>
 void groups_int8(const Weights& w, const QuantizedActivations& xq, float* out, int64_t m0, int64_t g_begin,
                  int64_t g_end) {
-  const int8_t* x_codes = xq.codes.data_ptr<int8_t>();
-  const float* x_scales = xq.scales.data_ptr<float>();
-  const float* x_sums = xq.sums.data_ptr<float>();
+  const int8_t* x_codes = xq.codes.data();
+  const float* x_scales = xq.scales.data();
+  const float* x_sums = xq.sums.data();
   for (int64_t g = g_begin; g < g_end; ++g) {
     __m256 acc[Tile];
     for (int t = 0; t < Tile; ++t) acc[t] = _mm256_setzero_ps();
@@ -229,24 +207,22 @@ void groups_float(const Weights& w, const float* x, const float* x_sums, float* 
 }
 
 // Sum of x over each block of 32 (the offsets' term), row by row in a fixed order.
-at::Tensor block_sums(const at::Tensor& x) {
-  const int64_t rows = x.size(0), blocks = x.size(1) / kBlock;
-  at::Tensor sums = at::empty({rows, blocks}, x.options());
-  const float* src = x.data_ptr<float>();
-  float* dst = sums.data_ptr<float>();
+std::vector<float> block_sums(const float* src, int64_t rows, int64_t cols) {
+  const int64_t blocks = cols / kBlock;
+  std::vector<float> sums(rows * blocks);
   for (int64_t i = 0; i < rows * blocks; ++i) {
     float sum = 0.f;
     for (int j = 0; j < kBlock; ++j) sum += src[i * kBlock + j];
-    dst[i] = sum;
+    sums[i] = sum;
   }
   return sums;
 }
 
-// (M, K) float activations -> (M, groups * 8) float outputs; rows past w.rows are the layout's padding.
-at::Tensor matvec(const Weights& w, const at::Tensor& x, bool int8_activations) {
-  const int64_t m_total = x.size(0);
-  at::Tensor out = at::empty({m_total, w.groups * kRows}, x.options());
-  float* op = out.data_ptr<float>();
+}  // namespace
+
+namespace leanlm {
+
+void matmul_into(const Weights& w, const float* x, int64_t m_total, float* out, bool int8_activations) {
   // Enough groups per task that scheduling is noise, few enough that every thread gets work.
   const int64_t grain = std::max<int64_t>(4, w.groups / (4 * at::get_num_threads()));
   // Group by group, all activation rows of one group before the next: its weights are read from memory once.
@@ -256,24 +232,32 @@ at::Tensor matvec(const Weights& w, const at::Tensor& x, bool int8_activations) 
     for (; m < m_total; ++m) tile1(m, g);
   };
   if (int8_activations) {
-    const QuantizedActivations xq = quantize_activations(x);
+    const QuantizedActivations xq = quantize_activations(x, m_total, w.cols);
     at::parallel_for(0, w.groups, grain, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
-        over_rows([&](int64_t m, int64_t gi) { groups_int8<kBatchTile>(w, xq, op, m, gi, gi + 1); },
-                  [&](int64_t m, int64_t gi) { groups_int8<1>(w, xq, op, m, gi, gi + 1); }, g);
+        over_rows([&](int64_t m, int64_t gi) { groups_int8<kBatchTile>(w, xq, out, m, gi, gi + 1); },
+                  [&](int64_t m, int64_t gi) { groups_int8<1>(w, xq, out, m, gi, gi + 1); }, g);
       }
     });
   } else {
-    const at::Tensor x_sums = block_sums(x);
-    const float* xp = x.data_ptr<float>();
-    const float* sums = x_sums.data_ptr<float>();
+    const std::vector<float> sums = block_sums(x, m_total, w.cols);
     at::parallel_for(0, w.groups, grain, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
-        over_rows([&](int64_t m, int64_t gi) { groups_float<kBatchTile>(w, xp, sums, op, m, gi, gi + 1); },
-                  [&](int64_t m, int64_t gi) { groups_float<1>(w, xp, sums, op, m, gi, gi + 1); }, g);
+        over_rows([&](int64_t m, int64_t gi) { groups_float<kBatchTile>(w, x, sums.data(), out, m, gi, gi + 1); },
+                  [&](int64_t m, int64_t gi) { groups_float<1>(w, x, sums.data(), out, m, gi, gi + 1); }, g);
       }
     });
   }
+}
+
+}  // namespace leanlm
+
+namespace {
+
+// (M, K) float activations -> (M, groups * 8) float outputs; rows past w.rows are the layout's padding.
+at::Tensor matvec(const Weights& w, const at::Tensor& x, bool int8_activations) {
+  at::Tensor out = at::empty({x.size(0), w.groups * kRows}, x.options());
+  leanlm::matmul_into(w, x.data_ptr<float>(), x.size(0), out.data_ptr<float>(), int8_activations);
   return out;
 }
 
@@ -315,6 +299,24 @@ at::Tensor dequantize_transposed(const Weights& w) {
   return dense;
 }
 
+at::Tensor quantized_linear(const at::Tensor& x, const Weights& w, const c10::optional<at::Tensor>& bias,
+                            bool int8_activations) {
+  TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU");
+  TORCH_CHECK(x.size(-1) == w.cols, "x has ", x.size(-1), " features, the weight expects ", w.cols);
+  const at::Tensor x2d = x.reshape({-1, w.cols});
+  at::Tensor out = matvec(w, x2d.to(at::kFloat).contiguous(), int8_activations);
+  if (x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());
+  if (out.size(1) != w.rows) out = out.narrow(1, 0, w.rows);
+  if (bias.has_value()) out = out + bias->to(out.scalar_type());
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = w.rows;
+  return out.reshape(shape);
+}
+
+}  // namespace
+
+namespace leanlm {
+
 Weights check_weights(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
                       int64_t rows, bool q4) {
   TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() && codes.dim() == 3 && codes.scalar_type() == at::kByte,
@@ -336,24 +338,6 @@ Weights check_weights(const at::Tensor& codes, const at::Tensor& scales, const c
   return Weights{codes.data_ptr<uint8_t>(), scales.data_ptr(), offset_ptr, rows, blocks * kBlock, groups,
                  blocks, q4, half_params};
 }
-
-at::Tensor quantized_linear(const at::Tensor& x, const Weights& w, const c10::optional<at::Tensor>& bias,
-                            bool int8_activations) {
-  TORCH_CHECK(x.device().is_cpu(), "x must be on the CPU");
-  TORCH_CHECK(x.size(-1) == w.cols, "x has ", x.size(-1), " features, the weight expects ", w.cols);
-  const at::Tensor x2d = x.reshape({-1, w.cols});
-  at::Tensor out = matvec(w, x2d.to(at::kFloat).contiguous(), int8_activations);
-  if (x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());
-  if (out.size(1) != w.rows) out = out.narrow(1, 0, w.rows);
-  if (bias.has_value()) out = out + bias->to(out.scalar_type());
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = w.rows;
-  return out.reshape(shape);
-}
-
-}  // namespace
-
-namespace leanlm {
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias, int64_t rows,
