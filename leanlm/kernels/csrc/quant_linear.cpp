@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -80,46 +81,59 @@ inline __m256i dot_u8_s8(__m256i sum, __m256i u, __m256i s) { return _mm256_dpbu
 #define LEANLM_VNNI 1
 #endif
 
-inline __m256i block_dot_q4(const uint8_t* block, const int8_t* x) {
-  const __m256i low_mask = _mm256_set1_epi8(0x0F);
-#ifdef LEANLM_VNNI
-  __m256i sum32 = _mm256_setzero_si256();
-  for (int j = 0; j < 4; ++j) {
-    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * j));
-    sum32 = dot_u8_s8(sum32, _mm256_and_si256(packed, low_mask), broadcast4(x + 4 * j));
-    sum32 = dot_u8_s8(sum32, _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask), broadcast4(x + 16 + 4 * j));
-  }
-  return sum32;
-#else
-  __m256i sum16 = _mm256_setzero_si256();  // 8 slabs x 2 products x 15 x 127 < 32767: int16 lanes never overflow
-  for (int j = 0; j < 4; ++j) {
-    const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * j));
-    const __m256i low = _mm256_and_si256(packed, low_mask);
-    const __m256i high = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
-    sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(low, broadcast4(x + 4 * j)));
-    sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(high, broadcast4(x + 16 + 4 * j)));
-  }
-  return _mm256_madd_epi16(sum16, _mm256_set1_epi16(1));
-#endif
-}
+// A block of 8 rows decoded once into 8 vectors of unsigned bytes (q4: the nibbles of inputs 4j..4j+3 in u[2j]
+// and of 16+4j.. in u[2j+1]; q8: |code| of inputs 4c..4c+3 in u[c], the codes themselves in sign[c]), then
+// multiplied by every activation row of the tile: prefill and batched decoding decode each block once.
+template <bool Q4>
+struct DecodedBlock {
+  __m256i u[8];
+  __m256i sign[Q4 ? 1 : 8];
 
-inline __m256i block_dot_q8(const uint8_t* block, const int8_t* x) {
-  __m256i sum32 = _mm256_setzero_si256();
-  for (int c = 0; c < 8; ++c) {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * c));
-    const __m256i xc = broadcast4(x + 4 * c);
-    // Both instructions multiply unsigned by signed bytes: move w's sign onto x and use |w|.
+  explicit DecodedBlock(const uint8_t* block) {
+    if constexpr (Q4) {
+      const __m256i low_mask = _mm256_set1_epi8(0x0F);
+      for (int j = 0; j < 4; ++j) {
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * j));
+        u[2 * j] = _mm256_and_si256(packed, low_mask);
+        u[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
+      }
+    } else {
+      for (int c = 0; c < 8; ++c) {
+        sign[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * c));
+        u[c] = _mm256_sign_epi8(sign[c], sign[c]);  // both instructions multiply unsigned by signed bytes
+      }
+    }
+  }
+
+  // The 4 activation bytes that slab i multiplies, with q8's weight signs moved onto them.
+  __m256i activations(const int8_t* x, int i) const {
+    if constexpr (Q4) return broadcast4(x + (i % 2) * 16 + 4 * (i / 2));
+    return _mm256_sign_epi8(broadcast4(x + 4 * i), sign[i]);
+  }
+
+  // Dot products of the 8 rows with one block of activations, as 8 int32 lanes.
+  __m256i dot(const int8_t* x) const {
 #ifdef LEANLM_VNNI
-    sum32 = dot_u8_s8(sum32, _mm256_sign_epi8(w, w), _mm256_sign_epi8(xc, w));
+    __m256i sum32 = _mm256_setzero_si256();
+    for (int i = 0; i < 8; ++i) sum32 = dot_u8_s8(sum32, u[i], activations(x, i));
+    return sum32;
 #else
-    const __m256i products = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(xc, w));
-    sum32 = _mm256_add_epi32(sum32, _mm256_madd_epi16(products, _mm256_set1_epi16(1)));
+    if constexpr (Q4) {
+      __m256i sum16 = _mm256_setzero_si256();  // 8 x 2 products x 15 x 127 < 32767: int16 lanes never overflow
+      for (int i = 0; i < 8; ++i) sum16 = _mm256_add_epi16(sum16, _mm256_maddubs_epi16(u[i], activations(x, i)));
+      return _mm256_madd_epi16(sum16, _mm256_set1_epi16(1));
+    }
+    __m256i sum32 = _mm256_setzero_si256();  // 2 x 128 x 127 fits int16 once, not 8 times: widen every slab
+    for (int i = 0; i < 8; ++i) {
+      const __m256i products = _mm256_maddubs_epi16(u[i], activations(x, i));
+      sum32 = _mm256_add_epi32(sum32, _mm256_madd_epi16(products, _mm256_set1_epi16(1)));
+    }
+    return sum32;
 #endif
   }
-  return sum32;
-}
+};
 
-template <int Tile>
+template <int Tile, bool Q4>
 void groups_int8(const Weights& w, const QuantizedActivations& xq, float* out, int64_t m0, int64_t g_begin,
                  int64_t g_end) {
   const int8_t* x_codes = xq.codes.data();
@@ -130,13 +144,12 @@ void groups_int8(const Weights& w, const QuantizedActivations& xq, float* out, i
     for (int t = 0; t < Tile; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < w.blocks; ++b) {
       const int64_t at = g * w.blocks + b;
-      const uint8_t* block = w.codes + at * w.block_bytes();
+      const DecodedBlock<Q4> block(w.codes + at * w.block_bytes());
       const __m256 scales = w.scales_at(at);
       const __m256 offsets = w.offsets_at(at);
       for (int t = 0; t < Tile; ++t) {
         const int64_t xb = (m0 + t) * w.blocks + b;
-        const int8_t* x = x_codes + xb * kBlock;
-        const __m256i dot = w.q4 ? block_dot_q4(block, x) : block_dot_q8(block, x);
+        const __m256i dot = block.dot(x_codes + xb * kBlock);
         const __m256 scaled = _mm256_mul_ps(scales, _mm256_set1_ps(x_scales[xb]));
         acc[t] = _mm256_fmadd_ps(scaled, _mm256_cvtepi32_ps(dot), acc[t]);
         if (w.offsets) acc[t] = _mm256_fmadd_ps(offsets, _mm256_set1_ps(x_sums[xb]), acc[t]);
@@ -233,12 +246,17 @@ void matmul_into(const Weights& w, const float* x, int64_t m_total, float* out, 
   };
   if (int8_activations) {
     const QuantizedActivations xq = quantize_activations(x, m_total, w.cols);
-    at::parallel_for(0, w.groups, grain, [&](int64_t begin, int64_t end) {
-      for (int64_t g = begin; g < end; ++g) {
-        over_rows([&](int64_t m, int64_t gi) { groups_int8<kBatchTile>(w, xq, out, m, gi, gi + 1); },
-                  [&](int64_t m, int64_t gi) { groups_int8<1>(w, xq, out, m, gi, gi + 1); }, g);
-      }
-    });
+    auto run = [&](auto q4) {
+      constexpr bool Q4 = decltype(q4)::value;
+      at::parallel_for(0, w.groups, grain, [&](int64_t begin, int64_t end) {
+        for (int64_t g = begin; g < end; ++g) {
+          over_rows([&](int64_t m, int64_t gi) { groups_int8<kBatchTile, Q4>(w, xq, out, m, gi, gi + 1); },
+                    [&](int64_t m, int64_t gi) { groups_int8<1, Q4>(w, xq, out, m, gi, gi + 1); }, g);
+        }
+      });
+    };
+    if (w.q4) run(std::true_type{});
+    else run(std::false_type{});
   } else {
     const std::vector<float> sums = block_sums(x, m_total, w.cols);
     at::parallel_for(0, w.groups, grain, [&](int64_t begin, int64_t end) {
