@@ -16,13 +16,14 @@ from leanlm.cache.kv_cache import quantize_per_vector
 Index = torch.Tensor | slice  # slots: a (N,) int64 tensor, or a slice when they are consecutive
 
 
-class KVSlab(NamedTuple):
-    """One sequence stored in consecutive slots: what a whole-stack kernel needs to write and read its cache."""
+class StackLayout(NamedTuple):
+    """Where one step's token rows live in the cache, for a kernel that runs every layer in one call."""
 
     keys: torch.Tensor  # (num_layers, H_kv, num_slots, D), the whole cache
     values: torch.Tensor
-    first_slot: int  # the slot of the sequence's position 0
-    start: int  # positions before it are already in the cache
+    block_tables: torch.Tensor  # (B, W) int64: block ids of each sequence, padded
+    block_size: int
+    row_sequence: torch.Tensor  # (N,) int64: the sequence of each token row
 
 
 class PagedKVCache:

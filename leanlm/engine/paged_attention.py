@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from leanlm.cache.paged_kv import Index, KVSlab, PagedKVCache
+from leanlm.cache.paged_kv import Index, PagedKVCache, StackLayout
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,10 @@ class PagedAttention:
             decode,
             others,
         )
+        self.sequences: list[SequenceSlice] = []  # set by build_paged_attention
+
+    def layout(self) -> StackLayout:
+        return stack_layout(self.cache, self.sequences)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: (1, H, N, D); k, v: (1, H_kv, N, D). Returns (1, H, N, D) in the cache's compute dtype."""
@@ -92,12 +96,15 @@ class ContiguousAttention:
     """One sequence whose blocks are consecutive (batch-1 decoding, mostly): the cache is a contiguous cache here,
     so each layer copies its new keys and values into place and attends over a view, like KVCache does."""
 
-    def __init__(self, cache: PagedKVCache, backend: Callable, sequence: SequenceSlice, first_slot: int, views):
+    def __init__(self, cache: PagedKVCache, backend: Callable, sequence: SequenceSlice, views):
         self.dtype, self.backend = cache.dtype, backend
         self.keys, self.values = views  # (L, 1, H_kv, S, D): the sequence's slots in every layer
         written = slice(sequence.start, sequence.length)
         self.new_keys, self.new_values = self.keys[:, :, :, written], self.values[:, :, :, written]
-        self.slab = KVSlab(cache.keys, cache.values, first_slot, sequence.start)  # for a whole-stack kernel
+        self.cache, self.sequences = cache, [sequence]
+
+    def layout(self) -> StackLayout:
+        return stack_layout(self.cache, self.sequences)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.new_keys[layer].copy_(k)  # (1, H_kv, T, D), converted to the cache dtype
@@ -114,7 +121,7 @@ def build_paged_attention(
         first = sequences[0].block_ids[0] * size
         views = cache.views(slice(first, first + sequences[0].length))
         if views is not None:
-            return ContiguousAttention(cache, backend, sequences[0], first, views)
+            return ContiguousAttention(cache, backend, sequences[0], views)
     num_decode = 0
     while num_decode < len(sequences) and sequences[num_decode].num_tokens == 1:
         num_decode += 1
@@ -133,7 +140,19 @@ def build_paged_attention(
     for seq in sequences[num_decode:]:
         others.append(_Segment(slice(row, row + seq.num_tokens), _key_slots(seq, size, device)))
         row += seq.num_tokens
-    return PagedAttention(cache, backend, write_slots, decode, others)
+    attention = PagedAttention(cache, backend, write_slots, decode, others)
+    attention.sequences = sequences
+    return attention
+
+
+def stack_layout(cache: PagedKVCache, sequences: list[SequenceSlice]) -> StackLayout:
+    """The block tables of one step's sequences, for a model that runs all its layers in one kernel call."""
+    device = cache.keys.device
+    width = max(len(seq.block_ids) for seq in sequences)
+    tables = torch.tensor([seq.block_ids + [0] * (width - len(seq.block_ids)) for seq in sequences], device=device)
+    counts = torch.tensor([seq.num_tokens for seq in sequences], device=device)
+    row_sequence = torch.repeat_interleave(torch.arange(len(sequences), device=device), counts)
+    return StackLayout(cache.keys, cache.values, tables, cache.block_size, row_sequence)
 
 
 def _key_slots(seq: SequenceSlice, size: int, device: torch.device | str) -> Index:

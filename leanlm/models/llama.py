@@ -155,10 +155,11 @@ class LlamaForCausalLM(nn.Module):
         or (B, R, V) for the R columns in logits_indices. `attend` (paged attention) replaces cache/start/mask."""
         x = self.embed_tokens(input_ids)
         cos, sin = self._cos_sin(positions, x.dtype)
-        slab = getattr(attend, "slab", None)  # one sequence over a contiguous stretch of the paged cache
-        stack_fits = slab is not None and self.attention_name == "sdpa" and x.dtype == slab.keys.dtype == torch.float32
-        if self.decoder_stack is not None and stack_fits:
-            x = self.decoder_stack.forward(x[0], cos[0, 0], sin[0, 0], *slab)[None]
+        layout = attend.layout() if self.decoder_stack is not None and hasattr(attend, "layout") else None
+        if layout is not None and self.attention_name == "sdpa" and x.dtype == layout.keys.dtype == torch.float32:
+            # the whole step in one C++ call (paged attention included), same bits as the loop below
+            x = self.decoder_stack.forward(x[0], cos[0, 0], sin[0, 0], *layout[:4], layout.row_sequence, positions[0])
+            x = x[None]
         else:
             ctx = ForwardContext(cos, sin, cache, start, mask, self.attention, attend)
             for layer in self.layers:

@@ -1,7 +1,7 @@
 """The one-call decoder stack (kernels/csrc/decoder_stack.cpp) against the module path, on the default model at its
 native 4-bit precision: it claims to be lossless, so logits, cache contents and greedy tokens must be identical
-bit for bit, for a prefill, decode steps and a chunk continuing a cache, with int8 and with float activations;
-and a request alone (the stack) must give the same tokens as in a batch (the module path).
+bit for bit: for one sequence (a prefill, decode steps, a chunk continuing a cache) with int8 and with float
+activations; for steps that mix sequences in scattered blocks; and through the engine, alone or batched.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def run_chunks(model, cache, ids, chunks, stack):
         for size in chunks:
             sequence = SequenceSlice(start, size, list(range(2, 8)), contiguous=True)
             attend = build_paged_attention(cache, model.attention, [sequence])
-            assert hasattr(attend, "slab")  # a single contiguous sequence: the case the stack takes
+            assert hasattr(attend, "layout")
             chunk = torch.tensor([ids[start : start + size]])
             logits.append(model(chunk, torch.arange(start, start + size)[None], attend=attend))
             start += size
@@ -68,6 +68,39 @@ def test_stack_equals_the_module_path_bit_for_bit(checkpoint, mode):
     assert torch.equal(with_stack.values[:, :, used], without.values[:, :, used])
 
 
+@torch.inference_mode()
+def test_mixed_steps_over_scattered_blocks_equal_the_module_path(checkpoint):
+    model = build_model(checkpoint.config, checkpoint.weights, torch.float32, "cpu", "auto")
+    ids = checkpoint.tokenizer.encode("In 1905 Albert Einstein published four papers that changed physics: " * 2)
+    a, b, c = [5, 1, 3], [2, 7, 4], [6, 0]  # block ids, deliberately out of order
+    steps = [  # (block ids, start, number of tokens) per sequence; every step's rows in the model runner's order
+        [(a, 0, 20), (b, 0, 33)],
+        [(a, 20, 1), (b, 33, 1), (c, 0, 9)],
+        [(a, 21, 1), (b, 34, 1), (c, 9, 12)],
+    ]
+    caches = {True: new_cache(model), False: new_cache(model)}
+    saved = model.decoder_stack
+    try:
+        for step in steps:
+            sequences = [SequenceSlice(start, n, blocks, contiguous=False) for blocks, start, n in step]
+            tokens = torch.tensor([[ids[p % len(ids)] for _, start, n in step for p in range(start, start + n)]])
+            positions = torch.tensor([[p for _, start, n in step for p in range(start, start + n)]])
+            logits = {}
+            for use_stack, cache in caches.items():
+                model.decoder_stack = saved if use_stack else None
+                attend = build_paged_attention(cache, model.attention, sequences)
+                logits[use_stack] = model(tokens, positions, attend=attend)
+            assert torch.equal(logits[True], logits[False])
+        written = torch.tensor(
+            [blocks[p // 16] * 16 + p % 16 for blocks, length in ((a, 22), (b, 35), (c, 21)) for p in range(length)]
+        )
+        for kind in ("keys", "values"):
+            stored = [getattr(cache, kind)[:, :, written] for cache in caches.values()]
+            assert torch.equal(*stored)
+    finally:
+        model.decoder_stack = saved
+
+
 def test_requests_alone_match_the_same_requests_batched(checkpoint):
     model = build_model(checkpoint.config, checkpoint.weights, torch.float32, "cpu", "auto")
     ids = checkpoint.tokenizer.encode("def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1)")
@@ -85,6 +118,11 @@ def test_requests_alone_match_the_same_requests_batched(checkpoint):
 
     alone = [run([prompt])[0] for prompt in prompts]
     assert run(prompts) == alone
+    saved, model.decoder_stack = model.decoder_stack, None
+    try:
+        assert run(prompts) == alone  # the module path
+    finally:
+        model.decoder_stack = saved
 
 
 def test_models_the_stack_cannot_run_keep_the_module_path(checkpoint, default_gguf_path):

@@ -1,7 +1,7 @@
-// The whole stack of Llama-family decoder layers in one call, for one sequence whose KV cache is a contiguous
-// stretch of slots (batch-1 decoding and single-prompt prefill). On a small model the module path's ~25 torch
-// dispatches, temporary tensors and Python calls per layer cost more than the layer's arithmetic; here a layer
-// is a handful of loops over buffers allocated once per call.
+// The whole stack of Llama-family decoder layers in one call, for one engine step: any mix of prefill chunks
+// and decode tokens of sequences in the paged KV cache. On a small model the module path's ~25 torch dispatches,
+// temporary tensors and Python calls per layer, and its gathers of cached keys for batched attention, cost more
+// than the layer's arithmetic; here a layer is a handful of loops over buffers allocated once per call.
 //
 // Each step runs the same row/query functions as the torch ops (kernels.h) on the same values in the same order,
 // so the result is the same bit for bit as the module path; the engine's lossless tests compare the two (a
@@ -9,7 +9,8 @@
 //
 //   stack = torch.classes.leanlm.DecoderStack(heads, kv_heads, head_dim, eps, scale, int8_activations)
 //   stack.add_layer(input_norm, post_norm, [codes, scales, offsets, bias] x (qkv, o, gate_up, down), rows)
-//   x = stack.forward(x (T, hidden), cos (T, D), sin (T, D), keys, values (L, H_kv, slots, D), first_slot, start)
+//   x = stack.forward(x (N, hidden), cos (N, D), sin (N, D), keys, values (L, H_kv, slots, D),
+//                     block_tables (B, W), block_size, row_sequence (N,), row_position (N,))
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -78,44 +79,67 @@ struct DecoderStack : torch::CustomClassHolder {
     layers.push_back(Layer{input_norm.contiguous(), post_norm.contiguous(), linear(0), linear(1), linear(2), linear(3)});
   }
 
-  // x: (T, hidden) float32, the embedded tokens at positions start..start+T-1 of the sequence whose position 0
-  // is slot first_slot of keys/values (L, H_kv, slots, D). Writes the new keys and values; returns the hidden states.
+  // One forward pass over N token rows from B sequences of the paged cache (keys, values: (L, H_kv, slots, D)).
+  // Row r is sequence row_sequence[r] at position row_position[r]; position p of sequence s lives in slot
+  // block_tables[s][p / block_size] * block_size + p % block_size. Each row's key and value are written to its
+  // slot, then it attends causally over its sequence's slots 0..position. Returns the hidden states (N, hidden).
   at::Tensor forward(at::Tensor x_in, at::Tensor cos_in, at::Tensor sin_in, at::Tensor keys, at::Tensor values,
-                     int64_t first_slot, int64_t start) {
-    const int64_t length = x_in.size(0), hidden = x_in.size(1), dim = head_dim, group = heads / kv_heads;
-    const int64_t total = start + length;
-    TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "DecoderStack: x must be (T, hidden) float32");
+                     at::Tensor block_tables_in, int64_t block_size, at::Tensor row_sequence_in,
+                     at::Tensor row_position_in) {
+    const int64_t rows = x_in.size(0), hidden = x_in.size(1), dim = head_dim, group = heads / kv_heads;
+    TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "DecoderStack: x must be (N, hidden) float32");
     TORCH_CHECK(keys.scalar_type() == at::kFloat && keys.is_contiguous() && values.is_contiguous() &&
                     keys.sizes() == values.sizes() && keys.size(0) == static_cast<int64_t>(layers.size()) &&
-                    keys.size(1) == kv_heads && keys.size(3) == dim && first_slot + total <= keys.size(2),
+                    keys.size(1) == kv_heads && keys.size(3) == dim,
                 "DecoderStack: keys and values must be contiguous float32 (layers, kv_heads, slots, head_dim)");
+    const at::Tensor tables = block_tables_in.to(at::kLong).contiguous();
+    const at::Tensor row_sequence = row_sequence_in.to(at::kLong).contiguous();
+    const at::Tensor row_position = row_position_in.to(at::kLong).contiguous();
+    TORCH_CHECK(tables.dim() == 2 && row_sequence.numel() == rows && row_position.numel() == rows,
+                "DecoderStack: one sequence index and one position per row, a (sequences, blocks) table");
+    const int64_t slots = keys.size(2);
+    const int64_t* seq_of = row_sequence.data_ptr<int64_t>();
+    const int64_t* pos_of = row_position.data_ptr<int64_t>();
+    // The slots of every position each sequence attends to, looked up once for all layers.
+    std::vector<std::vector<int64_t>> sequence_slots(tables.size(0));
+    for (int64_t r = 0; r < rows; ++r) {
+      TORCH_CHECK(seq_of[r] >= 0 && seq_of[r] < tables.size(0) && pos_of[r] >= 0 &&
+                      pos_of[r] < tables.size(1) * block_size,
+                  "DecoderStack: row ", r, " points outside its block table");
+      std::vector<int64_t>& known = sequence_slots[seq_of[r]];
+      const int64_t* table = tables.data_ptr<int64_t>() + seq_of[r] * tables.size(1);
+      for (int64_t p = static_cast<int64_t>(known.size()); p <= pos_of[r]; ++p) {
+        const int64_t slot = table[p / block_size] * block_size + p % block_size;
+        TORCH_CHECK(slot >= 0 && slot < slots, "DecoderStack: block table entry outside the cache");
+        known.push_back(slot);
+      }
+    }
     at::Tensor x = x_in.contiguous().clone();  // the residual stream, updated in place
     const at::Tensor cos = cos_in.contiguous(), sin = sin_in.contiguous();
     const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
     const Layer& first = layers.front();
-    std::vector<float> normed(length * hidden), qkv(length * first.qkv.width()), q(heads * length * dim),
-        attended(length * heads * dim), projected(length * std::max(first.o.width(), first.down.width())),
-        gate_up(length * first.gate_up.width()), activated(length * first.gate_up.weights.rows / 2);
+    std::vector<float> normed(rows * hidden), qkv(rows * first.qkv.width()), q(rows * heads * dim),
+        attended(rows * heads * dim), projected(rows * std::max(first.o.width(), first.down.width())),
+        gate_up(rows * first.gate_up.width()), activated(rows * first.gate_up.weights.rows / 2);
     float* xp = x.data_ptr<float>();
-    const int64_t slots = keys.size(2);
     const float sc = static_cast<float>(scale);
     for (size_t l = 0; l < layers.size(); ++l) {
       const Layer& layer = layers[l];
       float* layer_keys = keys.data_ptr<float>() + l * kv_heads * slots * dim;  // (H_kv, slots, D)
       float* layer_values = values.data_ptr<float>() + l * kv_heads * slots * dim;
-      for (int64_t t = 0; t < length; ++t)
-        leanlm::rms_norm_row(xp + t * hidden, layer.input_norm.data_ptr<float>(), normed.data() + t * hidden, hidden,
+      for (int64_t r = 0; r < rows; ++r)
+        leanlm::rms_norm_row(xp + r * hidden, layer.input_norm.data_ptr<float>(), normed.data() + r * hidden, hidden,
                              eps);
-      layer.qkv(normed.data(), length, qkv.data(), int8_activations);
+      layer.qkv(normed.data(), rows, qkv.data(), int8_activations);
       // RoPE on the query and key heads; new keys and values go straight to their cache slots.
       const int64_t qkv_width = layer.qkv.width();
-      for (int64_t t = 0; t < length; ++t) {
-        const float* row = qkv.data() + t * qkv_width;
-        const int64_t slot = first_slot + start + t;
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* row = qkv.data() + r * qkv_width;
+        const int64_t slot = sequence_slots[seq_of[r]][pos_of[r]];
         for (int64_t h = 0; h < heads; ++h)
-          leanlm::rotary_row(row + h * dim, 1, cp + t * dim, sp + t * dim, q.data() + (h * length + t) * dim, dim);
+          leanlm::rotary_row(row + h * dim, 1, cp + r * dim, sp + r * dim, q.data() + (r * heads + h) * dim, dim);
         for (int64_t h = 0; h < kv_heads; ++h) {
-          leanlm::rotary_row(row + (heads + h) * dim, 1, cp + t * dim, sp + t * dim,
+          leanlm::rotary_row(row + (heads + h) * dim, 1, cp + r * dim, sp + r * dim,
                              layer_keys + (h * slots + slot) * dim, dim);
           std::memcpy(layer_values + (h * slots + slot) * dim, row + (heads + kv_heads + h) * dim,
                       dim * sizeof(float));
@@ -123,27 +147,29 @@ struct DecoderStack : torch::CustomClassHolder {
       }
       {
         RECORD_FUNCTION("leanlm::causal_attention", c10::ArrayRef<const c10::IValue>{});
-        at::parallel_for(0, heads * length, 1, [&](int64_t begin, int64_t end) {
-          std::vector<float> scores(total);
+        at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
+          std::vector<float> scores;
           for (int64_t item = begin; item < end; ++item) {
-            const int64_t h = item / length, t = item % length;
-            const int64_t kv = (h / group) * slots + first_slot;
-            leanlm::attend_query(q.data() + item * dim, layer_keys + kv * dim, dim, layer_values + kv * dim, dim,
-                                 start + t, nullptr, sc, dim, scores.data(), attended.data() + (t * heads + h) * dim);
+            const int64_t r = item / heads, h = item % heads;
+            scores.resize(pos_of[r] + 1);
+            const int64_t kv = (h / group) * slots * dim;
+            leanlm::attend_query(q.data() + item * dim, layer_keys + kv, dim, layer_values + kv, dim, pos_of[r],
+                                 sequence_slots[seq_of[r]].data(), nullptr, sc, dim, scores.data(),
+                                 attended.data() + item * dim);
           }
         });
       }
-      layer.o(attended.data(), length, projected.data(), int8_activations);
-      add_rows(xp, projected.data(), length, hidden, layer.o.width());
-      for (int64_t t = 0; t < length; ++t)
-        leanlm::rms_norm_row(xp + t * hidden, layer.post_norm.data_ptr<float>(), normed.data() + t * hidden, hidden,
+      layer.o(attended.data(), rows, projected.data(), int8_activations);
+      add_rows(xp, projected.data(), rows, hidden, layer.o.width());
+      for (int64_t r = 0; r < rows; ++r)
+        leanlm::rms_norm_row(xp + r * hidden, layer.post_norm.data_ptr<float>(), normed.data() + r * hidden, hidden,
                              eps);
-      layer.gate_up(normed.data(), length, gate_up.data(), int8_activations);
+      layer.gate_up(normed.data(), rows, gate_up.data(), int8_activations);
       const int64_t half = layer.gate_up.weights.rows / 2;
-      for (int64_t t = 0; t < length; ++t)
-        leanlm::silu_mul_row(gate_up.data() + t * layer.gate_up.width(), activated.data() + t * half, half);
-      layer.down(activated.data(), length, projected.data(), int8_activations);
-      add_rows(xp, projected.data(), length, hidden, layer.down.width());
+      for (int64_t r = 0; r < rows; ++r)
+        leanlm::silu_mul_row(gate_up.data() + r * layer.gate_up.width(), activated.data() + r * half, half);
+      layer.down(activated.data(), rows, projected.data(), int8_activations);
+      add_rows(xp, projected.data(), rows, hidden, layer.down.width());
     }
     return x;
   }

@@ -60,11 +60,12 @@ void rotary_row(const float* x, int64_t stride, const float* cos, const float* s
 }
 
 void attend_query(const float* q, const float* key0, int64_t key_stride, const float* value0, int64_t value_stride,
-                  int64_t last, const bool* mask, float scale, int64_t dim, float* scores, float* out) {
+                  int64_t last, const int64_t* slots, const bool* mask, float scale, int64_t dim, float* scores,
+                  float* out) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   float best = kNegInf;
   for (int64_t j = 0; j <= last; ++j) {
-    scores[j] = (mask && !mask[j]) ? kNegInf : dot(q, key0 + j * key_stride, dim) * scale;
+    scores[j] = (mask && !mask[j]) ? kNegInf : dot(q, key0 + (slots ? slots[j] : j) * key_stride, dim) * scale;
     best = std::max(best, scores[j]);
   }
   std::fill(out, out + dim, 0.f);
@@ -73,7 +74,7 @@ void attend_query(const float* q, const float* key0, int64_t key_stride, const f
     if (scores[j] == kNegInf) continue;
     const float p = std::exp(scores[j] - best);
     total += p;
-    const float* value = value0 + j * value_stride;
+    const float* value = value0 + (slots ? slots[j] : j) * value_stride;
     const __m256 weight = _mm256_set1_ps(p);
     int64_t d = 0;
     for (; d + 8 <= dim; d += 8)
@@ -182,7 +183,7 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k_in, const a
       const bool* row_mask = mp ? mp + (b * queries + t) * keys : nullptr;
       const int64_t last = mp ? keys - 1 : keys - queries + t;  // a mask replaces the causal rule, as in SDPA
       attend_query(qp + item * dim, kp + b * kb + (h / group) * kh, ks, vp + b * vb + (h / group) * vh, vs, last,
-                   row_mask, static_cast<float>(scale), dim, scores.data(), op + item * dim);
+                   nullptr, row_mask, static_cast<float>(scale), dim, scores.data(), op + item * dim);
     }
   });
   return out;

@@ -50,9 +50,11 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c
 void rms_norm_row(const float* row, const float* weight, float* out, int64_t width, double eps);
 void silu_mul_row(const float* gate_up, float* out, int64_t half);
 void rotary_row(const float* x, int64_t stride, const float* cos, const float* sin, float* out, int64_t dim);
-// softmax(q k_j * scale) v over keys j = 0..last (mask: true = may attend, or null); scores: last + 1 floats.
+// softmax(q k_j * scale) v over keys j = 0..last, key j at row slots[j] of key0 (or row j when slots is null);
+// mask: true = may attend, or null. scores: last + 1 floats of scratch.
 void attend_query(const float* q, const float* key0, int64_t key_stride, const float* value0, int64_t value_stride,
-                  int64_t last, const bool* mask, float scale, int64_t dim, float* scores, float* out);
+                  int64_t last, const int64_t* slots, const bool* mask, float scale, int64_t dim, float* scores,
+                  float* out);
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor silu_mul(const at::Tensor& gate_up);
