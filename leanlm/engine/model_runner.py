@@ -15,7 +15,8 @@ import torch
 from leanlm.cache.paged_kv import PagedKVCache
 from leanlm.engine.paged_attention import SequenceSlice, build_paged_attention
 from leanlm.engine.scheduler import ScheduledRequest, SchedulerOutput
-from leanlm.sampling.batch import SamplingState, sample_batch
+from leanlm.sampling.batch import sample_batch
+from leanlm.sampling.state import SamplingState
 from leanlm.sampling_params import SamplingParams
 
 

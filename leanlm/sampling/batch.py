@@ -1,59 +1,30 @@
 """Sample the next token of every request of a step at once.
 
 sampler.py is the reference, one request at a time: about eight full-vocabulary ops per request and step, a
-full sort among them (top-p), which made sampling cost more than the forward pass at 16 requests. Here each
-filter is one op over the rows that use it, top-p sorts only the most likely candidates, and each row draws a
-single number from its own generator (inverse CDF). Every op works row by row, so a request's token does not
-depend on what else shares its batch: a seed reproduces the same tokens in any batch, and greedy rows are
-plain argmaxes of their (penalized) logits.
+full sort among them (top-p), which made sampling cost more than the forward pass at 16 requests. Here the
+penalty, temperature and softmax are one op each over all rows; top-k, top-p and min-p work among each row's
+most likely candidates only (one top-k per step); each row draws a single number from its own generator
+(inverse CDF). Every op works row by row, with sizes that depend only on the row itself, so a request's token
+does not depend on what else shares its batch: a seed reproduces the same tokens in any batch, and greedy rows
+are plain argmaxes of their (penalized) logits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
+from leanlm.sampling.state import SamplingState
 from leanlm.sampling_params import SamplingParams
 
-# Top-p first looks for its cut among this many most likely tokens; a row whose candidates hold less than
-# top_p of the probability (a very flat distribution) falls back to all of its tokens.
-TOP_P_CANDIDATES = 256
+# The filters first look for a row's kept tokens among its this many most likely ones; a row whose kept set goes
+# further (a flat distribution under top-p, top_k above this) looks again among more.
+CANDIDATES = 256
+CANDIDATES_GROWTH = 8  # ... then among 8x as many, until the whole vocabulary
 
-NEG_INF = float("-inf")
 
 RowSample = tuple[int, float | None, list[tuple[int, float]] | None]  # token, its logprob, top (id, logprob)
-
-
-class SamplingState:
-    """What one request keeps between steps: its params, its seeded generator, the tokens it has seen."""
-
-    def __init__(self, params: SamplingParams, prompt_token_ids: Sequence[int], device: torch.device | str = "cpu"):
-        self.params = params
-        self.device = torch.device(device)
-        self.generator = None
-        if params.seed is not None and not params.greedy:
-            self.generator = torch.Generator(device=self.device)
-            self.generator.manual_seed(params.seed)
-        self.penalized = params.repetition_penalty != 1.0
-        # The penalty depends only on which tokens were seen: a (V,) mask, updated in O(1) per token.
-        self._seen_ids = list(prompt_token_ids) if self.penalized else None
-        self._seen: torch.Tensor | None = None
-        self.plain_greedy = params.greedy and not self.penalized and params.logprobs is None
-
-    def seen_mask(self, vocab_size: int) -> torch.Tensor:
-        if self._seen is None:
-            self._seen = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
-            if self._seen_ids:
-                self._seen[torch.tensor(self._seen_ids, dtype=torch.long, device=self.device)] = True
-            self._seen_ids = None
-        return self._seen
-
-    def append(self, token_id: int) -> None:
-        if self._seen is not None:
-            self._seen[token_id] = True
-        elif self._seen_ids is not None:
-            self._seen_ids.append(token_id)
 
 
 def sample_batch(logits: torch.Tensor, states: Sequence[SamplingState]) -> list[RowSample]:
@@ -84,100 +55,119 @@ def sample_batch(logits: torch.Tensor, states: Sequence[SamplingState]) -> list[
     return results
 
 
-# ---- the filters: each works in place on the rows that use it -------------------------------------------------
+# ---- the steps ----------------------------------------------------------------------------------------------------
 
 
 def penalize_rows(logits: torch.Tensor, states: Sequence[SamplingState]) -> torch.Tensor:
-    """CTRL repetition penalty on the rows that have one (as sampler.apply_repetition_penalty); the input is
-    left untouched: a new tensor comes back when any row is penalized."""
+    """CTRL repetition penalty on the rows that have one (as sampler.apply_repetition_penalty), touching only the
+    seen tokens' entries; the input is left untouched: a new tensor comes back when any row is penalized."""
     rows = [i for i, state in enumerate(states) if state.penalized]
     if not rows:
         return logits
-    vocab = logits.shape[-1]
-    seen = torch.stack([states[i].seen_mask(vocab) for i in rows])
-    penalty = _column([states[i].params.repetition_penalty for i in rows], logits)
-    sub = logits[_index(rows, logits)]
-    sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
-    out = logits.clone()
-    out[_index(rows, logits)] = sub
+    seen = [states[i].seen.ids for i in rows]
+    counts = torch.tensor([ids.numel() for ids in seen], device=logits.device)
+    offsets = torch.repeat_interleave(_index(rows, logits) * logits.shape[-1], counts)
+    index = torch.cat(seen) + offsets  # positions in the flattened (R * V) logits
+    penalty = torch.repeat_interleave(
+        _column([states[i].params.repetition_penalty for i in rows], logits)[:, 0], counts
+    )
+    out = logits.clone(memory_format=torch.contiguous_format)
+    flat = out.view(-1)
+    picked = flat[index]
+    flat[index] = torch.where(picked > 0, picked / penalty, picked * penalty)
     return out
-
-
-def top_k_rows(logits: torch.Tensor, ks: Sequence[int]) -> None:
-    """Keep each row's k most likely tokens (k = 0: all), in place."""
-    vocab = logits.shape[-1]
-    rows = [i for i, k in enumerate(ks) if 0 < k < vocab]
-    if not rows:
-        return
-    sub = _rows(logits, rows)
-    k = torch.tensor([ks[i] for i in rows], dtype=torch.long, device=logits.device)
-    kth = sub.topk(int(k.max())).values.gather(1, (k - 1)[:, None])  # each row's k-th largest value
-    _assign(logits, rows, sub.masked_fill(sub < kth, NEG_INF))
-
-
-def top_p_rows(logits: torch.Tensor, ps: Sequence[float], candidates: int = TOP_P_CANDIDATES) -> None:
-    """Keep each row's smallest set of most likely tokens whose probability reaches p (p >= 1: all), in place."""
-    vocab = logits.shape[-1]
-    rows = [i for i, p in enumerate(ps) if p < 1.0]
-    if not rows:
-        return
-    sub = _rows(logits, rows)
-    p = _column([ps[i] for i in rows], logits)
-    drop, covered = _top_p_drop(sub, p, min(candidates, vocab))
-    for r in (~covered).nonzero().flatten().tolist():  # the cut lies beyond the candidates: look at every token
-        drop[r] = _top_p_drop(sub[r : r + 1], p[r : r + 1], vocab)[0][0]
-    _assign(logits, rows, sub.masked_fill(drop, NEG_INF))
-
-
-def min_p_rows(logits: torch.Tensor, min_ps: Sequence[float]) -> None:
-    """Drop tokens less likely than min_p times the row's most likely one (min_p = 0: none), in place."""
-    rows = [i for i, m in enumerate(min_ps) if m > 0]
-    if not rows:
-        return
-    sub = _rows(logits, rows)
-    probs = sub.softmax(-1)
-    floor = _column([min_ps[i] for i in rows], logits) * probs.amax(-1, keepdim=True)
-    _assign(logits, rows, sub.masked_fill(probs < floor, NEG_INF))
 
 
 def draw_rows(
     logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None]
 ) -> list[int]:
-    """Temperature, top-k, top-p and min-p (in the reference's order), then one draw per row from its generator."""
-    logits = logits / _column([p.temperature for p in params], logits)
-    top_k_rows(logits, [p.top_k for p in params])
-    top_p_rows(logits, [p.top_p for p in params])
-    min_p_rows(logits, [p.min_p for p in params])
-    return inverse_cdf_draw(logits.softmax(-1), generators)
+    """Temperature, then top-k, top-p and min-p (the reference's order), then one draw per row from its generator."""
+    probs = (logits / _column([p.temperature for p in params], logits)).softmax(-1)
+    tokens = [0] * len(params)
+    for rows, ids, weights in candidate_groups(probs, params):
+        positions = inverse_cdf_draw(weights, [generators[r] for r in rows])
+        chosen = positions if ids is None else ids.gather(1, positions[:, None])[:, 0]
+        for r, token in zip(rows, chosen.tolist(), strict=True):
+            tokens[r] = token
+    return tokens
 
 
-def inverse_cdf_draw(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> list[int]:
-    """One token per row with the row's probabilities, from a single uniform number of the row's generator
-    (torch.multinomial would draw one exponential per vocabulary entry)."""
+def candidate_groups(
+    probs: torch.Tensor, params: Sequence[SamplingParams]
+) -> Iterator[tuple[list[int], torch.Tensor | None, torch.Tensor]]:
+    """The tokens each row may draw, as (rows, ids (n, C), weights (n, C)): a kept token's probability, 0 for a
+    dropped one; ids None means the whole vocabulary in order (rows without top-k, top-p or min-p).
+
+    Every filter keeps a prefix of the tokens sorted by probability, so a row's kept set is found among its C most
+    likely tokens as soon as the C-th is dropped: C starts at CANDIDATES and grows only for the rows that
+    need it. The filters never touch the whole vocabulary."""
+    vocab = probs.shape[-1]
+    plain = [i for i, p in enumerate(params) if not _filtered(p, vocab)]
+    if plain:
+        yield plain, None, _rows(probs, plain)
+    left = [i for i, p in enumerate(params) if _filtered(p, vocab)]
+    count = min(CANDIDATES, vocab)
+    while left:
+        ids, weights, covered = _filter_candidates(_rows(probs, left), [params[i] for i in left], count)
+        done = covered.nonzero().flatten()
+        if done.numel():
+            yield [left[j] for j in done.tolist()], ids[done], weights[done]
+        left = [left[j] for j in (~covered).nonzero().flatten().tolist()]
+        count = min(count * CANDIDATES_GROWTH, vocab)
+
+
+def inverse_cdf_draw(weights: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One column per row, with probability proportional to its weight, from a single uniform number of the row's
+    generator (torch.multinomial would draw one exponential per vocabulary entry)."""
     uniform = torch.cat(
-        [torch.rand(1, generator=g, dtype=torch.float64, device=probs.device) for g in generators]
-    )  # (R,) in [0, 1)
-    cdf = probs.double().cumsum(-1)
-    picks = torch.searchsorted(cdf, uniform[:, None] * cdf[:, -1:], right=True)[:, 0]
-    # u * total may round up to the total: never go past the last token that has any probability.
-    last = probs.shape[-1] - 1 - (probs.flip(-1) > 0).to(torch.uint8).argmax(-1)
-    return torch.minimum(picks, last).tolist()
+        [torch.rand(1, generator=g, dtype=torch.float64, device=weights.device) for g in generators]
+    )  # (n,) in [0, 1)
+    cdf = weights.cumsum(-1)  # float32 sums accumulate in float64 on CPU: each entry is off by one rounding at most
+    target = (uniform[:, None] * cdf[:, -1:].double()).to(cdf.dtype)
+    picks = torch.searchsorted(cdf, target, right=True)[:, 0].clamp_(max=weights.shape[-1] - 1)
+    # u * total may round up to the total: such a row takes its last column that has any weight.
+    missed = (weights.gather(1, picks[:, None])[:, 0] == 0).nonzero().flatten()
+    if missed.numel():
+        last = weights.shape[-1] - 1 - (weights[missed].flip(-1) > 0).to(torch.uint8).argmax(-1)
+        picks[missed] = last
+    return picks
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
 
 
-def _top_p_drop(sub: torch.Tensor, p: torch.Tensor, candidates: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tokens top-p drops, found among the `candidates` most likely ones, and whether that sufficed per row."""
-    probs = sub.softmax(-1)
-    top = probs.topk(candidates)  # sorted, most likely first
-    mass = top.values.cumsum(-1)
-    keep = (mass - top.values) < p  # the mass before this token does not reach p yet
-    drop = torch.ones_like(sub, dtype=torch.bool).scatter_(1, top.indices, ~keep)
-    covered = (mass[:, -1] >= p[:, 0]) | (top.values[:, -1] == 0)
-    if candidates == sub.shape[-1]:
-        covered[:] = True
-    return drop, covered
+def _filtered(params: SamplingParams, vocab: int) -> bool:
+    return 0 < params.top_k < vocab or params.top_p < 1.0 or params.min_p > 0
+
+
+def _filter_candidates(
+    probs: torch.Tensor, params: Sequence[SamplingParams], count: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-k, top-p and min-p among each row's `count` most likely tokens: (ids, weights, covered), where covered
+    says that the row's kept set ends within them."""
+    vocab = probs.shape[-1]
+    top = probs.topk(count)  # sorted, most likely first
+    ids, q = top.indices, top.values
+    position = torch.arange(count, device=probs.device)
+    ks = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    k = torch.tensor(ks, device=probs.device)[:, None]
+    keep = position < k
+    if any(p.top_p < 1.0 for p in params):
+        # As the reference: top-p measures mass within what top-k kept (renormalized), min-p after top-p.
+        kept_q = q * keep
+        mass = kept_q.cumsum(-1)
+        limited = k[:, 0] <= count
+        total = torch.where(limited, mass[:, -1], torch.ones_like(mass[:, -1]))[:, None]
+        top_p = _column([p.top_p if p.top_p < 1.0 else float("inf") for p in params], q)  # inf: no cut at all
+        keep &= (mass - kept_q) < top_p * total
+    if any(p.min_p > 0 for p in params):
+        keep &= q >= _column([p.min_p for p in params], q) * q[:, :1]
+    if count == vocab:
+        covered = torch.ones(len(params), dtype=torch.bool, device=probs.device)
+    else:  # top-k's own cut needs all k tokens in view (its renormalization too)
+        covered = (k[:, 0] <= count) | ~keep[:, -1]
+        covered &= (k[:, 0] <= count) | (k[:, 0] == vocab)
+    return ids, q * keep, covered
 
 
 def _logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[RowSample]:
@@ -199,13 +189,6 @@ def _rows(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
     if len(rows) == tensor.shape[0]:
         return tensor
     return tensor[_index(rows, tensor)]
-
-
-def _assign(tensor: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
-    if len(rows) == tensor.shape[0]:
-        tensor.copy_(values)
-    else:
-        tensor[_index(rows, tensor)] = values
 
 
 def _index(rows: list[int], like: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from leanlm.sampling import batch
-from leanlm.sampling.batch import SamplingState, sample_batch
+from leanlm.sampling.batch import sample_batch
 from leanlm.sampling.sampler import (
     Sampler,
     apply_repetition_penalty,
@@ -15,6 +15,7 @@ from leanlm.sampling.sampler import (
     top_k_filter,
     top_p_filter,
 )
+from leanlm.sampling.state import SamplingState, SeenTokens
 from leanlm.sampling_params import SamplingParams
 
 VOCAB = 1000
@@ -28,39 +29,57 @@ def dropped(logits: torch.Tensor) -> list[list[bool]]:
     return torch.isinf(logits).tolist()
 
 
-def test_top_k_matches_reference_per_row():
-    logits = random_logits(5)
-    ks = [0, 1, 7, 40, VOCAB]
-    batched = logits.clone()
-    batch.top_k_rows(batched, ks)
-    assert dropped(batched) == [dropped(top_k_filter(logits[r], k)) for r, k in enumerate(ks)]
+def reference_kept(logits: torch.Tensor, params: SamplingParams) -> list[int]:
+    """The tokens sampler.py's chain of filters leaves finite."""
+    kept = top_k_filter(logits / params.temperature, params.top_k)
+    kept = min_p_filter(top_p_filter(kept, params.top_p), params.min_p)
+    return torch.isfinite(kept).nonzero().flatten().tolist()
 
 
-@pytest.mark.parametrize("scale", [0.05, 1.0, 6.0])  # 0.05: nearly flat, the cut lies beyond the candidates
-def test_top_p_matches_reference_per_row(scale):
-    logits = random_logits(5, seed=1, scale=scale)
-    ps = [1.0, 0.1, 0.5, 0.9, 0.99]
-    batched = logits.clone()
-    batch.top_p_rows(batched, ps, candidates=16)
-    assert dropped(batched) == [dropped(top_p_filter(logits[r], p)) for r, p in enumerate(ps)]
+def batched_kept(logits: torch.Tensor, params: list[SamplingParams]) -> list[list[int]]:
+    temperatures = torch.tensor([p.temperature for p in params])[:, None]
+    kept: list[list[int]] = [[] for _ in params]
+    for rows, ids, weights in batch.candidate_groups((logits / temperatures).softmax(-1), params):
+        for j, r in enumerate(rows):
+            positive = (weights[j] > 0).nonzero().flatten()
+            kept[r] = sorted((positive if ids is None else ids[j][positive]).tolist())
+    return kept
 
 
-def test_top_p_after_top_k_needs_no_fallback(monkeypatch):
-    logits = random_logits(3, seed=2, scale=0.05)
-    batch.top_k_rows(logits, [10, 10, 10])
-    calls = []
-    original = batch._top_p_drop
-    monkeypatch.setattr(batch, "_top_p_drop", lambda *a: calls.append(a[2]) or original(*a))
-    batch.top_p_rows(logits, [0.99] * 3, candidates=16)
-    assert calls == [16]  # the 10 finite tokens hold all the mass: no row looked at the whole vocabulary
+FILTERS = [
+    SamplingParams(temperature=1.0),
+    SamplingParams(temperature=0.7, top_k=1),
+    SamplingParams(temperature=1.0, top_k=7),
+    SamplingParams(temperature=1.0, top_k=40, top_p=0.8),
+    SamplingParams(temperature=1.3, top_k=300),  # more than the candidates: looks further
+    SamplingParams(temperature=1.3, top_k=300, top_p=0.9),
+    SamplingParams(temperature=1.0, top_p=0.1),
+    SamplingParams(temperature=1.0, top_p=0.5),
+    SamplingParams(temperature=0.5, top_p=0.99),
+    SamplingParams(temperature=1.0, min_p=0.05),
+    SamplingParams(temperature=1.0, min_p=0.5),
+    SamplingParams(temperature=1.0, top_k=50, top_p=0.9, min_p=0.1),
+]
 
 
-def test_min_p_matches_reference_per_row():
-    logits = random_logits(4, seed=3)
-    min_ps = [0.0, 0.01, 0.1, 0.5]
-    batched = logits.clone()
-    batch.min_p_rows(batched, min_ps)
-    assert dropped(batched) == [dropped(min_p_filter(logits[r], m)) for r, m in enumerate(min_ps)]
+@pytest.mark.parametrize("scale", [0.05, 1.0, 6.0])  # 0.05: nearly flat, the kept sets go beyond the candidates
+def test_kept_tokens_match_the_reference_filters(monkeypatch, scale):
+    monkeypatch.setattr(batch, "CANDIDATES", 16)
+    logits = random_logits(len(FILTERS), seed=1, scale=scale)
+    expected = [reference_kept(row, p) for row, p in zip(logits, FILTERS, strict=True)]
+    assert batched_kept(logits, FILTERS) == expected
+
+
+def test_only_rows_that_need_it_look_beyond_the_candidates(monkeypatch):
+    monkeypatch.setattr(batch, "CANDIDATES", 16)
+    seen = []
+    original = batch._filter_candidates
+    monkeypatch.setattr(
+        batch, "_filter_candidates", lambda probs, p, n: seen.append((len(p), n)) or original(probs, p, n)
+    )
+    logits = torch.cat([random_logits(2, seed=7, scale=8.0), random_logits(2, seed=8, scale=0.05)])
+    batched_kept(logits, [SamplingParams(temperature=1.0, top_p=0.9)] * 4)
+    assert seen == [(4, 16), (2, 128), (2, 1000)]  # the two flat rows grow their candidates to the whole vocabulary
 
 
 def test_repetition_penalty_matches_reference_and_leaves_input_untouched():
@@ -100,6 +119,8 @@ def test_greedy_rows_and_logprobs_match_the_reference():
 
 MIXED = [
     SamplingParams(temperature=0),
+    SamplingParams(temperature=1.0, min_p=0.2, seed=15),
+    SamplingParams(temperature=1.5, top_k=300, top_p=0.95, seed=16),
     SamplingParams(temperature=0.8, seed=11),
     SamplingParams(temperature=1.0, top_k=20, top_p=0.9, seed=12),
     SamplingParams(temperature=0, repetition_penalty=1.3),
@@ -137,10 +158,28 @@ def test_seeded_draws_repeat_and_follow_the_probabilities():
 def test_draw_never_passes_the_last_possible_token(monkeypatch):
     probs = torch.tensor([[0.25, 0.75, 0.0, 0.0]])
     monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor([1.0], dtype=torch.float64))  # u * total == total
-    assert batch.inverse_cdf_draw(probs, [None]) == [1]
+    assert batch.inverse_cdf_draw(probs, [None]).tolist() == [1]
 
 
 def test_reference_sampler_still_agrees_on_filters_that_leave_one_token():
     logits = random_logits(1, seed=6)[0]
     params = SamplingParams(temperature=1.0, top_k=1, seed=3)
     assert sample_batch(logits[None], [SamplingState(params, [])])[0][0] == Sampler(params)(logits, torch.tensor([]))
+
+
+def test_filtered_draws_follow_the_renormalized_probabilities():
+    logits = torch.tensor([0.5, 0.3, 0.2, 0.0]).log().expand(4000, 4).contiguous()
+    params = [SamplingParams(temperature=1.0, top_k=2, seed=s) for s in range(4000)]
+    counts = torch.bincount(
+        torch.tensor([row[0] for row in sample_batch(logits, [SamplingState(p, []) for p in params])]), minlength=4
+    )
+    assert counts[2:].tolist() == [0, 0]
+    assert abs(counts[0] / 4000 - 0.625) < 0.03
+
+
+def test_seen_tokens_keep_distinct_ids_and_grow_in_place():
+    seen = SeenTokens([5, 3, 5, 9], torch.device("cpu"))
+    assert seen.ids.tolist() == [5, 3, 9]
+    for token in [3, *range(100, 200)]:  # past the first buffer: it doubles
+        seen.add(token)
+    assert seen.ids.tolist() == [5, 3, 9, *range(100, 200)]
