@@ -5,6 +5,8 @@ mode, first unprofiled (the wall time per token, median of --repetitions), then 
 it: each op's self CPU time goes to a category by name, decode steps only (a profiled call with N decode steps
 minus one with none); what the ops do not account for is Python and dispatch (the engine's scheduling,
 sampling and detokenizing included). The profiler adds a little to each op, so "other ops" is an upper bound.
+With leanlm's kernels all decoder layers run as one C++ call (DecoderStack), whose matrix products and
+attention are scoped for the profiler; the rest of its time (norms, RoPE, SiLU, residuals) counts as other ops.
 
     python benchmarks/profile_decode.py [--modes torch,auto] [--tokens 64] [--json out/profile_decode.json]
 """

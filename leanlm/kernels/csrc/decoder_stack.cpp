@@ -4,8 +4,7 @@
 // than the layer's arithmetic; here a layer is a handful of loops over buffers allocated once per call.
 //
 // Each step runs the same row/query functions as the torch ops (kernels.h) on the same values in the same order,
-// so the result is the same bit for bit as the module path; the engine's lossless tests compare the two (a
-// request alone takes this path, the same request in a batch the module path).
+// so the result is the same bit for bit as the module path (tests/numerics/test_decoder_stack.py).
 //
 //   stack = torch.classes.leanlm.DecoderStack(heads, kv_heads, head_dim, eps, scale, int8_activations)
 //   stack.add_layer(input_norm, post_norm, [codes, scales, offsets, bias] x (qkv, o, gate_up, down), rows)
@@ -86,6 +85,8 @@ struct DecoderStack : torch::CustomClassHolder {
   at::Tensor forward(at::Tensor x_in, at::Tensor cos_in, at::Tensor sin_in, at::Tensor keys, at::Tensor values,
                      at::Tensor block_tables_in, int64_t block_size, at::Tensor row_sequence_in,
                      at::Tensor row_position_in) {
+    // A profiler scope: its self time is everything but the matrix products and attention (scoped below).
+    RECORD_FUNCTION("leanlm::decoder_stack", c10::ArrayRef<const c10::IValue>{});
     const int64_t rows = x_in.size(0), hidden = x_in.size(1), dim = head_dim, group = heads / kv_heads;
     TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "DecoderStack: x must be (N, hidden) float32");
     TORCH_CHECK(keys.scalar_type() == at::kFloat && keys.is_contiguous() && values.is_contiguous() &&
