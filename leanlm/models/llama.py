@@ -124,6 +124,7 @@ class LlamaForCausalLM(nn.Module):
         self.attention_name, self.fused_ops = "sdpa", False
         self.attention = ATTENTION_BACKENDS["sdpa"]
         self.decoder_stack = None  # leanlm's one-call decoder layers; see set_fused_ops
+        self._stack_version = None  # QuantizedLinear.runtime_version when decoder_stack was built
 
     def set_attention_backend(self, name: str) -> None:
         self.attention_name = name
@@ -138,7 +139,16 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, RMSNorm | MLP | Attention):
                 module.fused = enabled
         self.set_attention_backend(self.attention_name)
-        self.decoder_stack = _build_decoder_stack(self) if enabled else None
+        self._refresh_decoder_stack()
+
+    def _refresh_decoder_stack(self) -> None:
+        """(Re)build the stack when kernel layouts changed since it was built (or in a copy of the model)."""
+        self.decoder_stack = _build_decoder_stack(self) if self.fused_ops else None
+        self._stack_version = QuantizedLinear.runtime_version
+
+    def __getstate__(self) -> dict:
+        # The stack is a C++ object over this model's tensors: a copy (deepcopy, pickle) builds its own.
+        return {**super().__getstate__(), "decoder_stack": None, "_stack_version": None}
 
     def forward(
         self,
@@ -155,6 +165,8 @@ class LlamaForCausalLM(nn.Module):
         or (B, R, V) for the R columns in logits_indices. `attend` (paged attention) replaces cache/start/mask."""
         x = self.embed_tokens(input_ids)
         cos, sin = self._cos_sin(positions, x.dtype)
+        if self._stack_version != QuantizedLinear.runtime_version:
+            self._refresh_decoder_stack()
         layout = attend.layout() if self.decoder_stack is not None and hasattr(attend, "layout") else None
         if layout is not None and self.attention_name == "sdpa" and x.dtype == layout.keys.dtype == torch.float32:
             # the whole step in one C++ call (paged attention included), same bits as the loop below
