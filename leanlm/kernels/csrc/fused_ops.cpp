@@ -47,7 +47,14 @@ void rms_norm_row(const float* row, const float* weight, float* out, int64_t wid
 
 void silu_mul_row(const float* gate_up, float* out, int64_t half) {
   const float* up = gate_up + half;
-  for (int64_t i = 0; i < half; ++i) out[i] = gate_up[i] / (1.f + std::exp(-gate_up[i])) * up[i];
+  int64_t i = 0;
+  const __m256 one = _mm256_set1_ps(1.f);
+  for (; i + 8 <= half; i += 8) {
+    const __m256 gate = _mm256_loadu_ps(gate_up + i);
+    const __m256 sigmoid_denominator = _mm256_add_ps(one, exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gate)));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(gate, sigmoid_denominator), _mm256_loadu_ps(up + i)));
+  }
+  for (; i < half; ++i) out[i] = gate_up[i] / (1.f + std::exp(-gate_up[i])) * up[i];
 }
 
 void rotary_row(const float* x, int64_t stride, const float* cos, const float* sin, float* out, int64_t dim) {
@@ -68,11 +75,23 @@ void attend_query(const float* q, const float* key0, int64_t key_stride, const f
     scores[j] = (mask && !mask[j]) ? kNegInf : dot(q, key0 + (slots ? slots[j] : j) * key_stride, dim) * scale;
     best = std::max(best, scores[j]);
   }
+  // scores[j] <- exp(scores[j] - best), 8 at a time; masked keys get some value and are skipped below
+  const __m256 shift = _mm256_set1_ps(best);
+  const int64_t count = last + 1, full = count - count % 8;
+  for (int64_t j = 0; j < full; j += 8)
+    _mm256_storeu_ps(scores + j, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + j), shift)));
+  if (full < count) {
+    float tail[8];
+    std::fill(tail, tail + 8, best);
+    std::copy(scores + full, scores + count, tail);
+    _mm256_storeu_ps(tail, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(tail), shift)));
+    std::copy(tail, tail + (count - full), scores + full);
+  }
   std::fill(out, out + dim, 0.f);
   float total = 0.f;
   for (int64_t j = 0; j <= last; ++j) {
-    if (scores[j] == kNegInf) continue;
-    const float p = std::exp(scores[j] - best);
+    if (mask && !mask[j]) continue;
+    const float p = scores[j];
     total += p;
     const float* value = value0 + (slots ? slots[j] : j) * value_stride;
     const __m256 weight = _mm256_set1_ps(p);
