@@ -148,15 +148,15 @@ struct DecoderStack : torch::CustomClassHolder {
       }
       {
         RECORD_FUNCTION("leanlm::causal_attention", c10::ArrayRef<const c10::IValue>{});
-        at::parallel_for(0, rows * heads, 1, [&](int64_t begin, int64_t end) {
+        at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
           std::vector<float> scores;
           for (int64_t item = begin; item < end; ++item) {
-            const int64_t r = item / heads, h = item % heads;
-            scores.resize(pos_of[r] + 1);
-            const int64_t kv = (h / group) * slots * dim;
-            leanlm::attend_query(q.data() + item * dim, layer_keys + kv, dim, layer_values + kv, dim, pos_of[r],
-                                 sequence_slots[seq_of[r]].data(), nullptr, sc, dim, scores.data(),
-                                 attended.data() + item * dim);
+            const int64_t r = item / kv_heads, kvh = item % kv_heads;
+            scores.resize(group * (pos_of[r] + 1));
+            const int64_t kv = kvh * slots * dim, first = (r * heads + kvh * group) * dim;
+            leanlm::attend_queries(q.data() + first, dim, group, layer_keys + kv, dim, layer_values + kv, dim,
+                                   pos_of[r], sequence_slots[seq_of[r]].data(), nullptr, sc, dim, scores.data(),
+                                   attended.data() + first, dim);
           }
         });
       }

@@ -66,42 +66,53 @@ void rotary_row(const float* x, int64_t stride, const float* cos, const float* s
   }
 }
 
-void attend_query(const float* q, const float* key0, int64_t key_stride, const float* value0, int64_t value_stride,
-                  int64_t last, const int64_t* slots, const bool* mask, float scale, int64_t dim, float* scores,
-                  float* out) {
+void attend_queries(const float* q, int64_t q_stride, int64_t count, const float* key0, int64_t key_stride,
+                    const float* value0, int64_t value_stride, int64_t last, const int64_t* slots, const bool* mask,
+                    float scale, int64_t dim, float* scores, float* out, int64_t out_stride) {
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  float best = kNegInf;
-  for (int64_t j = 0; j <= last; ++j) {
-    scores[j] = (mask && !mask[j]) ? kNegInf : dot(q, key0 + (slots ? slots[j] : j) * key_stride, dim) * scale;
-    best = std::max(best, scores[j]);
+  const int64_t keys = last + 1, full = keys - keys % 8;
+  std::vector<float> best(count, kNegInf), total(count, 0.f);
+  for (int64_t j = 0; j < keys; ++j) {  // every key is read once for all the queries
+    const bool masked = mask && !mask[j];
+    const float* key = key0 + (slots ? slots[j] : j) * key_stride;
+    for (int64_t g = 0; g < count; ++g) {
+      const float score = masked ? kNegInf : dot(q + g * q_stride, key, dim) * scale;
+      scores[g * keys + j] = score;
+      best[g] = std::max(best[g], score);
+    }
   }
-  // scores[j] <- exp(scores[j] - best), 8 at a time; masked keys get some value and are skipped below
-  const __m256 shift = _mm256_set1_ps(best);
-  const int64_t count = last + 1, full = count - count % 8;
-  for (int64_t j = 0; j < full; j += 8)
-    _mm256_storeu_ps(scores + j, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(scores + j), shift)));
-  if (full < count) {
-    float tail[8];
-    std::fill(tail, tail + 8, best);
-    std::copy(scores + full, scores + count, tail);
-    _mm256_storeu_ps(tail, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(tail), shift)));
-    std::copy(tail, tail + (count - full), scores + full);
+  // scores <- exp(scores - best), 8 at a time; masked keys get some value and are skipped below
+  for (int64_t g = 0; g < count; ++g) {
+    float* row = scores + g * keys;
+    const __m256 shift = _mm256_set1_ps(best[g]);
+    for (int64_t j = 0; j < full; j += 8) _mm256_storeu_ps(row + j, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(row + j), shift)));
+    if (full < keys) {
+      float tail[8];
+      std::fill(tail, tail + 8, best[g]);
+      std::copy(row + full, row + keys, tail);
+      _mm256_storeu_ps(tail, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(tail), shift)));
+      std::copy(tail, tail + (keys - full), row + full);
+    }
+    std::fill(out + g * out_stride, out + g * out_stride + dim, 0.f);
   }
-  std::fill(out, out + dim, 0.f);
-  float total = 0.f;
-  for (int64_t j = 0; j <= last; ++j) {
+  for (int64_t j = 0; j < keys; ++j) {  // every value is read once for all the queries
     if (mask && !mask[j]) continue;
-    const float p = scores[j];
-    total += p;
     const float* value = value0 + (slots ? slots[j] : j) * value_stride;
-    const __m256 weight = _mm256_set1_ps(p);
-    int64_t d = 0;
-    for (; d + 8 <= dim; d += 8)
-      _mm256_storeu_ps(out + d, _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + d), _mm256_loadu_ps(out + d)));
-    for (; d < dim; ++d) out[d] += p * value[d];
+    for (int64_t g = 0; g < count; ++g) {
+      const float p = scores[g * keys + j];
+      float* dst = out + g * out_stride;
+      total[g] += p;
+      const __m256 weight = _mm256_set1_ps(p);
+      int64_t d = 0;
+      for (; d + 8 <= dim; d += 8)
+        _mm256_storeu_ps(dst + d, _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + d), _mm256_loadu_ps(dst + d)));
+      for (; d < dim; ++d) dst[d] += p * value[d];
+    }
   }
-  const float inverse = total > 0.f ? 1.f / total : 0.f;
-  for (int64_t d = 0; d < dim; ++d) out[d] *= inverse;
+  for (int64_t g = 0; g < count; ++g) {
+    const float inverse = total[g] > 0.f ? 1.f / total[g] : 0.f;
+    for (int64_t d = 0; d < dim; ++d) out[g * out_stride + d] *= inverse;
+  }
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
@@ -195,14 +206,16 @@ at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k_in, const a
   float* op = out.data_ptr<float>();
   const int64_t kb = k.stride(0), kh = k.stride(1), ks = k.stride(2);
   const int64_t vb = v.stride(0), vh = v.stride(1), vs = v.stride(2);
-  at::parallel_for(0, batch * heads * queries, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(keys);
+  // One item = the queries of one KV head (a grouped-query group) at one position: they share its keys.
+  at::parallel_for(0, batch * kv_heads * queries, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(group * keys);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / (heads * queries), h = item / queries % heads, t = item % queries;
+      const int64_t b = item / (kv_heads * queries), kvh = item / queries % kv_heads, t = item % queries;
       const bool* row_mask = mp ? mp + (b * queries + t) * keys : nullptr;
       const int64_t last = mp ? keys - 1 : keys - queries + t;  // a mask replaces the causal rule, as in SDPA
-      attend_query(qp + item * dim, kp + b * kb + (h / group) * kh, ks, vp + b * vb + (h / group) * vh, vs, last,
-                   nullptr, row_mask, static_cast<float>(scale), dim, scores.data(), op + item * dim);
+      const int64_t first = ((b * heads + kvh * group) * queries + t) * dim;  // (B, H, T, D): heads T * D apart
+      attend_queries(qp + first, queries * dim, group, kp + b * kb + kvh * kh, ks, vp + b * vb + kvh * vh, vs, last,
+                     nullptr, row_mask, static_cast<float>(scale), dim, scores.data(), op + first, queries * dim);
     }
   });
   return out;

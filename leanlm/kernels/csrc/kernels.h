@@ -66,11 +66,12 @@ inline __m256 exp_ps(__m256 x) {
 void rms_norm_row(const float* row, const float* weight, float* out, int64_t width, double eps);
 void silu_mul_row(const float* gate_up, float* out, int64_t half);
 void rotary_row(const float* x, int64_t stride, const float* cos, const float* sin, float* out, int64_t dim);
-// softmax(q k_j * scale) v over keys j = 0..last, key j at row slots[j] of key0 (or row j when slots is null);
-// mask: true = may attend, or null. scores: last + 1 floats of scratch.
-void attend_query(const float* q, const float* key0, int64_t key_stride, const float* value0, int64_t value_stride,
-                  int64_t last, const int64_t* slots, const bool* mask, float scale, int64_t dim, float* scores,
-                  float* out);
+// softmax(q k_j * scale) v over keys j = 0..last for `count` queries (q_stride floats apart) that share their keys
+// (grouped-query attention): key j is row slots[j] of key0 (row j when slots is null); mask: true = may attend,
+// or null. Each query's arithmetic is the same whatever count is. scores: count * (last + 1) floats of scratch.
+void attend_queries(const float* q, int64_t q_stride, int64_t count, const float* key0, int64_t key_stride,
+                    const float* value0, int64_t value_stride, int64_t last, const int64_t* slots, const bool* mask,
+                    float scale, int64_t dim, float* scores, float* out, int64_t out_stride);
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor silu_mul(const at::Tensor& gate_up);
