@@ -22,16 +22,51 @@ namespace {
 
 bool fast_path(const at::Tensor& x) { return x.device().is_cpu() && x.scalar_type() == at::kFloat; }
 
+// Four partial sums: one chain of dependent fmadds would make a query-key product latency-bound.
 inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+  for (; i + 32 <= n; i += 32)
+    for (int c = 0; c < 4; ++c)
+      acc[c] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8 * c), _mm256_loadu_ps(b + i + 8 * c), acc[c]);
+  for (int c = 0; i + 8 <= n; i += 8, ++c) acc[c] = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc[c]);
+  const __m256 sum8 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
   sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
   sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
   float total = _mm_cvtss_f32(sum);
   for (; i < n; ++i) total += a[i] * b[i];
   return total;
+}
+
+// out[0..dim) = sum over the unmasked keys j, in order, of p[j] * value_j, for head dims of 8 * Chunks floats: the
+// accumulator stays in registers (the generic loop below keeps it in memory; both round the same way).
+template <int Chunks>
+void weighted_values(const float* p, const float* value0, int64_t value_stride, const int64_t* slots,
+                     const bool* mask, int64_t keys, float* out) {
+  __m256 acc[Chunks];
+  for (int c = 0; c < Chunks; ++c) acc[c] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < keys; ++j) {
+    if (mask && !mask[j]) continue;
+    const float* value = value0 + (slots ? slots[j] : j) * value_stride;
+    const __m256 weight = _mm256_set1_ps(p[j]);
+    for (int c = 0; c < Chunks; ++c) acc[c] = _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + 8 * c), acc[c]);
+  }
+  for (int c = 0; c < Chunks; ++c) _mm256_storeu_ps(out + 8 * c, acc[c]);
+}
+
+void weighted_values_any(const float* p, const float* value0, int64_t value_stride, const int64_t* slots,
+                         const bool* mask, int64_t keys, int64_t dim, float* out) {
+  std::fill(out, out + dim, 0.f);
+  for (int64_t j = 0; j < keys; ++j) {
+    if (mask && !mask[j]) continue;
+    const float* value = value0 + (slots ? slots[j] : j) * value_stride;
+    const __m256 weight = _mm256_set1_ps(p[j]);
+    int64_t d = 0;
+    for (; d + 8 <= dim; d += 8)
+      _mm256_storeu_ps(out + d, _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + d), _mm256_loadu_ps(out + d)));
+    for (; d < dim; ++d) out[d] += p[j] * value[d];
+  }
 }
 
 }  // namespace
@@ -93,21 +128,12 @@ void attend_queries(const float* q, int64_t q_stride, int64_t count, const float
       _mm256_storeu_ps(tail, exp_ps(_mm256_sub_ps(_mm256_loadu_ps(tail), shift)));
       std::copy(tail, tail + (keys - full), row + full);
     }
-    std::fill(out + g * out_stride, out + g * out_stride + dim, 0.f);
-  }
-  for (int64_t j = 0; j < keys; ++j) {  // every value is read once for all the queries
-    if (mask && !mask[j]) continue;
-    const float* value = value0 + (slots ? slots[j] : j) * value_stride;
-    for (int64_t g = 0; g < count; ++g) {
-      const float p = scores[g * keys + j];
-      float* dst = out + g * out_stride;
-      total[g] += p;
-      const __m256 weight = _mm256_set1_ps(p);
-      int64_t d = 0;
-      for (; d + 8 <= dim; d += 8)
-        _mm256_storeu_ps(dst + d, _mm256_fmadd_ps(weight, _mm256_loadu_ps(value + d), _mm256_loadu_ps(dst + d)));
-      for (; d < dim; ++d) dst[d] += p * value[d];
-    }
+    for (int64_t j = 0; j < keys; ++j)
+      if (!(mask && !mask[j])) total[g] += row[j];
+    float* dst = out + g * out_stride;
+    if (dim == 64) weighted_values<8>(row, value0, value_stride, slots, mask, keys, dst);
+    else if (dim == 128) weighted_values<16>(row, value0, value_stride, slots, mask, keys, dst);
+    else weighted_values_any(row, value0, value_stride, slots, mask, keys, dim, dst);
   }
   for (int64_t g = 0; g < count; ++g) {
     const float inverse = total[g] > 0.f ? 1.f / total[g] : 0.f;
