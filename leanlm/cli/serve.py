@@ -88,12 +88,34 @@ def run(args: argparse.Namespace) -> int:
     from leanlm.server.app import build_app
     from leanlm.server.http_server import Server
 
-    llm = load_llm(args)
+    llm = _load_on_a_passing_thread(args)
     if not settings.model_name:
         settings = dataclasses.replace(settings, model_name=served_model_name(llm.model_path))
     print(f"leanlm: serving '{settings.model_name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
     Server(build_app(llm, settings), args.host, args.port, log_level=args.log_level).run()
     return 0
+
+
+def _load_on_a_passing_thread(args: argparse.Namespace):
+    """load_llm on a thread that ends when it is done. OpenMP (libgomp) keeps one thread team per thread that ran
+    parallel work and spins far less once its teams outnumber the cores: had the main thread loaded the model, the
+    engine thread would decode at less than half speed on 2 cores. A finished thread's team goes with it."""
+    import threading
+
+    result: dict = {}
+
+    def load() -> None:
+        try:
+            result["llm"] = load_llm(args)
+        except BaseException as exc:  # re-raised on the main thread, as if loaded there
+            result["error"] = exc
+
+    thread = threading.Thread(target=load, name="leanlm-load")
+    thread.start()
+    thread.join()
+    if "error" in result:
+        raise result["error"]
+    return result["llm"]
 
 
 def _is_loopback(host: str) -> bool:
