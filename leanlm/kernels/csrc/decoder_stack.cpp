@@ -148,13 +148,17 @@ struct DecoderStack : torch::CustomClassHolder {
       }
       {
         RECORD_FUNCTION("leanlm::causal_attention", c10::ArrayRef<const c10::IValue>{});
-        at::parallel_for(0, rows * kv_heads, 1, [&](int64_t begin, int64_t end) {
+        // An item is the query heads sharing one KV head (each key read once for them), or a single query head
+        // when there are too few groups to keep every thread busy (batch-1 decoding: 3 groups on 2 threads).
+        // A query's arithmetic is the same either way.
+        const int64_t per_item = rows * kv_heads >= 4 * at::get_num_threads() ? group : 1;
+        at::parallel_for(0, rows * heads / per_item, 1, [&](int64_t begin, int64_t end) {
           std::vector<float> scores;
           for (int64_t item = begin; item < end; ++item) {
-            const int64_t r = item / kv_heads, kvh = item % kv_heads;
-            scores.resize(group * (pos_of[r] + 1));
-            const int64_t kv = kvh * slots * dim, first = (r * heads + kvh * group) * dim;
-            leanlm::attend_queries(q.data() + first, dim, group, layer_keys + kv, dim, layer_values + kv, dim,
+            const int64_t r = item * per_item / heads, h = item * per_item % heads;
+            scores.resize(per_item * (pos_of[r] + 1));
+            const int64_t kv = (h / group) * slots * dim, first = (r * heads + h) * dim;
+            leanlm::attend_queries(q.data() + first, dim, per_item, layer_keys + kv, dim, layer_values + kv, dim,
                                    pos_of[r], sequence_slots[seq_of[r]].data(), nullptr, sc, dim, scores.data(),
                                    attended.data() + first, dim);
           }
