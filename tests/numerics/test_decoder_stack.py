@@ -129,3 +129,24 @@ def test_models_the_stack_cannot_run_keep_the_module_path(checkpoint, default_gg
     assert build_model(checkpoint.config, checkpoint.weights, torch.float32, "cpu", "torch").decoder_stack is None
     dense = load_checkpoint(default_gguf_path, torch.float32)  # dequantized: no leanlm kernels to run
     assert build_model(dense.config, dense.weights, torch.float32, "cpu", "auto").decoder_stack is None
+
+
+def test_bad_inputs_are_refused_with_a_message(checkpoint):
+    model = build_model(checkpoint.config, checkpoint.weights, torch.float32, "cpu", "auto")
+    c = model.config
+    keys = torch.zeros(c.num_layers, c.num_kv_heads, 64, c.head_dim)
+    x, cos = torch.zeros(1, c.hidden_size), torch.ones(1, c.head_dim)
+    row = torch.zeros(1, dtype=torch.long)
+
+    def forward(x=x, cos=cos, table=torch.tensor([[0, 1]]), position=row):
+        return model.decoder_stack.forward(x, cos, cos, keys, keys.clone(), table, 16, row, position)
+
+    assert forward().shape == (1, c.hidden_size)
+    with pytest.raises(RuntimeError, match="cos and sin"):
+        forward(cos=torch.ones(2, c.head_dim))
+    with pytest.raises(RuntimeError, match="features"):
+        forward(x=torch.zeros(1, c.hidden_size + 1))
+    with pytest.raises(RuntimeError, match="outside its block table"):
+        forward(position=torch.tensor([32]))
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        forward(table=torch.tensor([[0, 9]]), position=torch.tensor([20]))

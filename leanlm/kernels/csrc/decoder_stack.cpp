@@ -98,6 +98,11 @@ struct DecoderStack : torch::CustomClassHolder {
     const at::Tensor row_position = row_position_in.to(at::kLong).contiguous();
     TORCH_CHECK(tables.dim() == 2 && row_sequence.numel() == rows && row_position.numel() == rows,
                 "DecoderStack: one sequence index and one position per row, a (sequences, blocks) table");
+    TORCH_CHECK(!layers.empty() && hidden == layers.front().input_norm.numel(),
+                "DecoderStack: x has ", hidden, " features, the layers expect ", layers.front().input_norm.numel());
+    TORCH_CHECK(cos_in.numel() == rows * dim && sin_in.numel() == rows * dim && cos_in.scalar_type() == at::kFloat &&
+                    sin_in.scalar_type() == at::kFloat,
+                "DecoderStack: cos and sin must be float32 (N, head_dim)");
     const int64_t slots = keys.size(2);
     const int64_t* seq_of = row_sequence.data_ptr<int64_t>();
     const int64_t* pos_of = row_position.data_ptr<int64_t>();
