@@ -91,3 +91,37 @@ def test_reference_attention_backend_gives_same_logits():
         ours.set_attention_backend("reference")
         plain = ours(ids, torch.arange(25)[None])
     torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["qwen2-bias", "llama-gqa-untied-llama3rope"])
+@torch.inference_mode()
+def test_decoder_stack_equals_the_module_path_on_quantized_tiny_models(case):
+    """Biases, head_dim 16 (the attention kernel's generic loop) and 4-bit / 8-bit layers through the one-call
+    DecoderStack against the module path: the same bits (the default model's own test covers the common shapes)."""
+    from leanlm.cache.paged_kv import PagedKVCache
+    from leanlm.compress.quantize import install
+    from leanlm.compress.rtn import quantize_rtn
+    from leanlm.engine.paged_attention import SequenceSlice, build_paged_attention
+    from leanlm.kernels.build import load_kernels
+    from leanlm.models.registry import adopt_quantized_runtime
+
+    if not load_kernels():
+        pytest.skip("leanlm kernels unavailable")
+    _, ours = make_pair(case)
+    linears = {n: m for n, m in ours.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("layers.")}
+    bits = {name: 8 if "down_proj" in name else 4 for name in linears}  # both kernels in one stack
+    install(ours, {n: quantize_rtn(m.weight.float(), bits[n], 32, bits[n] == 8) for n, m in linears.items()})
+    assert adopt_quantized_runtime(ours) and ours.decoder_stack is not None
+    c = ours.config
+    ids = torch.randint(0, c.vocab_size, (1, 30), generator=torch.Generator().manual_seed(1))
+    outputs = {}
+    for use_stack in (True, False):
+        saved, ours.decoder_stack = ours.decoder_stack, ours.decoder_stack if use_stack else None
+        cache = PagedKVCache(c.num_layers, 4, 16, c.num_kv_heads, c.head_dim, torch.float32)
+        logits = []
+        for start, size in ((0, 25), (25, 1), (26, 4)):  # prefill, decode, a chunk over the cache
+            attend = build_paged_attention(cache, ours.attention, [SequenceSlice(start, size, [2, 0], False)])
+            logits.append(ours(ids[:, start : start + size], torch.arange(start, start + size)[None], attend=attend))
+        ours.decoder_stack = saved
+        outputs[use_stack] = torch.cat(logits, dim=1)
+    assert torch.equal(outputs[True], outputs[False])
