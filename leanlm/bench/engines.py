@@ -35,7 +35,7 @@ class LeanLMEngine(Engine):
         from leanlm.engine.llm import LLM
 
         self.llm = LLM(model, dtype=dtype, device=device, threads=threads, **options)
-        self.precision = _leanlm_precision(self.llm)
+        self.precision = self.llm.precision
         self.bits_per_weight = self.llm.dtype.itemsize * 8
         self.kv_bytes_per_value = 1 if options.get("kv_cache") == "int8" else self.llm.engine.cache_dtype.itemsize
         self.decode_weight_bytes = runtime_weight_bytes(self.llm.model)
@@ -124,19 +124,6 @@ class LlamaCppEngine(Engine):
             first = first or time.perf_counter()
             self.llm.eval([token])
         return first - started, time.perf_counter() - started
-
-
-def _leanlm_precision(llm) -> str:
-    """'bfloat16' for dense weights; the projections' storage type (Q4_1, int4g128, ...) when quantized."""
-    from collections import Counter
-
-    from leanlm.layers.quantized_linear import QuantizedLinear
-
-    dtype = str(llm.dtype).removeprefix("torch.")
-    if not any(isinstance(m, QuantizedLinear) for m in llm.model.modules()):
-        return dtype
-    projections = Counter(t for name, t in llm.weight_types.items() if name.endswith("proj.weight"))
-    return f"{projections.most_common(1)[0][0]} ({dtype} act.)" if projections else dtype
 
 
 def runtime_weight_bytes(model: torch.nn.Module) -> int:

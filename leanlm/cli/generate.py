@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         m = outputs[0].metrics
         print(
-            f"[{llm.model_path.name} {str(llm.dtype).removeprefix('torch.')} | load {llm.load_time_s:.2f} s | "
+            f"[{llm.model_path.name} {llm.precision} | load {llm.load_time_s:.2f} s | "
             f"prompt {m.num_prompt_tokens} tok, {m.prefill_tokens_per_s:.0f} tok/s | "
             f"generated {m.num_generated_tokens} tok, {m.decode_tokens_per_s:.1f} tok/s | "
             f"finish: {outputs[0].finish_reason}]",

@@ -161,6 +161,20 @@ class LLM:
             self._abort(request_id)
 
     @property
+    def precision(self) -> str:
+        """'bfloat16' for dense weights; for quantized ones their storage type and the activations' dtype,
+        e.g. 'Q4_1 (float32 act.)'."""
+        from collections import Counter
+
+        from leanlm.layers.quantized_linear import QuantizedLinear
+
+        compute = str(self.compute_dtype).removeprefix("torch.")
+        if not any(isinstance(m, QuantizedLinear) for m in self.model.modules()):
+            return compute
+        projections = Counter(t for name, t in self.weight_types.items() if name.endswith("proj.weight"))
+        return f"{projections.most_common(1)[0][0]} ({compute} act.)" if projections else compute
+
+    @property
     def last_outputs(self) -> list[RequestOutput]:
         """Outputs (with metrics) of the most recent generate/chat/stream call."""
         return self._last_outputs
