@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import threading
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -90,6 +92,8 @@ class LLM:
         self.model.set_attention_backend(attention)
         self.engine = LLMEngine(self.model, self.tokenizer, engine_config, kv_cache)
         self.load_time_s = time.perf_counter() - started
+        self._loaded_on = threading.current_thread()
+        self._warned_thread = False
         self._ids = itertools.count()
         self._mine: set[str] = set()  # requests added by this object and not finished
         self._held: dict[str, list[RequestOutput]] = defaultdict(list)  # outputs for another call of this object
@@ -207,9 +211,26 @@ class LLM:
             self._mine.add(request_id)
         return request_ids
 
+    def _check_thread(self) -> None:
+        """Warn once when generating on another thread while the loading thread still runs: OpenMP keeps a
+        thread team for each thread that ran parallel work, and two teams on few cores run at a fraction of the
+        speed (half or less on 2 cores)."""
+        current = threading.current_thread()
+        if self._warned_thread or current is self._loaded_on or not self._loaded_on.is_alive():
+            return
+        self._warned_thread = True
+        warnings.warn(
+            f"leanlm: generating on thread '{current.name}' while thread '{self._loaded_on.name}', which loaded the "
+            "model, still runs; their two OpenMP thread teams compete for the cores and decoding slows down (half "
+            "speed or worse on 2 cores). Load the model on the thread that generates, or on a thread that has "
+            "ended (as `leanlm serve` does).",
+            stacklevel=4,
+        )
+
     def _outputs_of(self, request_ids: set[str]) -> Iterator[RequestOutput]:
         """Step the engine until these requests finish, yielding their outputs; outputs of this object's other
         requests (say, a stream paused by its consumer) are held for them."""
+        self._check_thread()
         remaining = set(request_ids)
         while remaining:
             outputs = [o for rid in list(remaining) for o in self._held.pop(rid, [])]

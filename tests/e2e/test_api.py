@@ -75,3 +75,26 @@ def test_bad_prompts_and_params(llm):
         llm.generate([[]])
     with pytest.raises(InvalidRequestError, match="SamplingParams"):
         llm.generate(["a", "b"], [SamplingParams()])
+
+
+def test_generating_on_another_thread_than_the_loading_one_warns_once(llm):
+    import threading
+    import warnings
+
+    params = SamplingParams(max_tokens=2, temperature=0)
+    caught = []
+
+    def generate_twice():
+        with warnings.catch_warnings(record=True) as records:
+            warnings.simplefilter("always")
+            llm.generate("Hello", params)
+            llm.generate("Hello", params)
+        caught.extend(str(r.message) for r in records)
+
+    worker = threading.Thread(target=generate_twice, name="worker")
+    worker.start()
+    worker.join()
+    assert len(caught) == 1 and "OpenMP" in caught[0] and "worker" in caught[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the loading thread itself never warns
+        llm.generate("Hello", params)
