@@ -1,4 +1,5 @@
-// Weight-only quantized linear layers for x86 CPUs with AVX2, FMA and F16C.
+// Weight-only quantized linear layers for x86 CPUs with AVX2, FMA and F16C (plus VNNI and AVX-512 where the
+// CPU has them: the build is per machine).
 //
 // W[n, k] = code[n, k] * scale[n, k / 32] + offset[n, k / 32]: blocks of 32 inputs (GGUF's block size), one
 // float16 scale (and offset) per block. q4 codes are 0..15 (2- and 3-bit codes fit too), q8 codes int8.
@@ -10,8 +11,8 @@
 //   q8: 8 slabs of 32 bytes; slab c, byte 4r + i = code[r][4c + i]
 //   scales, offsets: 8 float16 (or float32 when float16 would round them), one per row
 // With activations quantized to int8 per block (llama.cpp's approach), a slab times the 4 broadcast
-// activation bytes is one maddubs: the 8 rows' dot products accumulate in integer lanes and are scaled once
-// per block. With float activations (exact mode) each input is decoded to float and multiplied in float.
+// activation bytes is one maddubs (one dpbusd with VNNI): the 8 rows' dot products accumulate in integer lanes
+// and are scaled once per block. With float activations (exact mode) each input is decoded to float and multiplied in float.
 // Every batch size runs the same per-row arithmetic (a thread takes 8 output rows and runs all activation rows
 // over them while their weights sit in L1), so a row's result never depends on what else is in the batch: the
 // serving engine's greedy outputs are the same alone or batched.
