@@ -17,7 +17,7 @@ import torch
 
 from leanlm.cache.kv_cache import KVCache
 from leanlm.formats.assets import default_model_path
-from leanlm.formats.loader import load_checkpoint
+from leanlm.models.checkpoint import load_checkpoint
 from leanlm.models.registry import build_model
 
 

@@ -7,20 +7,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from leanlm.errors import InvalidRequestError, ModelFormatError, UnsupportedArchitectureError
-
-# Architectures implemented by leanlm.models, keyed by HF `model_type`; GGUF `general.architecture` maps onto them.
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-_GGUF_ARCH_TO_MODEL_TYPE = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
-_HF_ARCHITECTURE_TO_MODEL_TYPE = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-}
+from leanlm.errors import InvalidRequestError, ModelFormatError
 
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """The shape every decoder family shares. Which model types exist, and what each family reads beyond these
+    fields (kept in `extra`, in HF's key names), is decided in leanlm/models/ (registry and family modules)."""
+
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -38,16 +32,7 @@ class ModelConfig:
     mlp_bias: bool = False
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # original keys, kept for saving
 
-    @staticmethod
-    def _unsupported(model_type: str) -> None:
-        raise UnsupportedArchitectureError(
-            f"Model type '{model_type}' is not supported. leanlm runs: {', '.join(SUPPORTED_MODEL_TYPES)}. "
-            "Use a model of one of these families, or add an implementation under leanlm/models/."
-        )
-
     def __post_init__(self) -> None:
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            self._unsupported(self.model_type)
         for name in (
             "vocab_size",
             "hidden_size",
@@ -82,22 +67,14 @@ class ModelConfig:
         return self.num_layers * per_layer + embeddings + self.hidden_size
 
     @classmethod
-    def from_hf_dict(cls, raw: dict[str, Any]) -> ModelConfig:
-        model_type = raw.get("model_type")
-        if model_type is None:
-            archs = raw.get("architectures") or []
-            model_type = next(
-                (_HF_ARCHITECTURE_TO_MODEL_TYPE[a] for a in archs if a in _HF_ARCHITECTURE_TO_MODEL_TYPE),
-                archs[0] if archs else "unknown",
-            )
-        if model_type not in SUPPORTED_MODEL_TYPES:  # before reading keys that another architecture may lack
-            cls._unsupported(model_type)
+    def from_hf_dict(cls, raw: dict[str, Any], **overrides: Any) -> ModelConfig:
+        """The keys every family's config.json shares; a family passes what it reads differently as overrides."""
         try:
             num_heads = int(raw["num_attention_heads"])
             hidden = int(raw["hidden_size"])
             head_dim = raw.get("head_dim") or hidden // num_heads
-            return cls(
-                model_type=model_type,
+            fields = dict(
+                model_type=raw.get("model_type", "unknown"),
                 vocab_size=int(raw["vocab_size"]),
                 hidden_size=hidden,
                 intermediate_size=int(raw["intermediate_size"]),
@@ -110,21 +87,18 @@ class ModelConfig:
                 rope_theta=float(_rope_theta(raw)),
                 rope_scaling=_rope_scaling(raw),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                attention_bias=bool(raw.get("attention_bias", model_type == "qwen2")),
+                attention_bias=bool(raw.get("attention_bias", False)),
                 mlp_bias=bool(raw.get("mlp_bias", False)),
                 extra=dict(raw),
             )
         except KeyError as exc:
             raise ModelFormatError(f"config.json lacks the key {exc}. The file is incomplete; restore it.") from exc
+        return cls(**(fields | overrides))
 
     @classmethod
-    def from_gguf_metadata(cls, meta: dict[str, Any]) -> ModelConfig:
+    def from_gguf_metadata(cls, meta: dict[str, Any], model_type: str, **overrides: Any) -> ModelConfig:
+        """The `{arch}.*` keys every family's GGUF shares; a family passes the rest as overrides."""
         arch = meta.get("general.architecture")
-        if arch not in _GGUF_ARCH_TO_MODEL_TYPE:
-            raise UnsupportedArchitectureError(
-                f"GGUF architecture '{arch}' is not supported. leanlm runs: {', '.join(_GGUF_ARCH_TO_MODEL_TYPE)}. "
-                "Use a model of one of these families."
-            )
 
         def key(name: str, default: Any = None) -> Any:
             value = meta.get(f"{arch}.{name}", default)
@@ -144,8 +118,8 @@ class ModelConfig:
             scaling = {"rope_type": scaling_type, "factor": float(meta.get(f"{arch}.rope.scaling.factor", 1.0))}
             if original := meta.get(f"{arch}.rope.scaling.original_context_length"):
                 scaling["original_max_position_embeddings"] = int(original)
-        return cls(
-            model_type=_GGUF_ARCH_TO_MODEL_TYPE[arch],
+        fields = dict(
+            model_type=model_type,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(key("feed_forward_length")),
@@ -157,8 +131,8 @@ class ModelConfig:
             rms_norm_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
             rope_scaling=scaling,
-            attention_bias=arch == "qwen2",
         )
+        return cls(**(fields | overrides))
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

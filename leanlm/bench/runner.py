@@ -74,7 +74,7 @@ def run_sample(spec: BenchSpec, engine: EngineSpec, timeout_s: float = 1800) -> 
 
 
 def run_benchmark(spec: BenchSpec, on_sample: Callable[[int, EngineSpec, dict], None] | None = None) -> dict:
-    from leanlm.formats.loader import load_checkpoint
+    from leanlm.models.checkpoint import load_checkpoint
 
     config = load_checkpoint(spec.model, weights=False).config
     bandwidth = machine.memory_bandwidth_gbs(spec.threads) if spec.device == "cpu" else None

@@ -51,7 +51,7 @@ def run(spec: dict) -> dict:
     import torch
 
     from leanlm.bench.engines import ENGINES
-    from leanlm.formats.loader import load_checkpoint
+    from leanlm.models.checkpoint import load_checkpoint
 
     torch.set_num_threads(spec["threads"])
     engine = ENGINES[spec["engine"]]()

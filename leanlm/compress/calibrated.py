@@ -30,7 +30,7 @@ from leanlm.compress.quantize import target_linears
 from leanlm.compress.rtn import check_group_size, quantize_rtn
 from leanlm.errors import InvalidRequestError
 from leanlm.layers.quantized_linear import QuantizedTensor
-from leanlm.models.llama import ForwardContext
+from leanlm.models.base import ForwardContext
 
 
 class _Captured(Exception):
@@ -78,10 +78,9 @@ def quantize_weights_calibrated(
 
 def calibration_inputs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, ForwardContext]:
     """(S, T, hidden) float32 CPU embeddings of the (S, T) token ids, and the context that runs layers on them."""
-    hidden = model.embed_tokens(ids.to(model.embed_tokens.weight.device)).float().cpu()
+    hidden = model.embed(ids.to(model.embed_tokens.weight.device)).float().cpu()
     positions = torch.arange(ids.shape[1]).expand_as(ids)
-    cos, sin = model._cos_sin(positions.to(model.inv_freq.device), torch.float32)
-    return hidden, ForwardContext(cos.cpu(), sin.cpu(), None, 0, None, model.attention)
+    return hidden, model.forward_context(positions, torch.float32)
 
 
 def run_layers(

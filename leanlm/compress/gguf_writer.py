@@ -18,14 +18,6 @@ from leanlm.errors import InvalidRequestError
 from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
 
 BLOCK = 32
-# HF-style module name (after leanlm's fusion) -> GGUF tensor names of its row blocks, in order.
-_SPLITS = {"self_attn.qkv_proj": ("attn_q", "attn_k", "attn_v"), "mlp.gate_up_proj": ("ffn_gate", "ffn_up")}
-_SINGLE = {
-    "self_attn.o_proj": "attn_output",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
 
 
 def to_q8_0(q: QuantizedTensor) -> np.ndarray:
@@ -52,10 +44,11 @@ def to_q4_1(q: QuantizedTensor) -> np.ndarray:
 
 
 def write_gguf(llm, source_gguf: str | Path, target: str | Path) -> Path:
-    """Write llm.model as GGUF, with the source GGUF's metadata. Atomic (temporary name, then rename)."""
+    """Write llm.model as GGUF, with the source GGUF's metadata. Atomic (temporary name, then rename).
+    Tensor names and stored values come from the model's family (models/<family>.py), as the loader reads them."""
     import gguf
 
-    from leanlm.models.llama import permute_gguf_rope as permute
+    from leanlm.models.registry import family_for_model_type
 
     source, target = Path(source_gguf), Path(target)
     if source.suffix != ".gguf" or not source.is_file():
@@ -73,56 +66,60 @@ def write_gguf(llm, source_gguf: str | Path, target: str | Path) -> Path:
         sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(key, field.contents(), field.types[0], sub_type)
     cfg = llm.config
-    permuted = arch in ("llama", "mistral")
-
-    def add(name: str, module_or_tensor, row_slice: slice | None = None, heads: int | None = None) -> None:
-        if isinstance(module_or_tensor, QuantizedLinear):
-            q = module_or_tensor.weight_q
-            if row_slice is not None:
-                q = q.map_rows(lambda t: t[row_slice])
-            if permuted and heads:
-                q = q.map_rows(lambda t: permute(t, heads))
-            if q.bits == 8:
-                writer.add_tensor(name, to_q8_0(q), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    family = family_for_model_type(cfg.model_type)
+    for hf_name, tensor in _hf_tensors(llm.model):
+        name = family.gguf_name_from_hf(hf_name)
+        if name is None:
+            continue
+        tensor = family.tensor_to_gguf(hf_name, tensor, cfg, arch)
+        if isinstance(tensor, QuantizedTensor):
+            if tensor.bits == 8:
+                writer.add_tensor(name, to_q8_0(tensor), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
             else:
-                writer.add_tensor(name, to_q4_1(q), raw_dtype=gguf.GGMLQuantizationType.Q4_1)
-            return
-        tensor = module_or_tensor.weight if hasattr(module_or_tensor, "weight") else module_or_tensor
-        tensor = tensor.detach().float().cpu()
-        if row_slice is not None:
-            tensor = tensor[row_slice]
-        if permuted and heads:
-            tensor = permute(tensor, heads)
-        writer.add_tensor(name, tensor.numpy().astype(np.float16 if tensor.dim() == 2 else np.float32))
-
-    model = llm.model
-    add("token_embd.weight", model.embed_tokens)
-    add("output_norm.weight", model.norm)
-    if isinstance(model.lm_head, QuantizedLinear) or model.lm_head.weight is not model.embed_tokens.weight:
-        add("output.weight", model.lm_head)
-    sizes = {
-        "attn_q": (cfg.q_size, cfg.num_heads),
-        "attn_k": (cfg.kv_size, cfg.num_kv_heads),
-        "attn_v": (cfg.kv_size, None),
-        "ffn_gate": (cfg.intermediate_size, None),
-        "ffn_up": (cfg.intermediate_size, None),
-    }
-    for index, layer in enumerate(model.layers):
-        for path, parts in _SPLITS.items():
-            module, start = layer.get_submodule(path), 0
-            for part in parts:
-                rows, heads = sizes[part]
-                add(f"blk.{index}.{part}.weight", module, slice(start, start + rows), heads)
-                if module.bias is not None:
-                    writer.add_tensor(
-                        f"blk.{index}.{part}.bias", module.bias.detach().float()[start : start + rows].numpy()
-                    )
-                start += rows
-        for path, short in _SINGLE.items():
-            add(f"blk.{index}.{short}.weight", layer.get_submodule(path))
+                writer.add_tensor(name, to_q4_1(tensor), raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+            continue
+        array = tensor.detach().float().cpu().numpy()
+        writer.add_tensor(
+            name, array.astype(np.float16 if array.ndim == 2 and not name.endswith(".bias") else np.float32)
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     os.replace(partial, target)
     return target
+
+
+def _hf_tensors(model):
+    """(HF name, tensor or QuantizedTensor) of every weight and bias, with fused q/k/v and gate/up split again."""
+    cfg = model.config
+    splits = {
+        "self_attn.qkv_proj": (("q", cfg.q_size), ("k", cfg.kv_size), ("v", cfg.kv_size)),
+        "mlp.gate_up_proj": (("gate", cfg.intermediate_size), ("up", cfg.intermediate_size)),
+    }
+    tied = not isinstance(model.lm_head, QuantizedLinear) and model.lm_head.weight is model.embed_tokens.weight
+    for module_name, module in model.named_modules():
+        if module_name == "lm_head" and tied:
+            continue
+        weight = module.weight_q if isinstance(module, QuantizedLinear) else getattr(module, "weight", None)
+        if not isinstance(weight, QuantizedTensor | torch.Tensor) or module_name.endswith("rotary"):
+            continue
+        bias = getattr(module, "bias", None)
+        prefix = module_name if module_name == "lm_head" else f"model.{module_name}"
+        block, _, leaf = module_name.partition("layers.")[2].partition(".")
+        parts = splits.get(leaf)
+        if parts is None:
+            yield f"{prefix}.weight", weight
+            if isinstance(bias, torch.Tensor):
+                yield f"{prefix}.bias", bias
+            continue
+        start, stem = 0, prefix.rsplit(".", 1)[0]
+        for part, rows in parts:
+            rows_of = slice(start, start + rows)
+            piece = (
+                weight.map_rows(lambda t, r=rows_of: t[r]) if isinstance(weight, QuantizedTensor) else weight[rows_of]
+            )
+            yield f"{stem}.{part}_proj.weight", piece
+            if isinstance(bias, torch.Tensor):
+                yield f"{stem}.{part}_proj.bias", bias[rows_of]
+            start += rows

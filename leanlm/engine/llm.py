@@ -16,8 +16,8 @@ from leanlm.config import EngineConfig
 from leanlm.engine.engine import LLMEngine
 from leanlm.engine.outputs import RequestOutput, StreamChunk
 from leanlm.errors import InvalidRequestError
-from leanlm.formats.loader import load_checkpoint
 from leanlm.layers.quantized_linear import QuantizedTensor
+from leanlm.models.checkpoint import load_checkpoint
 from leanlm.models.registry import build_model
 from leanlm.sampling_params import SamplingParams
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -68,27 +69,37 @@ class PagedAttention:
     def layout(self) -> StackLayout:
         return stack_layout(self.cache, self.sequences)
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: (1, H, N, D); k, v: (1, H_kv, N, D). Returns (1, H, N, D) in the cache's compute dtype."""
+    def __call__(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float | None = None,
+        window: int | None = None,
+    ) -> torch.Tensor:
+        """q: (1, H, N, D); k, v: (1, H_kv, N, D). Returns (1, H, N, D) in the cache's compute dtype.
+        scale: of q.k (None: head_dim ** -0.5); window: the layer's sliding window, if any."""
         self.cache.write(layer, self.write_slots, k[0], v[0])
         q = q.to(self.cache.dtype)
-        parts = [] if self.decode is None else [self._decode(layer, q)]
+        attend = partial(self.backend, scale=scale, window=window)
+        parts = [] if self.decode is None else [self._decode(layer, q, attend)]
         for segment in self.others:
             keys, values = self.cache.read(layer, segment.key_slots)  # (H_kv, S, D)
-            parts.append(self.backend(q[:, :, segment.rows], keys[None], values[None]))
+            parts.append(attend(q[:, :, segment.rows], keys[None], values[None]))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
-    def _decode(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+    def _decode(self, layer: int, q: torch.Tensor, attend: Callable) -> torch.Tensor:
         batch = self.decode
         keys, values = self.cache.read(layer, batch.key_slots)  # (H_kv, B * S_max, D)
         if batch.mask is None:
-            return self.backend(q[:, :, batch.rows], keys[None], values[None])
+            return attend(q[:, :, batch.rows], keys[None], values[None])
         num_seqs = batch.mask.shape[0]
         heads, _, dim = keys.shape
         keys = keys.view(heads, num_seqs, batch.max_len, dim).transpose(0, 1)  # (B, H_kv, S_max, D)
         values = values.view(heads, num_seqs, batch.max_len, dim).transpose(0, 1)
         queries = q[0, :, batch.rows].transpose(0, 1).unsqueeze(2)  # (B, H, 1, D)
-        out = self.backend(queries, keys, values, batch.mask)  # (B, H, 1, D)
+        out = attend(queries, keys, values, batch.mask)  # (B, H, 1, D)
         return out.squeeze(2).transpose(0, 1).unsqueeze(0)  # (1, H, B, D)
 
 
@@ -106,10 +117,18 @@ class ContiguousAttention:
     def layout(self) -> StackLayout:
         return stack_layout(self.cache, self.sequences)
 
-    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        scale: float | None = None,
+        window: int | None = None,
+    ) -> torch.Tensor:
         self.new_keys[layer].copy_(k)  # (1, H_kv, T, D), converted to the cache dtype
         self.new_values[layer].copy_(v)
-        return self.backend(q.to(self.dtype), self.keys[layer], self.values[layer])
+        return self.backend(q.to(self.dtype), self.keys[layer], self.values[layer], scale=scale, window=window)
 
 
 def build_paged_attention(

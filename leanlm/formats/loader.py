@@ -1,10 +1,13 @@
-"""Turn a model reference (GGUF file, HF folder, or nothing = the default model) into config + weights + tokenizer."""
+"""Read a model reference (GGUF file, HF folder, or nothing = the default model): raw config, tensors, tokenizer.
+
+What the names and values mean is the family's business: models/checkpoint.py turns what this module reads into
+a Checkpoint (ModelConfig + HF-named weights) through the family module that owns the architecture.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -38,62 +41,46 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return path
 
 
-def load_checkpoint(
-    model: str | Path | None, dtype: torch.dtype = torch.float32, weights: bool = True, native_quant: bool = False
-) -> Checkpoint:
-    """weights=False reads only config and tokenizer (the weights dict stays empty).
-    native_quant=True keeps GGUF Q8_0/Q4_0/Q4_1 matrices as QuantizedTensors (bit-exact) instead of dequantizing."""
+def locate_checkpoint(model: str | Path | None) -> tuple[str, Path]:
+    """("gguf", file) or ("hf", folder) for a model reference."""
     path = resolve_model_path(model)
     if path.is_dir():
         if (path / "config.json").is_file():
-            return _load_hf_folder(path, dtype, weights)
+            return "hf", path
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
-            return _load_gguf(ggufs[0], dtype, weights, native_quant)
+            return "gguf", ggufs[0]
         raise ModelNotFoundError(
             f"{path} has no config.json and {len(ggufs)} .gguf files. Pass a Hugging Face folder or one .gguf file."
         )
-    return _load_gguf(path, dtype, weights, native_quant)
+    return "gguf", path
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, with_weights: bool = True, native_quant: bool = False) -> Checkpoint:
-    from leanlm.formats.gguf import GGUFFile
+def read_gguf_tensor(gguf_file, name: str, dtype: torch.dtype, native_quant: bool) -> tuple[object, str]:
+    """One tensor and its storage type name. native_quant keeps Q8_0/Q4_0/Q4_1 matrices as QuantizedTensors
+    (bit-exact) instead of dequantizing."""
     from leanlm.formats.gguf_blocks import NATIVE_TYPES, blocks_to_quantized
-    from leanlm.models.llama import hf_name_from_gguf, unpermute_gguf_rope
 
-    gguf_file = GGUFFile(path)
-    config = ModelConfig.from_gguf_metadata(gguf_file.metadata)
-    # llama.cpp permutes q/k rows of "llama" models for its interleaved rope; qwen2 files keep HF's layout.
-    permuted = gguf_file.metadata.get("general.architecture") in ("llama", "mistral")
-    weights, types = {}, {}
-    for name in gguf_file.tensors:
-        hf_name = hf_name_from_gguf(name)
-        if hf_name is None or not with_weights:
-            continue
-        type_name = gguf_file.tensor_type_name(name)
-        shape = gguf_file.tensors[name].shape
-        if native_quant and type_name in NATIVE_TYPES and len(shape) == 2:
-            tensor = blocks_to_quantized(gguf_file.raw_tensor(name), type_name, shape)
-        else:
-            tensor = gguf_file.load_tensor(name, dtype)
-        if permuted and (".q_proj." in hf_name or ".k_proj." in hf_name):
-            heads = config.num_heads if ".q_proj." in hf_name else config.num_kv_heads
-            unpermute = partial(unpermute_gguf_rope, num_heads=heads)
-            tensor = tensor.map_rows(unpermute) if isinstance(tensor, QuantizedTensor) else unpermute(tensor)
-        weights[hf_name] = tensor
-        types[hf_name] = type_name
-    tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
-    if "output.weight" not in gguf_file.tensors:
-        config = config.replace(tie_word_embeddings=True)
-    return Checkpoint(config, weights, tokenizer, path, types)
+    type_name = gguf_file.tensor_type_name(name)
+    shape = gguf_file.tensors[name].shape
+    if native_quant and type_name in NATIVE_TYPES and len(shape) == 2:
+        return blocks_to_quantized(gguf_file.raw_tensor(name), type_name, shape), type_name
+    return gguf_file.load_tensor(name, dtype), type_name
 
 
-def _load_hf_folder(path: Path, dtype: torch.dtype, with_weights: bool = True) -> Checkpoint:
+@dataclass
+class HFFolder:
+    raw_config: dict
+    weights: dict[str, torch.Tensor]  # HF names
+    tokenizer: Tokenizer
+    weight_types: dict[str, str]
+
+
+def read_hf_folder(path: Path, dtype: torch.dtype, with_weights: bool = True) -> HFFolder:
     try:
         raw_config = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as exc:
         raise ModelFormatError(f"{path / 'config.json'} is not valid JSON ({exc}). Restore the file.") from exc
-    config = ModelConfig.from_hf_dict(raw_config)
     raw = _read_hf_weights(path) if with_weights else {}
     if (path / "quantization.json").is_file():  # a leanlm quantized artifact
         from leanlm.formats.quantized_folder import read_quantized_weights
@@ -106,13 +93,8 @@ def _load_hf_folder(path: Path, dtype: torch.dtype, with_weights: bool = True) -
     weights = {
         name: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for name, t in raw.items()
     }
-    return Checkpoint(
-        config,
-        weights,
-        Tokenizer.from_folder(path),
-        path,
-        {name: _type_name(t) for name, t in weights.items()},
-    )
+    types = {name: _type_name(t) for name, t in weights.items()}
+    return HFFolder(raw_config, weights, Tokenizer.from_folder(path), types)
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:

@@ -20,10 +20,34 @@ def causal_mask(query_len: int, key_len: int, device: torch.device | None = None
     return torch.arange(key_len, device=device).unsqueeze(0) <= rows
 
 
+def sliding_window_mask(
+    mask: torch.Tensor | None, query_len: int, key_len: int, window: int, device: torch.device | None = None
+) -> torch.Tensor:
+    """The causal (or given) mask, keeping for each query only its `window` latest keys, itself included
+    (HF's rule: key j is seen by query i when i - window < j <= i). A query's position is its last allowed key."""
+    allowed = causal_mask(query_len, key_len, device) if mask is None else mask
+    keys = torch.arange(key_len, device=device)
+    position = torch.where(allowed, keys, -1).amax(dim=-1, keepdim=True)
+    return allowed & (keys > position - window)
+
+
+def _windowed(mask, q, k, window):
+    """The mask to use: a sliding window only matters when some query has more than `window` keys to see."""
+    if window is None or k.shape[2] <= window:
+        return mask
+    return sliding_window_mask(mask, q.shape[2], k.shape[2], window, q.device)
+
+
 def reference_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """The formula, written plainly; computed in at least float32 whatever the input dtype."""
+    mask = _windowed(mask, q, k, window)
     compute = torch.promote_types(q.dtype, torch.float32)
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1).to(compute)  # (B, H, S, D)
@@ -36,9 +60,15 @@ def reference_attention(
 
 
 def sdpa_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """torch's fused kernel. One query over a cache needs no mask; a fresh prompt uses is_causal."""
+    mask = _windowed(mask, q, k, window)
     query_len, key_len = q.shape[2], k.shape[2]
     gqa = q.shape[1] != k.shape[1]
     if mask is None and query_len == 1:
@@ -51,11 +81,17 @@ def sdpa_attention(
 
 
 def fused_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    scale: float | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """leanlm's per-query kernel (leanlm/kernels) for float32 on the CPU, SDPA otherwise. Each query is computed
     alone over its keys in order, so its result does not depend on how a prompt is chunked or batched (the
     engine's lossless batching rests on it), and a decode step's one query skips SDPA's setup."""
+    mask = _windowed(mask, q, k, window)
     if q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32:
         return torch.ops.leanlm.causal_attention(q, k, v, mask, scale if scale is not None else q.shape[-1] ** -0.5)
     return sdpa_attention(q, k, v, mask, scale)

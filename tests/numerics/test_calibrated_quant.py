@@ -19,7 +19,6 @@ from leanlm.compress.quantize import quantize
 from leanlm.evaluate import evaluate
 from leanlm.evaluate.corpus import calibration_text, evaluation_text
 from leanlm.layers.quantized_linear import QuantizedLinear
-from leanlm.models.llama import ForwardContext
 
 pytestmark = pytest.mark.slow
 
@@ -63,8 +62,7 @@ def layer_io(base, c4_ids):
     model = base.model
     with torch.inference_mode():
         hidden = model.embed_tokens(ids)
-        cos, sin = model._cos_sin(torch.arange(ids.shape[1]).expand_as(ids), hidden.dtype)
-        ctx = ForwardContext(cos, sin, None, 0, None, model.attention)
+        ctx = model.forward_context(torch.arange(ids.shape[1]).expand_as(ids), hidden.dtype)
         io = []
         for layer in model.layers:
             out = layer(hidden, ctx)

@@ -13,8 +13,8 @@ from leanlm.cache.paged_kv import PagedKVCache
 from leanlm.config import EngineConfig
 from leanlm.engine.engine import LLMEngine
 from leanlm.engine.paged_attention import SequenceSlice, build_paged_attention
-from leanlm.formats.loader import load_checkpoint
 from leanlm.kernels.build import load_kernels
+from leanlm.models.checkpoint import load_checkpoint
 from leanlm.models.registry import build_model
 from leanlm.sampling_params import SamplingParams
 

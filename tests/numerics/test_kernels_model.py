@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from leanlm.evaluate.corpus import evaluation_text
-from leanlm.formats.loader import load_checkpoint
 from leanlm.kernels.build import load_kernels
+from leanlm.models.checkpoint import load_checkpoint
 from leanlm.models.registry import build_model
 
 pytestmark = [

@@ -10,8 +10,8 @@ from leanlm.cli.main import main
 from leanlm.compress.artifact import save_quantized
 from leanlm.compress.config import QuantConfig
 from leanlm.compress.quantize import quantize
-from leanlm.formats.loader import load_checkpoint
 from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
+from leanlm.models.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 TEXT = "Quantization stores each weight in fewer bits. " * 12

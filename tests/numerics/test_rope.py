@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from leanlm.config import ModelConfig
 from leanlm.layers.rope import apply_rotary, inverse_frequencies
+from leanlm.models.registry import config_from_hf
 
 transformers = pytest.importorskip("transformers")
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
@@ -41,7 +41,7 @@ def test_inverse_frequencies_match_transformers(name):
     )
     seq_len = 8192  # beyond the trained context, so "dynamic" actually rescales
     expected, expected_scale = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](hf_config, "cpu", seq_len=seq_len)
-    config = ModelConfig.from_hf_dict({**BASE, "rope_parameters": {"rope_theta": theta, **scaling}})
+    config = config_from_hf({**BASE, "rope_parameters": {"rope_theta": theta, **scaling}})
     ours, scale = inverse_frequencies(
         config.head_dim, config.rope_theta, config.rope_scaling, config.context_length, seq_len
     )

@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from leanlm.cache.kv_cache import KVCache
-from leanlm.config import ModelConfig
-from leanlm.models.registry import build_model
+from leanlm.models.registry import build_model, config_from_hf
 
 transformers = pytest.importorskip("transformers")
 
@@ -53,7 +52,7 @@ def make_pair(case: str):
         for name, param in hf.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.5)
-    config = ModelConfig.from_hf_dict(hf_config.to_dict())
+    config = config_from_hf(hf_config.to_dict())
     ours = build_model(config, dict(hf.state_dict()), torch.float32)
     return hf, ours
 

@@ -1,7 +1,7 @@
 import pytest
 
-from leanlm.config import ModelConfig
 from leanlm.errors import ModelFormatError, UnsupportedArchitectureError
+from leanlm.models.registry import config_from_gguf, config_from_hf
 
 HF_LLAMA = {
     "model_type": "llama",
@@ -18,25 +18,25 @@ HF_LLAMA = {
 
 
 def test_hf_config():
-    config = ModelConfig.from_hf_dict(HF_LLAMA)
+    config = config_from_hf(HF_LLAMA)
     assert (config.head_dim, config.num_kv_heads, config.rope_theta) == (16, 2, 500000.0)
     assert config.rope_scaling["rope_type"] == "llama3"
 
 
 def test_unknown_architecture_names_supported_ones():
     with pytest.raises(UnsupportedArchitectureError, match="gpt_neox.*llama"):
-        ModelConfig.from_hf_dict({**HF_LLAMA, "model_type": "gpt_neox"})
+        config_from_hf({**HF_LLAMA, "model_type": "gpt_neox"})
     with pytest.raises(UnsupportedArchitectureError, match="'falcon'"):
-        ModelConfig.from_gguf_metadata({"general.architecture": "falcon"})
+        config_from_gguf({"general.architecture": "falcon"})
 
 
 def test_missing_key_and_bad_gqa():
     broken = dict(HF_LLAMA)
     del broken["hidden_size"]
     with pytest.raises(ModelFormatError, match="hidden_size"):
-        ModelConfig.from_hf_dict(broken)
+        config_from_hf(broken)
     with pytest.raises(ModelFormatError, match="multiple"):
-        ModelConfig.from_hf_dict({**HF_LLAMA, "num_key_value_heads": 3})
+        config_from_hf({**HF_LLAMA, "num_key_value_heads": 3})
 
 
 def test_gguf_metadata():
@@ -52,6 +52,6 @@ def test_gguf_metadata():
         "llama.attention.layer_norm_rms_epsilon": 1e-5,
         "llama.vocab_size": 49152,
     }
-    config = ModelConfig.from_gguf_metadata(meta)
+    config = config_from_gguf(meta)
     assert (config.num_layers, config.head_dim, config.num_kv_heads, config.context_length) == (30, 64, 3, 8192)
     assert config.replace(tie_word_embeddings=True).num_parameters() == 134_515_008  # SmolLM2-135M

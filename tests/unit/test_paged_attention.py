@@ -48,12 +48,12 @@ def run_case(cache_class, backend, cases, seed=0, num_blocks=64):
 MIXED = [(9, 1, False), (3, 1, True), (17, 1, False), (0, 1, False), (0, 7, False), (5, 6, True), (12, 4, False)]
 
 
-def fused_or_skip(*args):
+def fused_or_skip(*args, **kwargs):
     from leanlm.kernels.build import load_kernels
 
     if not load_kernels():
         pytest.skip("leanlm's kernels are not built here")
-    return fused_attention(*args)
+    return fused_attention(*args, **kwargs)
 
 
 @pytest.mark.parametrize("backend", [sdpa_attention, reference_attention, fused_or_skip])

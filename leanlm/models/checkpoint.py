@@ -1,0 +1,49 @@
+"""Model reference -> Checkpoint(config, HF-named weights, tokenizer), read by formats/ and interpreted by the
+family module that owns the architecture (its config keys, tensor names and stored values)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from leanlm.formats.gguf import GGUFFile
+from leanlm.formats.loader import Checkpoint, locate_checkpoint, read_gguf_tensor, read_hf_folder
+from leanlm.formats.tokenizer import Tokenizer
+from leanlm.models.registry import config_from_hf, family_for_gguf, family_for_model_type
+
+
+def load_checkpoint(
+    model: str | Path | None, dtype: torch.dtype = torch.float32, weights: bool = True, native_quant: bool = False
+) -> Checkpoint:
+    """weights=False reads only config and tokenizer (the weights dict stays empty).
+    native_quant=True keeps GGUF Q8_0/Q4_0/Q4_1 matrices as QuantizedTensors (bit-exact) instead of dequantizing."""
+    kind, path = locate_checkpoint(model)
+    if kind == "hf":
+        folder = read_hf_folder(path, dtype, weights)
+        config = config_from_hf(folder.raw_config)
+        tokenizer = folder.tokenizer
+        if tokenizer.chat_template is None:
+            tokenizer.chat_template = family_for_model_type(config.model_type).chat_template
+        return Checkpoint(config, folder.weights, tokenizer, path, folder.weight_types)
+    return _load_gguf(path, dtype, weights, native_quant)
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, with_weights: bool, native_quant: bool) -> Checkpoint:
+    gguf_file = GGUFFile(path)
+    arch = gguf_file.metadata.get("general.architecture")
+    family = family_for_gguf(arch)
+    config = family.config_from_gguf(gguf_file.metadata)
+    if "output.weight" not in gguf_file.tensors:
+        config = config.replace(tie_word_embeddings=True)
+    weights, types = {}, {}
+    for name in gguf_file.tensors:
+        hf_name = family.hf_name_from_gguf(name)
+        if hf_name is None or not with_weights:
+            continue
+        tensor, types[hf_name] = read_gguf_tensor(gguf_file, name, dtype, native_quant)
+        weights[hf_name] = family.tensor_from_gguf(hf_name, tensor, config, arch)
+    tokenizer = Tokenizer.from_gguf_metadata(gguf_file.metadata)
+    if tokenizer.chat_template is None:
+        tokenizer.chat_template = family.chat_template
+    return Checkpoint(config, weights, tokenizer, path, types)

@@ -1,0 +1,91 @@
+"""Builds and runs the C++ DecoderStack (kernels/csrc/decoder_stack.cpp): every decoder layer of one engine step in
+one call. The stack implements one layer function (pre-norm RMSNorm, RoPE, full causal grouped-query attention,
+SwiGLU); it runs a model only when the model's description (`model.spec`) is exactly that, and says why not
+otherwise, so it never computes a different function than the module path.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from leanlm.layers.quantized_linear import QuantizedLinear
+from leanlm.models.family import LayerSpec, ModelSpec
+
+
+def stack_refusal(spec: ModelSpec, head_dim: int) -> str | None:
+    """Why the C++ stack cannot run layers described by `spec` (None: it can)."""
+    if not spec.uniform:
+        return "its layers differ (per-layer windows or rope)"
+    layer: LayerSpec = spec.layers[0]
+    checks = {
+        "a norm offset": layer.norm_offset != 0.0,
+        f"the {layer.activation} activation": layer.activation != "silu",
+        "query/key norms": layer.qk_norm,
+        "post-attention and post-MLP norms": layer.sandwich_norms,
+        "sliding-window attention": layer.window is not None,
+        "an attention scale other than 1/sqrt(head_dim)": layer.attention_scale not in (0.0, head_dim**-0.5),
+        "attention soft-capping": layer.attention_softcap is not None,
+    }
+    unsupported = [what for what, present in checks.items() if present]
+    return f"the C++ stack does not implement {', '.join(unsupported)}" if unsupported else None
+
+
+def refresh_decoder_stack(model: nn.Module) -> None:
+    """(Re)build the stack when kernel layouts changed since it was built (or in a copy of the model)."""
+    model.decoder_stack, model.decoder_stack_refusal = (None, "fused ops are off")
+    if model.fused_ops:
+        model.decoder_stack, model.decoder_stack_refusal = build_decoder_stack(model)
+    model._stack_version = QuantizedLinear.runtime_version
+
+
+def run_decoder_stack(model: nn.Module, x: torch.Tensor, ctx, positions: torch.Tensor) -> torch.Tensor | None:
+    """All layers of an engine step through the stack (same bits as the module path), or None when it cannot."""
+    if model._stack_version != QuantizedLinear.runtime_version:
+        refresh_decoder_stack(model)
+    attend = ctx.attend
+    if model.decoder_stack is None or model.attention_name != "sdpa" or not hasattr(attend, "layout"):
+        return None
+    layout = attend.layout()
+    if not x.dtype == layout.keys.dtype == torch.float32:
+        return None
+    cos, sin = ctx.rope[0]
+    out = model.decoder_stack.forward(x[0], cos[0, 0], sin[0, 0], *layout[:4], layout.row_sequence, positions[0])
+    return out[None]
+
+
+def build_decoder_stack(model: nn.Module):
+    """(stack, None) when every projection runs leanlm's kernels with the same activation mode, every layer has the
+    config's shapes, and the description is one the stack implements; (None, reason) otherwise."""
+    config = model.config
+    if reason := stack_refusal(model.spec, config.head_dim):
+        return None, reason
+    shapes = (config.q_size + 2 * config.kv_size, config.hidden_size, 2 * config.intermediate_size, config.hidden_size)
+    projections = [
+        (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+        for layer in model.layers
+    ]
+    flat = [p for layer in projections for p in layer]
+    if not flat or not all(isinstance(p, QuantizedLinear) and p.kernel.startswith("leanlm") for p in flat):
+        return None, "some projections do not run leanlm's quantized kernels"
+    modes = {p._int8_activations for p in flat}
+    norms = [(layer.input_layernorm.weight, layer.post_attention_layernorm.weight) for layer in model.layers]
+    if len(modes) != 1:
+        return None, "the projections mix int8 and float activations"
+    if any(tuple(p.out_features for p in linears) != shapes for linears in projections):
+        return None, "some layers have other shapes than the config's"
+    if any(w.dtype != torch.float32 for pair in norms for w in pair):
+        return None, "the norms are not float32"
+    stack = torch.classes.leanlm.DecoderStack(
+        config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps, config.head_dim**-0.5, *modes
+    )
+    none = torch.empty(0)
+    for (input_norm, post_norm), linears in zip(norms, projections, strict=True):
+        tensors = []
+        for linear in linears:
+            packed = linear._packed
+            offsets = packed.offsets if packed.offsets is not None else none
+            bias = linear.bias.detach().float() if linear.bias is not None else none
+            tensors += [packed.codes, packed.scales, offsets, bias]
+        stack.add_layer(input_norm.detach(), post_norm.detach(), tensors, list(shapes))
+    return stack, None
