@@ -18,6 +18,8 @@ examples:
   leanlm chat
   leanlm eval --model M2 --baseline M
   leanlm bench --vs transformers
+  leanlm models
+  leanlm generate --model gemma3-270m "Hello"
 """
 
 # name -> module; the order is the order of `leanlm --help`.
@@ -29,6 +31,7 @@ COMMANDS = {
     "quantize": "leanlm.cli.quantize",
     "prune": "leanlm.cli.prune",
     "serve": "leanlm.cli.serve",
+    "models": "leanlm.cli.models",
 }
 
 

