@@ -10,24 +10,26 @@ import torch
 from torch import nn
 
 from leanlm.layers.quantized_linear import QuantizedLinear
-from leanlm.models.family import LayerSpec, ModelSpec
+from leanlm.models.family import ModelSpec
 
 
 def stack_refusal(spec: ModelSpec, head_dim: int) -> str | None:
     """Why the C++ stack cannot run layers described by `spec` (None: it can)."""
-    if not spec.uniform:
-        return "its layers differ (per-layer windows or rope)"
-    layer: LayerSpec = spec.layers[0]
-    checks = {
-        "a norm offset": layer.norm_offset != 0.0,
-        f"the {layer.activation} activation": layer.activation != "silu",
-        "query/key norms": layer.qk_norm,
-        "post-attention and post-MLP norms": layer.sandwich_norms,
-        "sliding-window attention": layer.window is not None,
-        "an attention scale other than 1/sqrt(head_dim)": layer.attention_scale not in (0.0, head_dim**-0.5),
-        "attention soft-capping": layer.attention_softcap is not None,
-    }
-    unsupported = [what for what, present in checks.items() if present]
+    unsupported = [] if spec.uniform else ["layers that differ from each other"]
+    for what, present in (
+        ("a norm offset", lambda layer: layer.norm_offset != 0.0),
+        ("an activation other than silu", lambda layer: layer.activation != "silu"),
+        ("query/key norms", lambda layer: layer.qk_norm),
+        ("post-attention and post-MLP norms", lambda layer: layer.sandwich_norms),
+        ("sliding-window attention", lambda layer: layer.window is not None),
+        (
+            "an attention scale other than 1/sqrt(head_dim)",
+            lambda layer: layer.attention_scale not in (0.0, head_dim**-0.5),
+        ),
+        ("attention soft-capping", lambda layer: layer.attention_softcap is not None),
+    ):
+        if any(present(layer) for layer in spec.layers):
+            unsupported.append(what)
     return f"the C++ stack does not implement {', '.join(unsupported)}" if unsupported else None
 
 

@@ -1,4 +1,5 @@
-"""Our Llama-family implementation against transformers on tiny random models (weights copied across)."""
+"""Every family against transformers on tiny random models (weights copied across): a full pass, and token by token
+through the contiguous and the paged cache (sliding-window layers included, past their window)."""
 
 import pytest
 import torch
@@ -40,7 +41,31 @@ CASES = {
         "MistralForCausalLM",
         dict(num_key_value_heads=3, tie_word_embeddings=False, sliding_window=None),
     ),
+    # a window of 12 keys over 40-token sequences: most queries see only part of their past
+    "mistral-window": (
+        "MistralConfig",
+        "MistralForCausalLM",
+        dict(num_key_value_heads=3, tie_word_embeddings=False, sliding_window=12),
+    ),
+    # sliding and global layers with their own rope bases, QK-norm, GeGLU, (1 + w) norms, scaled embeddings, and a
+    # query scale (query_pre_attn_scalar) other than 1/sqrt(head_dim)
+    "gemma3": (
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dict(
+            num_key_value_heads=2,
+            head_dim=32,
+            sliding_window=12,
+            layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+            query_pre_attn_scalar=24,
+            rope_parameters={
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            },
+        ),
+    ),
 }
+WINDOWED = ["mistral-window", "gemma3"]
 
 
 def make_pair(case: str):
@@ -52,6 +77,8 @@ def make_pair(case: str):
         for name, param in hf.named_parameters():
             if name.endswith("bias"):
                 param.normal_(0, 0.5)
+            elif "norm" in name:  # Gemma's norms start at 0 (a factor of 1): move them off the neutral point
+                param.add_(torch.randn_like(param) * 0.2)
     config = config_from_hf(hf_config.to_dict())
     ours = build_model(config, dict(hf.state_dict()), torch.float32)
     return hf, ours
@@ -67,7 +94,7 @@ def test_full_sequence_logits_match(case):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["llama-gqa-untied-llama3rope", "qwen2-bias"])
+@pytest.mark.parametrize("case", ["llama-gqa-untied-llama3rope", "qwen2-bias", *WINDOWED])
 def test_cached_decode_matches_full_forward(case):
     """Prefill 30 tokens, then feed 10 one at a time through the KV cache: same logits as one full pass."""
     hf, ours = make_pair(case)
@@ -124,3 +151,48 @@ def test_decoder_stack_equals_the_module_path_on_quantized_tiny_models(case):
         ours.decoder_stack = saved
         outputs[use_stack] = torch.cat(logits, dim=1)
     assert torch.equal(outputs[True], outputs[False])
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-untied-llama3rope", *WINDOWED])
+@torch.inference_mode()
+def test_paged_decode_matches_transformers_past_the_window(case):
+    """The engine's paged attention (scattered blocks, a prefill, single-token decodes past the window, a chunk over
+    the cache, and a decode batched with another sequence) against transformers' full pass."""
+    from leanlm.cache.paged_kv import PagedKVCache
+    from leanlm.engine.paged_attention import SequenceSlice, build_paged_attention
+
+    hf, ours = make_pair(case)
+    c = ours.config
+    ids = torch.randint(0, c.vocab_size, (2, 40), generator=torch.Generator().manual_seed(4))
+    expected = hf(ids).logits
+    cache = PagedKVCache(c.num_layers, 8, 16, c.num_kv_heads, c.head_dim, torch.float32)
+    blocks = ([5, 1, 3], [2, 7, 4])
+    got: list[list[torch.Tensor]] = [[], []]
+    steps = [(0, 20), *((t, 1) for t in range(20, 30)), (30, 6)]
+    for start, size in steps:  # sequence 0 alone
+        attend = build_paged_attention(cache, ours.attention, [SequenceSlice(start, size, blocks[0], False)])
+        got[0].append(ours(ids[:1, start : start + size], torch.arange(start, start + size)[None], attend=attend)[0])
+    attend = build_paged_attention(cache, ours.attention, [SequenceSlice(0, 36, blocks[1], False)])
+    got[1].append(ours(ids[1:, :36], torch.arange(36)[None], attend=attend)[0])
+    for t in range(36, 40):  # both decode together: one padded, masked batch
+        sequences = [SequenceSlice(t, 1, blocks[0], False), SequenceSlice(t, 1, blocks[1], False)]
+        attend = build_paged_attention(cache, ours.attention, sequences)
+        logits = ours(ids[:, t : t + 1].reshape(1, 2), torch.tensor([[t, t]]), attend=attend)[0]
+        got[0].append(logits[:1])
+        got[1].append(logits[1:])
+    for row in (0, 1):
+        torch.testing.assert_close(torch.cat(got[row]), expected[row], atol=1e-4, rtol=1e-4)
+
+
+def test_decoder_stack_refuses_what_it_does_not_implement():
+    """The C++ stack computes one layer function; a family that differs keeps the module path, with the reason."""
+    from leanlm.models.stack import stack_refusal
+
+    _, gemma = make_pair("gemma3")
+    reason = stack_refusal(gemma.spec, gemma.config.head_dim)
+    for part in ("norm offset", "other than silu", "query/key norms", "post-attention", "differ", "scale"):
+        assert part in reason
+    _, mistral = make_pair("mistral-window")
+    assert "sliding-window" in stack_refusal(mistral.spec, mistral.config.head_dim)
+    _, llama = make_pair("llama-mha-tied")
+    assert stack_refusal(llama.spec, llama.config.head_dim) is None
