@@ -45,6 +45,11 @@ def quantize_weights_calibrated(
     if config.method not in ("gptq", "awq"):
         raise InvalidRequestError(f"Calibrated quantization covers gptq and awq, not '{config.method}'.")
     model = llm.model
+    if config.method == "awq" and (features := model.spec.beyond_llama(model.config.head_dim)):
+        raise InvalidRequestError(
+            f"AWQ folds its scales into the norm before each linear, and {model.config.model_type} has "
+            f"{', '.join(features)}. Use --method gptq or int4/int8 (round-to-nearest) for this model."
+        )
     targets = target_linears(model, config)
     for name, linear in targets.items():  # fail before minutes of calibration, not after
         try:

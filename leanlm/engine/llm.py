@@ -173,9 +173,10 @@ class LLM:
         from leanlm.layers.quantized_linear import QuantizedLinear
 
         compute = str(self.compute_dtype).removeprefix("torch.")
-        if not any(isinstance(m, QuantizedLinear) for m in self.model.modules()):
-            return compute
         projections = Counter(t for name, t in self.weight_types.items() if name.endswith("proj.weight"))
+        if not any(isinstance(m, QuantizedLinear) for m in self.model.modules()):
+            stored = sorted(t for t in projections if t.upper() not in ("F32", "F16", "BF16") and "float" not in t)
+            return f"{compute} (dequantized from {'/'.join(stored)})" if stored else compute
         return f"{projections.most_common(1)[0][0]} ({compute} act.)" if projections else compute
 
     @property

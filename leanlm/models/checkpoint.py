@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from leanlm.formats.gguf import GGUFFile
+from leanlm.formats.gguf_blocks import NATIVE_TYPES
 from leanlm.formats.loader import Checkpoint, locate_checkpoint, read_gguf_tensor, read_hf_folder
 from leanlm.formats.tokenizer import Tokenizer
 from leanlm.models.registry import config_from_hf, family_for_gguf, family_for_model_type
@@ -17,7 +18,8 @@ def load_checkpoint(
     model: str | Path | None, dtype: torch.dtype = torch.float32, weights: bool = True, native_quant: bool = False
 ) -> Checkpoint:
     """weights=False reads only config and tokenizer (the weights dict stays empty).
-    native_quant=True keeps GGUF Q8_0/Q4_0/Q4_1 matrices as QuantizedTensors (bit-exact) instead of dequantizing."""
+    native_quant=True keeps GGUF Q8_0/Q4_0/Q4_1 matrices as QuantizedTensors (bit-exact) instead of dequantizing,
+    when every decoder projection is stored in one of those types (K-quant files are dequantized whole)."""
     kind, path = locate_checkpoint(model)
     if kind == "hf":
         folder = read_hf_folder(path, dtype, weights)
@@ -36,6 +38,9 @@ def _load_gguf(path: Path, dtype: torch.dtype, with_weights: bool, native_quant:
     config = family.config_from_gguf(gguf_file.metadata)
     if "output.weight" not in gguf_file.tensors:
         config = config.replace(tie_word_embeddings=True)
+    if native_quant:  # all decoder projections native, or none: a dense/quantized mix runs at dense speed anyway
+        projections = [n for n in gguf_file.tensors if (family.hf_name_from_gguf(n) or "").endswith("proj.weight")]
+        native_quant = all(gguf_file.tensor_type_name(n) in NATIVE_TYPES for n in projections)
     weights, types = {}, {}
     for name in gguf_file.tensors:
         hf_name = family.hf_name_from_gguf(name)

@@ -45,6 +45,22 @@ class ModelSpec:
     def uniform(self) -> bool:
         return len(set(self.layers)) <= 1
 
+    def beyond_llama(self, head_dim: int) -> list[str]:
+        """What these layers compute beyond Llama's pre-norm RMSNorm / attention / SwiGLU layer (windows aside):
+        code written for Llama's layer (the C++ stack, AWQ's folding, structured pruning) must refuse these."""
+        checks = (
+            ("a norm offset", lambda layer: layer.norm_offset != 0.0),
+            ("an activation other than silu", lambda layer: layer.activation != "silu"),
+            ("query/key norms", lambda layer: layer.qk_norm),
+            ("post-attention and post-MLP norms", lambda layer: layer.sandwich_norms),
+            (
+                "an attention scale other than 1/sqrt(head_dim)",
+                lambda layer: layer.attention_scale not in (0.0, head_dim**-0.5),
+            ),
+            ("attention soft-capping", lambda layer: layer.attention_softcap is not None),
+        )
+        return [what for what, present in checks if any(present(layer) for layer in self.layers)]
+
 
 @dataclass(frozen=True)
 class Family:

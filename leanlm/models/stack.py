@@ -16,20 +16,9 @@ from leanlm.models.family import ModelSpec
 def stack_refusal(spec: ModelSpec, head_dim: int) -> str | None:
     """Why the C++ stack cannot run layers described by `spec` (None: it can)."""
     unsupported = [] if spec.uniform else ["layers that differ from each other"]
-    for what, present in (
-        ("a norm offset", lambda layer: layer.norm_offset != 0.0),
-        ("an activation other than silu", lambda layer: layer.activation != "silu"),
-        ("query/key norms", lambda layer: layer.qk_norm),
-        ("post-attention and post-MLP norms", lambda layer: layer.sandwich_norms),
-        ("sliding-window attention", lambda layer: layer.window is not None),
-        (
-            "an attention scale other than 1/sqrt(head_dim)",
-            lambda layer: layer.attention_scale not in (0.0, head_dim**-0.5),
-        ),
-        ("attention soft-capping", lambda layer: layer.attention_softcap is not None),
-    ):
-        if any(present(layer) for layer in spec.layers):
-            unsupported.append(what)
+    unsupported += spec.beyond_llama(head_dim)
+    if any(layer.window is not None for layer in spec.layers):
+        unsupported.append("sliding-window attention")
     return f"the C++ stack does not implement {', '.join(unsupported)}" if unsupported else None
 
 

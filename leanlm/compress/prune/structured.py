@@ -108,6 +108,16 @@ def prune_structure(
 ) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     """Returns (the smaller model's config, its weights in leanlm's fused names, a report). `llm` is unchanged."""
     model, model_config = llm.model, llm.config
+    if features := model.spec.beyond_llama(model_config.head_dim):
+        raise InvalidRequestError(
+            f"Structured pruning and layer dropping rebuild Llama's layer, and {model_config.model_type} has "
+            f"{', '.join(features)}. Use unstructured pruning (magnitude, wanda, sparsegpt) for this model."
+        )
+    if not model.spec.uniform and config.method == "layers":
+        raise InvalidRequestError(
+            "Dropping layers from a model whose layers differ (per-layer windows or rope) would shift its layer "
+            "pattern. Use structured --drop-heads / --drop-mlp or unstructured pruning for this model."
+        )
     shape = target_shape(model_config, config)  # method "layers": every layer keeps its shape
     hidden, ctx = calibration_inputs(model, calibration_tensor(llm, config, calibration_ids))
     dropped, layer_scores = [], []
