@@ -87,7 +87,7 @@ def save_quantized(llm, folder: str | Path, manifest: dict) -> Path:
             if not name.startswith(quantized_prefixes) and name not in tensors:
                 tensors[name] = tensor
         # Dense tensors at the model's stated dtype: a bfloat16 model computing in float32 around leanlm's
-        # kernels (models/registry.adopt_quantized_runtime) holds bfloat16 values, so this loses nothing.
+        # kernels (compress/quantize.py, registry.prepare_runtime) holds bfloat16 values, so this loses nothing.
         stated = getattr(llm, "dtype", None)
         tensors = {
             name: (

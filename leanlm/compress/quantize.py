@@ -13,7 +13,7 @@ from leanlm.compress.config import QuantConfig
 from leanlm.compress.rtn import quantize_rtn
 from leanlm.errors import InvalidRequestError
 from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
-from leanlm.models.registry import adopt_quantized_runtime
+from leanlm.models.registry import prepare_runtime
 
 
 def target_linears(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear]:
@@ -27,14 +27,12 @@ def target_linears(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear
 
 
 def install(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> None:
-    """Swap each named nn.Linear for a QuantizedLinear and prepare its kernel for the model's dtype/device."""
+    """Swap each named nn.Linear for a QuantizedLinear; registry.prepare_runtime then picks the kernels."""
     reference = model.embed_tokens.weight
     for name, weight in quantized.items():
         old = model.get_submodule(name)
         bias = None if old.bias is None else old.bias.detach().float()
-        layer = QuantizedLinear(weight, bias).to(reference.device)
-        layer.prepare_runtime(reference.dtype, reference.device, getattr(model, "kernel_mode", "auto"))
-        model.set_submodule(name, layer)
+        model.set_submodule(name, QuantizedLinear(weight, bias).to(reference.device))
 
 
 def quantize_weights_rtn(model: nn.Module, config: QuantConfig) -> dict[str, QuantizedTensor]:
@@ -57,6 +55,8 @@ def quantize(llm, config: QuantConfig, calibration_ids: list[list[int]] | None =
         quantized = quantize_weights_calibrated(llm, config, calibration_ids)
     after = sum(w.storage_bytes() for w in quantized.values())
     install(model, quantized)
-    if adopt_quantized_runtime(model):
-        llm.compute_dtype = torch.float32
+    # Run as the saved artifact will load: float32 activations around leanlm's kernels (bfloat16 -> float32 is
+    # exact for the dense tensors), so saving and reloading changes no logit.
+    llm.plan = llm.plan.for_weights(quantized=True)
+    prepare_runtime(model, llm.plan)
     return {"quantized_layers": len(quantized), "dense_bytes": before, "quantized_bytes": after}

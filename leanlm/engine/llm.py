@@ -19,34 +19,11 @@ from leanlm.errors import InvalidRequestError
 from leanlm.layers.quantized_linear import QuantizedTensor
 from leanlm.models.checkpoint import load_checkpoint
 from leanlm.models.registry import build_model
+from leanlm.plan import resolve_device, resolve_dtype, resolve_plan  # noqa: F401  (resolve_*: public here too)
 from leanlm.sampling_params import SamplingParams
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# bfloat16 is the default on CPU: torch's bf16 matmuls read half the bytes and run faster than float32 here
-# (benchmarks/bench_core.py); float32 stays available and is what parity tests use.
-DEFAULT_DTYPE = "bfloat16"
 
 Prompt = str | list[int]
 Messages = list[dict[str, str]]
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidRequestError("--device cuda was asked for but torch sees no CUDA GPU. Use --device cpu.")
-    if device.split(":")[0] not in ("cpu", "cuda"):
-        raise InvalidRequestError(f"Unknown device '{device}'. Use cpu, cuda or auto.")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    name = DEFAULT_DTYPE if dtype in (None, "auto") else dtype
-    if name not in DTYPES:
-        raise InvalidRequestError(f"Unknown dtype '{dtype}'. Use one of: {', '.join(DTYPES)}.")
-    return DTYPES[name]
 
 
 class LLM:
@@ -71,26 +48,17 @@ class LLM:
                 raise InvalidRequestError(f"threads must be >= 1, got {threads}.")
             torch.set_num_threads(threads)
         started = time.perf_counter()
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
-        # GGUF Q8_0/Q4_0/Q4_1 matrices run at their own precision (as llama.cpp does) unless `dequantize` asks
-        # for dense weights. float32 is the reference precision, so it always dequantizes.
-        native_quant = not dequantize and self.dtype != torch.float32
-        # leanlm's CPU kernels read float32 activations, and float32 norms and attention beat bfloat16 on CPU,
-        # so quantized checkpoints run float32 activations around their quantized weights.
-        self.compute_dtype = self.dtype
-        if native_quant and self.device.type == "cpu" and kernels != "torch" and _leanlm_kernels_available():
-            self.compute_dtype = torch.float32
-        checkpoint = load_checkpoint(model, self.compute_dtype, native_quant=native_quant)
-        if not any(isinstance(t, QuantizedTensor) for t in checkpoint.weights.values()):
-            self.compute_dtype = self.dtype  # a dense checkpoint: nothing for the kernels to do
+        plan = resolve_plan(device, dtype, kernels, attention, kv_cache, dequantize)
+        # Quantized GGUF blocks on leanlm's kernels compute in float32, so dense tensors load in float32 too.
+        load_dtype = torch.float32 if plan.native_quant and plan.leanlm_kernels else plan.dtype
+        checkpoint = load_checkpoint(model, load_dtype, native_quant=plan.native_quant)
+        self.plan = plan.for_weights(any(isinstance(t, QuantizedTensor) for t in checkpoint.weights.values()))
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.model_path = checkpoint.path
         self.weight_types = checkpoint.weight_types
-        self.model = build_model(checkpoint.config, checkpoint.weights, self.compute_dtype, self.device, kernels)
-        self.model.set_attention_backend(attention)
-        self.engine = LLMEngine(self.model, self.tokenizer, engine_config, kv_cache)
+        self.model = build_model(checkpoint.config, checkpoint.weights, self.plan)
+        self.engine = LLMEngine(self.model, self.tokenizer, engine_config, self.plan.kv_cache)
         self.load_time_s = time.perf_counter() - started
         self._loaded_on = threading.current_thread()
         self._warned_thread = False
@@ -163,6 +131,18 @@ class LLM:
                     self._last_outputs = [out]
         finally:  # an abandoned stream frees its blocks
             self._abort(request_id)
+
+    @property
+    def device(self) -> torch.device:
+        return self.plan.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.plan.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.plan.compute_dtype
 
     @property
     def precision(self) -> str:
@@ -251,12 +231,6 @@ class LLM:
             self._mine.discard(request_id)
             self._held.pop(request_id, None)
             self.engine.abort_request(request_id)
-
-
-def _leanlm_kernels_available() -> bool:
-    from leanlm.kernels.build import load_kernels
-
-    return load_kernels()
 
 
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -85,9 +85,6 @@ class QuantizedLinear(nn.Module):
       dense     a dequantized copy in the activation dtype (any layout, any device; memory as a dense layer)
     """
 
-    # Counts prepare_runtime calls in this process: whoever caches the kernel layouts (a model's DecoderStack)
-    # sees when to rebuild.
-    runtime_version = 0
 
     def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -117,7 +114,6 @@ class QuantizedLinear(nn.Module):
             raise ValueError(f"Unknown kernel mode '{mode}'. Choose among: {', '.join(KERNEL_MODES)}.")
         for name in ("_int4pack", "_int4scales", "_int8scale", "_dense", "_packed"):
             self.__dict__.pop(name, None)
-        QuantizedLinear.runtime_version += 1
         on_cpu = device.type == "cpu"
         kernel_group = self._int4pack_group()
         if on_cpu and mode != "torch" and self._use_leanlm_kernels():

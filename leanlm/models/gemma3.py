@@ -117,7 +117,8 @@ class Gemma3ForCausalLM(nn.Module):
         )
         self.attention_name, self.fused_ops = "sdpa", False
         self.attention = ATTENTION_BACKENDS["sdpa"]
-        self.decoder_stack, self.decoder_stack_refusal, self._stack_version = None, "fused ops are off", None
+        self.decoder_stack, self.decoder_stack_refusal = None, "fused ops are off"
+        self.plan = None  # the RuntimePlan it runs under (registry.prepare_runtime)
 
     def set_attention_backend(self, name: str) -> None:
         self.attention_name = name

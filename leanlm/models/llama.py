@@ -104,8 +104,8 @@ class LlamaForCausalLM(nn.Module):
         self.attention_name, self.fused_ops = "sdpa", False
         self.attention = ATTENTION_BACKENDS["sdpa"]
         self.decoder_stack = None  # leanlm's one-call decoder layers; see set_fused_ops
-        self.decoder_stack_refusal = "fused ops are off"  # why decoder_stack is None
-        self._stack_version = None  # QuantizedLinear.runtime_version when decoder_stack was built
+        self.decoder_stack_refusal: str | None = "fused ops are off"  # why decoder_stack is None
+        self.plan = None  # the RuntimePlan it runs under (registry.prepare_runtime)
 
     def set_attention_backend(self, name: str) -> None:
         self.attention_name = name
@@ -124,7 +124,7 @@ class LlamaForCausalLM(nn.Module):
 
     def __getstate__(self) -> dict:
         # The stack is a C++ object over this model's tensors: a copy (deepcopy, pickle) builds its own.
-        return {**super().__getstate__(), "decoder_stack": None, "_stack_version": None}
+        return {**super().__getstate__(), "decoder_stack": None, "decoder_stack_refusal": None}
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -9,9 +10,10 @@ from torch import nn
 
 from leanlm.config import ModelConfig
 from leanlm.errors import UnsupportedArchitectureError
-from leanlm.layers.quantized_linear import QuantizedLinear
+from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
 from leanlm.models import gemma3, llama
 from leanlm.models.family import Family
+from leanlm.plan import RuntimePlan, resolve_plan
 
 FAMILIES: tuple[Family, ...] = (llama.FAMILY, gemma3.FAMILY)
 
@@ -60,44 +62,35 @@ def config_from_gguf(meta: dict[str, Any]) -> ModelConfig:
 def build_model(
     config: ModelConfig,
     weights: dict[str, torch.Tensor],
-    dtype: torch.dtype,
+    plan: RuntimePlan | torch.dtype,
     device: torch.device | str = "cpu",
     kernels: str = "auto",
 ) -> nn.Module:
-    """kernels: how quantized layers run on CPU (layers.quantized_linear.KERNEL_MODES)."""
+    """The family's module tree over `weights`, prepared to run as `plan` says. A dtype instead of a plan (tests,
+    benchmarks) resolves one from dtype, device and kernels."""
+    if isinstance(plan, torch.dtype):
+        quantized = any(isinstance(t, QuantizedTensor) for t in weights.values())
+        plan = resolve_plan(str(device), plan, kernels).for_weights(quantized)
+        plan = dataclasses.replace(plan, compute_dtype=plan.dtype)  # the dtype given is the one to compute in
     family = family_for_model_type(config.model_type)
     with torch.device("meta"):  # no random init: parameters are assigned from the checkpoint
         model = family.model_class(config)
+    dtype = plan.compute_dtype
     model.load_weights({name: t.to(dtype) if isinstance(t, torch.Tensor) else t for name, t in weights.items()}, dtype)
-    model = model.to(device).eval()
-    model.kernel_mode = kernels  # layers quantized later (compress/) run the same way
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            module.prepare_runtime(dtype, torch.device(device), kernels)
-    if dtype == torch.float32 and uses_leanlm_kernels(torch.device(device), kernels):
-        model.set_fused_ops(True)
+    model = model.to(plan.device).eval()
+    prepare_runtime(model, plan)
     return model
 
 
-def uses_leanlm_kernels(device: torch.device, kernels: str) -> bool:
-    """Whether quantized layers on `device` run leanlm's CPU kernels (which read float32 activations)."""
-    if device.type != "cpu" or kernels == "torch":
-        return False
-    from leanlm.kernels.build import load_kernels
-
-    return load_kernels()
-
-
-def adopt_quantized_runtime(model: nn.Module) -> bool:
-    """After layers were quantized in place (compress/): run the model as the saved artifact will load, with
-    float32 activations around leanlm's kernels, so that saving and reloading changes no logit. The dense
-    tensors' values are unchanged (bfloat16 -> float32 is exact). True when the model now computes in float32."""
-    device = model.embed_tokens.weight.device
-    if not uses_leanlm_kernels(device, getattr(model, "kernel_mode", "auto")):
-        return False
-    model.float()  # quantized layers keep their integer codes; only floating tensors change
+def prepare_runtime(model: nn.Module, plan: RuntimePlan) -> None:
+    """Make `model` run as `plan` says: every quantized layer's kernel, the fused ops, the attention backend and
+    the C++ stack (rebuilt here, the one place that changes kernel layouts). Call again after compress/ swaps
+    layers or changes the plan."""
+    model.plan = plan
+    if model.embed_tokens.weight.dtype != plan.compute_dtype:  # e.g. float32 activations after quantization
+        model.to(plan.compute_dtype)  # quantized layers keep their integer codes; only floating tensors change
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
-            module.prepare_runtime(torch.float32, device, model.kernel_mode)
-    model.set_fused_ops(True)
-    return True
+            module.prepare_runtime(plan.compute_dtype, plan.device, plan.kernels)
+    model.set_attention_backend(plan.attention)
+    model.set_fused_ops(plan.fused_ops)

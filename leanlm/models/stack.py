@@ -23,17 +23,16 @@ def stack_refusal(spec: ModelSpec, head_dim: int) -> str | None:
 
 
 def refresh_decoder_stack(model: nn.Module) -> None:
-    """(Re)build the stack when kernel layouts changed since it was built (or in a copy of the model)."""
+    """(Re)build the stack over the model's current kernel layouts (registry.prepare_runtime calls this)."""
     model.decoder_stack, model.decoder_stack_refusal = (None, "fused ops are off")
     if model.fused_ops:
         model.decoder_stack, model.decoder_stack_refusal = build_decoder_stack(model)
-    model._stack_version = QuantizedLinear.runtime_version
 
 
 def run_decoder_stack(model: nn.Module, x: torch.Tensor, ctx, positions: torch.Tensor) -> torch.Tensor | None:
     """All layers of an engine step through the stack (same bits as the module path), or None when it cannot."""
-    if model._stack_version != QuantizedLinear.runtime_version:
-        refresh_decoder_stack(model)
+    if model.decoder_stack is None and model.fused_ops and model.decoder_stack_refusal is None:
+        refresh_decoder_stack(model)  # a copy of the model (deepcopy, pickle) builds its own
     attend = ctx.attend
     if model.decoder_stack is None or model.attention_name != "sdpa" or not hasattr(attend, "layout"):
         return None

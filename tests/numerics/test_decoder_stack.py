@@ -136,9 +136,9 @@ def test_bad_inputs_are_refused_with_a_message(checkpoint):
     c = model.config
     keys = torch.zeros(c.num_layers, c.num_kv_heads, 64, c.head_dim)
     x, cos = torch.zeros(1, c.hidden_size), torch.ones(1, c.head_dim)
-    row = torch.zeros(1, dtype=torch.long)
+    row, two_blocks = torch.zeros(1, dtype=torch.long), torch.tensor([[0, 1]])
 
-    def forward(x=x, cos=cos, table=torch.tensor([[0, 1]]), position=row):
+    def forward(x=x, cos=cos, table=two_blocks, position=row):
         return model.decoder_stack.forward(x, cos, cos, keys, keys.clone(), table, 16, row, position)
 
     assert forward().shape == (1, c.hidden_size)

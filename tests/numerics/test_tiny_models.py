@@ -129,7 +129,7 @@ def test_decoder_stack_equals_the_module_path_on_quantized_tiny_models(case):
     from leanlm.compress.rtn import quantize_rtn
     from leanlm.engine.paged_attention import SequenceSlice, build_paged_attention
     from leanlm.kernels.build import load_kernels
-    from leanlm.models.registry import adopt_quantized_runtime
+    from leanlm.models.registry import prepare_runtime
 
     if not load_kernels():
         pytest.skip("leanlm kernels unavailable")
@@ -137,7 +137,8 @@ def test_decoder_stack_equals_the_module_path_on_quantized_tiny_models(case):
     linears = {n: m for n, m in ours.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("layers.")}
     bits = {name: 8 if "down_proj" in name else 4 for name in linears}  # both kernels in one stack
     install(ours, {n: quantize_rtn(m.weight.float(), bits[n], 32, bits[n] == 8) for n, m in linears.items()})
-    assert adopt_quantized_runtime(ours) and ours.decoder_stack is not None
+    prepare_runtime(ours, ours.plan.for_weights(quantized=True))
+    assert ours.decoder_stack is not None
     c = ours.config
     ids = torch.randint(0, c.vocab_size, (1, 30), generator=torch.Generator().manual_seed(1))
     outputs = {}
