@@ -25,14 +25,21 @@ def step_times(forward, model, steps: int, context: int = 120) -> tuple[float, f
     config = model.config
     cache = KVCache(config.num_layers, 1, config.num_kv_heads, context + steps + 8, config.head_dim, torch.float32)
     with torch.inference_mode():
-        model(torch.ones(1, context, dtype=torch.long), torch.arange(context)[None], cache, 0, last_only=True)
+        model(
+            torch.ones(1, context, dtype=torch.long),
+            torch.arange(context)[None],
+            cache.attention(0, model.attention),
+            True,
+        )
         started = time.perf_counter()
-        forward(torch.tensor([[5]]), torch.tensor([[context]]), cache, context)  # compiles, when compiled
+        forward(
+            torch.tensor([[5]]), torch.tensor([[context]]), cache.attention(context, model.attention)
+        )  # compiles, when compiled
         first = time.perf_counter() - started
         times = []
         for i in range(1, steps):
             started = time.perf_counter()
-            forward(torch.tensor([[5]]), torch.tensor([[context + i]]), cache, context + i)
+            forward(torch.tensor([[5]]), torch.tensor([[context + i]]), cache.attention(context + i, model.attention))
             times.append(time.perf_counter() - started)
     return first, 1000 * statistics.median(times[steps // 4 :])
 

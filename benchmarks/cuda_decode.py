@@ -68,13 +68,13 @@ def time_decode(model, config: ModelConfig, batch: int, context: int = 128, step
     positions = torch.arange(context, device=device).expand(batch, -1)
     times = []
     with torch.inference_mode():
-        model(ids, positions, cache, 0, last_only=True)
+        model(ids, positions, cache.attention(0, model.attention), True)
         token = ids[:, -1:]
         for step in range(10 + steps):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             position = torch.full((batch, 1), context + step, device=device)
             start.record()
-            model(token, position, cache, context + step)
+            model(token, position, cache.attention(context + step, model.attention))
             end.record()
             torch.cuda.synchronize()
             if step >= 10:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 
@@ -34,6 +36,23 @@ class KVCache:
 
     def nbytes(self) -> int:
         return self.keys.numel() * self.keys.element_size() * 2
+
+    def attention(self, start: int, backend: Callable) -> CacheAttention:
+        """The `attend` of one model call that writes at column `start` and attends over the columns up to it."""
+        return CacheAttention(self, start, backend)
+
+
+class CacheAttention:
+    """attend(layer, q, k, v, scale=, window=) over a contiguous cache, for model calls outside the engine (tests,
+    benchmarks): the same interface the engine's paged attention offers."""
+
+    def __init__(self, cache: KVCache | Int8KVCache, start: int, backend: Callable):
+        self.cache, self.start, self.backend = cache, start, backend
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale=None, window=None):
+        keys, values = self.cache.update(layer, self.start, k, v)
+        # Attention runs in the cache's dtype (float32 on CPU, where bfloat16 attention kernels are ~5x slower).
+        return self.backend(q.to(keys.dtype), keys, values, None, scale=scale, window=window)
 
 
 def default_cache_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -81,6 +100,9 @@ class Int8KVCache:
 
     def nbytes(self) -> int:
         return 2 * (self.keys.numel() + self.key_scales.numel() * 4)
+
+    def attention(self, start: int, backend: Callable) -> CacheAttention:
+        return CacheAttention(self, start, backend)
 
 
 def quantize_per_vector(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -97,5 +97,15 @@ def fused_attention(
     return sdpa_attention(q, k, v, mask, scale)
 
 
+def self_attention(backend):
+    """attend(layer, q, k, v, scale=, window=) for a whole sequence and no cache: each token attends causally over
+    the call's own tokens (eval, calibration)."""
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale=None, window=None):
+        return backend(q, k, v, None, scale=scale, window=window)
+
+    return attend
+
+
 # "fused" needs leanlm's kernels loaded (leanlm.kernels.build.load_kernels); models pick it for "sdpa" when it is.
 ATTENTION_BACKENDS = {"sdpa": sdpa_attention, "reference": reference_attention, "fused": fused_attention}

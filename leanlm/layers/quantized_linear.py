@@ -85,7 +85,6 @@ class QuantizedLinear(nn.Module):
       dense     a dequantized copy in the activation dtype (any layout, any device; memory as a dense layer)
     """
 
-
     def __init__(self, weight: QuantizedTensor, bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = weight.codes.shape

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.cache.kv_cache import KVCache
 from leanlm.errors import ModelFormatError
 from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
 from leanlm.layers.rope import inverse_frequencies
@@ -21,12 +20,9 @@ class ForwardContext:
     """What every layer of one forward pass shares."""
 
     rope: list[tuple[torch.Tensor, torch.Tensor]]  # per rotary table: cos, sin (B, 1, T, D)
-    attention: Callable  # backend(q, k, v, mask, scale=, window=)
-    # The engine's paged attention: attend(layer_index, q, k, v, scale=, window=) stores k/v and attends.
-    attend: Callable | None = None
-    cache: KVCache | None = None  # contiguous cache (model(...) calls outside the engine)
-    start: int = 0  # cache column of the first input token
-    mask: torch.Tensor | None = None  # (B, 1, T, S) True = may attend; None = plain causal
+    # attend(layer_index, q, k, v, scale=, window=) stores k/v where the caller keeps them and attends: the
+    # engine's paged attention, a contiguous cache's (KVCache.attention), or self_attention (no cache).
+    attend: Callable
 
     @property
     def cos(self) -> torch.Tensor:

@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.cache.kv_cache import KVCache
 from leanlm.config import ModelConfig
-from leanlm.layers.attention import ATTENTION_BACKENDS
+from leanlm.layers.attention import ATTENTION_BACKENDS, self_attention
 from leanlm.layers.quantized_linear import QuantizedTensor
 from leanlm.layers.rope import apply_rotary
 from leanlm.models.base import (
@@ -59,13 +58,7 @@ class Attention(nn.Module):
         cos, sin = ctx.rope[self.rope_index]
         rotate = torch.ops.leanlm.rotary if self.fused else apply_rotary
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-        if ctx.attend is not None:
-            out = ctx.attend(self.layer_index, q, k, v, scale=self.scale, window=self.window)
-        else:
-            if ctx.cache is not None:
-                k, v = ctx.cache.update(self.layer_index, ctx.start, k, v)
-            out = ctx.attention(q.to(k.dtype), k, v, ctx.mask, scale=self.scale, window=self.window)
-        out = out.to(x.dtype)
+        out = ctx.attend(self.layer_index, q, k, v, scale=self.scale, window=self.window).to(x.dtype)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
 
@@ -142,27 +135,21 @@ class Gemma3ForCausalLM(nn.Module):
         positions: torch.Tensor,
         dtype: torch.dtype,
         attend: Callable | None = None,
-        cache: KVCache | None = None,
-        start: int = 0,
-        mask: torch.Tensor | None = None,
     ) -> ForwardContext:
         tables = [table(positions, dtype) for table in self.rotary]
-        return ForwardContext(tables, self.attention, attend, cache, start, mask)
+        return ForwardContext(tables, attend or self_attention(self.attention))
 
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        cache: KVCache | None = None,
-        start: int = 0,
-        mask: torch.Tensor | None = None,
-        last_only: bool = False,
         attend: Callable | None = None,
+        last_only: bool = False,
         logits_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The same contract as LlamaForCausalLM.forward."""
         x = self.embed(input_ids)
-        ctx = self.forward_context(positions, x.dtype, attend, cache, start, mask)
+        ctx = self.forward_context(positions, x.dtype, attend)
         for layer in self.layers:
             x = layer(x, ctx)
         if last_only:

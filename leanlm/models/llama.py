@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.cache.kv_cache import KVCache
 from leanlm.config import ModelConfig
-from leanlm.layers.attention import ATTENTION_BACKENDS
+from leanlm.layers.attention import ATTENTION_BACKENDS, self_attention
 from leanlm.layers.quantized_linear import QuantizedTensor
 from leanlm.layers.rope import apply_rotary
 from leanlm.models.base import (
@@ -52,14 +51,7 @@ class Attention(nn.Module):
         qk = rotate(qkv[:, :rotated_heads], ctx.cos, ctx.sin)  # one rotation for q and k together
         q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
         v = qkv[:, rotated_heads:]
-        if ctx.attend is not None:
-            out = ctx.attend(self.layer_index, q, k, v, window=self.window)
-        else:
-            if ctx.cache is not None:
-                k, v = ctx.cache.update(self.layer_index, ctx.start, k, v)
-            # Attention runs in the cache's dtype (float32 on CPU, where bfloat16 attention kernels are ~5x slower).
-            out = ctx.attention(q.to(k.dtype), k, v, ctx.mask, window=self.window)  # (B, H, T, D)
-        out = out.to(x.dtype)
+        out = ctx.attend(self.layer_index, q, k, v, window=self.window).to(x.dtype)  # (B, H, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
 
 
@@ -134,28 +126,23 @@ class LlamaForCausalLM(nn.Module):
         positions: torch.Tensor,
         dtype: torch.dtype,
         attend: Callable | None = None,
-        cache: KVCache | None = None,
-        start: int = 0,
-        mask: torch.Tensor | None = None,
     ) -> ForwardContext:
         """What the layers of one forward pass share (compress/ builds one to run layers one at a time)."""
-        return ForwardContext([self.rotary(positions, dtype)], self.attention, attend, cache, start, mask)
+        return ForwardContext([self.rotary(positions, dtype)], attend or self_attention(self.attention))
 
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        cache: KVCache | None = None,
-        start: int = 0,
-        mask: torch.Tensor | None = None,
-        last_only: bool = False,
         attend: Callable | None = None,
+        last_only: bool = False,
         logits_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids, positions: (B, T). Returns float32 logits (B, T, V), or (B, 1, V) with last_only,
-        or (B, R, V) for the R columns in logits_indices. `attend` (paged attention) replaces cache/start/mask."""
+        or (B, R, V) for the R columns in logits_indices. `attend` keeps keys and values (ForwardContext); without
+        it the call attends causally over its own tokens."""
         x = self.embed(input_ids)
-        ctx = self.forward_context(positions, x.dtype, attend, cache, start, mask)
+        ctx = self.forward_context(positions, x.dtype, attend)
         stacked = run_decoder_stack(self, x, ctx, positions)
         if stacked is not None:
             x = stacked

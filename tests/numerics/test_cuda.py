@@ -113,8 +113,8 @@ def test_quantized_model_decodes_on_cuda_like_on_cpu(dtype):
     }
     with torch.inference_mode():
         positions = torch.arange(12).unsqueeze(0)
-        expected = cpu(ids, positions, caches["cpu"], 0)
-        got = gpu(ids.to(CUDA), positions.to(CUDA), caches["gpu"], 0)
+        expected = cpu(ids, positions, caches["cpu"].attention(0, cpu.attention))
+        got = gpu(ids.to(CUDA), positions.to(CUDA), caches["gpu"].attention(0, gpu.attention))
         assert relative_error(got, expected) < TOLERANCES[dtype]
         for step in range(3):
             token, position = ids[:, step : step + 1], torch.tensor([[12 + step]])

@@ -103,9 +103,9 @@ def test_cached_decode_matches_full_forward(case):
     with torch.inference_mode():
         expected = hf(ids).logits[0]
         cache = KVCache(cfg.num_layers, 1, cfg.num_kv_heads, 40, cfg.head_dim, torch.float32)
-        steps = [ours(ids[:, :30], torch.arange(30)[None], cache, 0)[0]]
+        steps = [ours(ids[:, :30], torch.arange(30)[None], cache.attention(0, ours.attention))[0]]
         for t in range(30, 40):
-            steps.append(ours(ids[:, t : t + 1], torch.tensor([[t]]), cache, t)[0])
+            steps.append(ours(ids[:, t : t + 1], torch.tensor([[t]]), cache.attention(t, ours.attention))[0])
     torch.testing.assert_close(torch.cat(steps), expected, atol=1e-4, rtol=1e-4)
 
 
