@@ -8,7 +8,7 @@ sampling and detokenizing included). The profiler adds a little to each op, so "
 With leanlm's kernels all decoder layers run as one C++ call (DecoderStack), whose matrix products and
 attention are scoped for the profiler; the rest of its time (norms, RoPE, SiLU, residuals) counts as other ops.
 
-    python benchmarks/profile_decode.py [--modes torch,auto] [--tokens 64] [--json out/profile_decode.json]
+    python benchmarks/profile_decode.py [--model gemma3-270m] [--modes torch,auto] [--tokens 64] [--json out/x.json]
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from leanlm import LLM, SamplingParams
@@ -38,8 +37,8 @@ def category(op_name: str) -> str:
     return "other ops"
 
 
-def profile_mode(mode: str, tokens: int, repetitions: int, threads: int) -> dict:
-    llm = LLM(default_model_path(), kernels=mode, threads=threads)
+def profile_mode(mode: str, tokens: int, repetitions: int, threads: int, model: str | None = None) -> dict:
+    llm = LLM(model or default_model_path(), kernels=mode, threads=threads)
     kernels = sorted({m.kernel for m in llm.model.modules() if hasattr(m, "kernel")})
     prompt = llm.tokenizer.encode("The history of the city begins " * 24)[:120]
     params = SamplingParams(max_tokens=tokens + 1, temperature=0, ignore_eos=True)
@@ -68,7 +67,7 @@ def profile_mode(mode: str, tokens: int, repetitions: int, threads: int) -> dict
     return {
         "mode": mode,
         "kernels": kernels,
-        "compute_dtype": str(llm.compute_dtype).removeprefix("torch."),
+        "precision": llm.precision,
         "ms_per_token": wall,
         "tok_s": 1000 / wall,
         "split_ms": split,
@@ -82,11 +81,12 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--model", help="a path or known name (default: the default model)")
     parser.add_argument("--json", default="out/profile_decode.json")
     args = parser.parse_args()
-    results = [profile_mode(m, args.tokens, args.repetitions, args.threads) for m in args.modes.split(",")]
+    results = [profile_mode(m, args.tokens, args.repetitions, args.threads, args.model) for m in args.modes.split(",")]
     names = list(results[0]["split_ms"])
-    print(f"decode, batch 1, {args.threads} threads, {args.tokens} tokens after 120 ({torch.__version__})")
+    print(f"{results[0]['precision']}: decode, batch 1, {args.threads} threads, {args.tokens} tokens after 120")
     print(f"{'mode':<7}{'kernels':<24}{'ms/token':>9}{'tok/s':>8}{'ops/token':>10}  " + "  ".join(names))
     for r in results:
         parts = "  ".join(f"{r['split_ms'][n]:>{len(n)}.2f}" for n in names)
