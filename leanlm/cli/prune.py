@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from leanlm.compress.prune.artifact import save_pruned
     from leanlm.compress.prune.config import UNSTRUCTURED, PruneConfig
     from leanlm.compress.prune.prune import prune
+    from leanlm.compress.storage import adopt_storage_dtype
     from leanlm.engine.llm import LLM, resolve_dtype
 
     config = PruneConfig(
@@ -99,9 +100,7 @@ def run(args: argparse.Namespace) -> int:
     # Prune float32 copies of the original weights (a quantized GGUF is dequantized); the artifact keeps runtime_dtype.
     llm = LLM(args.model, dtype="float32", device="cpu", threads=args.threads, dequantize=True)
     report = prune(llm, config)
-    for param in llm.model.parameters():
-        param.data = param.data.to(runtime_dtype)
-    llm.dtype = runtime_dtype
+    adopt_storage_dtype(llm, runtime_dtype)
     manifest = {
         "method": config.method,
         "config": config.to_dict(),

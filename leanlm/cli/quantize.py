@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from leanlm.compress.artifact import save_quantized
     from leanlm.compress.config import QuantConfig
     from leanlm.compress.quantize import quantize
+    from leanlm.compress.storage import adopt_storage_dtype
     from leanlm.engine.llm import LLM, resolve_dtype
 
     config = QuantConfig(
@@ -75,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     report = quantize(llm, config)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    _cast_dense(llm.model, runtime_dtype)
-    llm.dtype = runtime_dtype
+    adopt_storage_dtype(llm, runtime_dtype)
     manifest = {
         "method": config.method,
         "bits": config.bits,
@@ -113,17 +113,6 @@ def run(args: argparse.Namespace) -> int:
             f"top-1 {100 * q['top1_agreement']:.1f}%"
         )
     return 0
-
-
-def _cast_dense(model, dtype) -> None:
-    from leanlm.layers.quantized_linear import QuantizedLinear
-
-    for module in model.modules():
-        if isinstance(module, QuantizedLinear):
-            module.prepare_runtime(dtype, module.codes.device)
-    for name, param in model.named_parameters():
-        if param.is_floating_point() and not name.endswith("bias"):
-            param.data = param.data.to(dtype)
 
 
 def _measure_speed(llm) -> dict:
