@@ -15,21 +15,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.config import ModelConfig
-from leanlm.layers.attention import ATTENTION_BACKENDS, self_attention
-from leanlm.layers.quantized_linear import QuantizedTensor
+from leanlm.layers.attention import self_attention
 from leanlm.layers.rope import apply_rotary
 from leanlm.models.base import (
     ForwardContext,
     RMSNorm,
     RotaryTable,
-    assign_weights,
     gguf_block_name,
     hf_block_name,
-    strip_prefix,
     zeros_embedding,
 )
+from leanlm.models.causal_lm import CausalLM
 from leanlm.models.family import Family, LayerSpec, ModelSpec
-from leanlm.models.stack import refresh_decoder_stack
 
 DEFAULT_LOCAL_THETA = 10_000.0  # sliding layers' rope base when the checkpoint does not say (llama.cpp's too)
 SLIDING_PATTERN = 6  # every 6th layer is global, the others slide (GGUF files do not store the pattern)
@@ -90,11 +87,11 @@ class DecoderLayer(nn.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
-class Gemma3ForCausalLM(nn.Module):
+class Gemma3ForCausalLM(CausalLM):
+    fused_module_types = (RMSNorm, Attention)
+
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
-        self.spec = describe(config)
+        super().__init__(config, describe(config))
         self.embed_tokens = zeros_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, spec, i) for i, spec in enumerate(self.spec.layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, offset=1.0)
@@ -108,61 +105,10 @@ class Gemma3ForCausalLM(nn.Module):
             )
             for s in (global_layer, local_layer)
         )
-        self.attention_name, self.fused_ops = "sdpa", False
-        self.attention = ATTENTION_BACKENDS["sdpa"]
-        self.decoder_stack, self.decoder_stack_refusal = None, "fused ops are off"
-        self.plan = None  # the RuntimePlan it runs under (registry.prepare_runtime)
 
-    def set_attention_backend(self, name: str) -> None:
-        self.attention_name = name
-        self.attention = ATTENTION_BACKENDS["fused" if name == "sdpa" and self.fused_ops else name]
-
-    def set_fused_ops(self, enabled: bool) -> None:
-        """leanlm's one-dispatch kernels for RMSNorm, RoPE and attention (float32 CPU)."""
-        self.fused_ops = enabled
-        for module in self.modules():
-            if isinstance(module, RMSNorm | Attention):
-                module.fused = enabled
-        self.set_attention_backend(self.attention_name)
-        refresh_decoder_stack(self)  # refuses this family, and records why
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed_tokens(input_ids)
-        return x * torch.tensor(self.spec.embedding_scale, dtype=x.dtype)  # scaled in the weights' dtype, as HF does
-
-    def forward_context(
-        self,
-        positions: torch.Tensor,
-        dtype: torch.dtype,
-        attend: Callable | None = None,
-    ) -> ForwardContext:
+    def forward_context(self, positions: torch.Tensor, dtype: torch.dtype, attend: Callable | None = None):
         tables = [table(positions, dtype) for table in self.rotary]
         return ForwardContext(tables, attend or self_attention(self.attention))
-
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        attend: Callable | None = None,
-        last_only: bool = False,
-        logits_indices: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """The same contract as LlamaForCausalLM.forward."""
-        x = self.embed(input_ids)
-        ctx = self.forward_context(positions, x.dtype, attend)
-        for layer in self.layers:
-            x = layer(x, ctx)
-        if last_only:
-            x = x[:, -1:]
-        elif logits_indices is not None:
-            x = x[:, logits_indices]
-        logits = self.lm_head(self.norm(x)).float()
-        if cap := self.spec.logit_softcap:
-            logits = torch.tanh(logits / cap) * cap
-        return logits
-
-    def load_weights(self, weights: dict[str, torch.Tensor | QuantizedTensor], dtype: torch.dtype) -> None:
-        assign_weights(self, strip_prefix(weights), dtype)
 
 
 # ---- the family's description ----------------------------------------------------------------------------------

@@ -15,21 +15,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.config import ModelConfig
-from leanlm.layers.attention import ATTENTION_BACKENDS, self_attention
+from leanlm.layers.attention import self_attention
 from leanlm.layers.quantized_linear import QuantizedTensor
 from leanlm.layers.rope import apply_rotary
 from leanlm.models.base import (
     ForwardContext,
     RMSNorm,
     RotaryTable,
-    assign_weights,
     gguf_block_name,
     hf_block_name,
     strip_prefix,
     zeros_embedding,
 )
+from leanlm.models.causal_lm import CausalLM
 from leanlm.models.family import Family, LayerSpec, ModelSpec
-from leanlm.models.stack import refresh_decoder_stack, run_decoder_stack
 
 
 class Attention(nn.Module):
@@ -83,87 +82,26 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
+    fused_module_types = (RMSNorm, MLP, Attention)
+
     def __init__(self, config: ModelConfig):
-        super().__init__()
-        self.config = config
-        self.spec = describe(config)
+        super().__init__(config, describe(config))
         self.embed_tokens = zeros_embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, spec, i) for i, spec in enumerate(self.spec.layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryTable(config.head_dim, config.rope_theta, config.rope_scaling, config.context_length)
-        self.attention_name, self.fused_ops = "sdpa", False
-        self.attention = ATTENTION_BACKENDS["sdpa"]
-        self.decoder_stack = None  # leanlm's one-call decoder layers; see set_fused_ops
-        self.decoder_stack_refusal: str | None = "fused ops are off"  # why decoder_stack is None
-        self.plan = None  # the RuntimePlan it runs under (registry.prepare_runtime)
 
-    def set_attention_backend(self, name: str) -> None:
-        self.attention_name = name
-        # With the fused kernels loaded, the fast path ("sdpa") takes leanlm's per-query attention kernel.
-        self.attention = ATTENTION_BACKENDS["fused" if name == "sdpa" and self.fused_ops else name]
-
-    def set_fused_ops(self, enabled: bool) -> None:
-        """Run RMSNorm, RoPE, SiLU-gating and attention through leanlm's fused kernels (one dispatch
-        each instead of 3-6). Needs leanlm.kernels.build.load_kernels() to have succeeded."""
-        self.fused_ops = enabled
-        for module in self.modules():
-            if isinstance(module, RMSNorm | MLP | Attention):
-                module.fused = enabled
-        self.set_attention_backend(self.attention_name)
-        refresh_decoder_stack(self)
-
-    def __getstate__(self) -> dict:
-        # The stack is a C++ object over this model's tensors: a copy (deepcopy, pickle) builds its own.
-        return {**super().__getstate__(), "decoder_stack": None, "decoder_stack_refusal": None}
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
-
-    def forward_context(
-        self,
-        positions: torch.Tensor,
-        dtype: torch.dtype,
-        attend: Callable | None = None,
-    ) -> ForwardContext:
-        """What the layers of one forward pass share (compress/ builds one to run layers one at a time)."""
+    def forward_context(self, positions: torch.Tensor, dtype: torch.dtype, attend: Callable | None = None):
         return ForwardContext([self.rotary(positions, dtype)], attend or self_attention(self.attention))
 
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        positions: torch.Tensor,
-        attend: Callable | None = None,
-        last_only: bool = False,
-        logits_indices: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """input_ids, positions: (B, T). Returns float32 logits (B, T, V), or (B, 1, V) with last_only,
-        or (B, R, V) for the R columns in logits_indices. `attend` keeps keys and values (ForwardContext); without
-        it the call attends causally over its own tokens."""
-        x = self.embed(input_ids)
-        ctx = self.forward_context(positions, x.dtype, attend)
-        stacked = run_decoder_stack(self, x, ctx, positions)
-        if stacked is not None:
-            x = stacked
-        else:
-            for layer in self.layers:
-                x = layer(x, ctx)
-        if last_only:
-            x = x[:, -1:]
-        elif logits_indices is not None:
-            x = x[:, logits_indices]
-        return self.lm_head(self.norm(x)).float()
-
     def load_weights(self, weights: dict[str, torch.Tensor | QuantizedTensor], dtype: torch.dtype) -> None:
-        """Take HF-named tensors (model.layers.N.self_attn.q_proj.weight, ...), fuse, and assign them.
-
-        A QuantizedTensor weight turns its nn.Linear into a QuantizedLinear."""
         weights = strip_prefix(weights)
         if (factors := weights.pop("rope_freq_factors", None)) is not None:
             # Llama 3.x GGUF files store their rope scaling as per-frequency divisors instead of metadata.
             self.rotary.inv_freq = self.rotary.inv_freq / factors.float().cpu()
-        assign_weights(self, weights, dtype)
+        super().load_weights(weights, dtype)
 
 
 # ---- the family's description ----------------------------------------------------------------------------------
