@@ -280,6 +280,17 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -48,8 +48,14 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     shutdown_grace_s: float = 10.0
     completion_default_max_tokens: int = 16  # as OpenAI; chat defaults to the limit
+    bind_host: str = "127.0.0.1"  # the address the server listens on; a Host header may name it
+    allowed_hosts: tuple[str, ...] = ()  # more Host names to answer ("*": any); checked without an API key
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS ("*": any); none by default
+    special_tokens_in_content: bool = False  # trusted clients only: control tokens typed in messages stay control
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed_hosts", tuple(h.lower() for h in self.allowed_hosts))
+        object.__setattr__(self, "allowed_origins", tuple(self.allowed_origins))
         if self.max_tokens_limit < 1:
             raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
         if self.max_queue < 0:
@@ -95,7 +101,9 @@ class OpenAIServing:
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
         try:
-            ids = self.llm.apply_chat_template(body.conversation())
+            ids = self.llm.tokenizer.encode_chat(
+                body.conversation(), special_tokens_in_content=self.settings.special_tokens_in_content
+            )
         except InvalidRequestError as exc:
             raise BadRequest(str(exc), "messages") from None
         self._check_length(ids, "messages")
@@ -113,7 +121,7 @@ class OpenAIServing:
     def check_model(self, name: str) -> None:
         if name != self.settings.model_name:
             raise NotFound(
-                f"The model '{name}' does not exist on this server, which serves '{self.settings.model_name}' "
+                f"The model {_short(name)} does not exist on this server, which serves '{self.settings.model_name}' "
                 "(GET /v1/models lists it).",
                 "model",
                 "model_not_found",
@@ -321,6 +329,11 @@ class _Reply:
 # ---- helpers ----------------------------------------------------------------------------------------------------
 
 
+def _short(text: str, limit: int = 100) -> str:
+    """A client's string quoted in an error message, cut so that a huge one is not echoed back whole."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
 def _completion_prompts(prompt) -> list[str | list[int]]:
     if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
         return [prompt]
@@ -348,7 +361,8 @@ def _usage(job: _Job, outputs: list) -> Usage:
 
 
 async def _unless_disconnected(request: Request, work: Awaitable):
-    """Run `work`, cancelling it (and so aborting its engine requests) if the client disconnects first."""
+    """The result of `work`, or None once the client has disconnected: then `work` is cancelled (which aborts its
+    engine requests) and awaited, so that its cleanup has run before the caller answers 499."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -359,9 +373,11 @@ async def _unless_disconnected(request: Request, work: Awaitable):
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
+        for pending in (watcher, task):
+            if not pending.done():
+                pending.cancel()
+        # cancel() only asks: wait until both have really ended (a cancelled task has no result to read)
+        await asyncio.wait({task, watcher})
+    if task.cancelled():  # the client went away first
         return None
     return task.result()

@@ -76,6 +76,29 @@ def test_chunked_prefill_matches(llm, prompts, solo):
     assert run(engine, [prompts[i] for i in picked], [params_for(i) for i in picked]) == [solo[i] for i in picked]
 
 
+def test_short_requests_arriving_during_a_long_prefill_move_and_match(llm, prompts, solo):
+    """The scheduler cuts a running prefill to a quarter of the budget while others wait: lossless, and a short
+    request gets its first token long before the long prompt has been read."""
+    long_ids = (llm.tokenizer.encode(TEXT) * 3)[:300]
+    long_solo = run(new_engine(llm, enable_prefix_caching=False), [long_ids], [GREEDY])[0]
+    engine = new_engine(llm, max_num_batched_tokens=64, enable_prefix_caching=False)
+    engine.add_request("long", long_ids, GREEDY)
+    engine.step()
+    picked = [2, 5, 9]
+    for i in picked:
+        engine.add_request(f"r{i}", prompts[i], params_for(i))
+    done, first_token_step, step = {}, {}, 1
+    while engine.has_unfinished_requests():
+        step += 1
+        for out in engine.step():
+            first_token_step.setdefault(out.request_id, step) if out.token_ids else None
+            if out.finished:
+                done[out.request_id] = out.token_ids
+    assert done["long"] == long_solo
+    assert [done[f"r{i}"] for i in picked] == [solo[i] for i in picked]
+    assert max(first_token_step[f"r{i}"] for i in picked) < first_token_step["long"]
+
+
 def test_prefix_cache_hits_match(llm):
     ids = llm.tokenizer.encode(TEXT)
     shared = [ids[:length] for length in (45, 30, 38, 21, 45)]  # the last one is a repeat of the first
