@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
+from leanlm.sampling.grammar import apply_masks
 from leanlm.sampling.state import SamplingState
 from leanlm.sampling_params import SamplingParams
 
@@ -27,12 +28,15 @@ CANDIDATES_GROWTH = 8  # ... then among 8x as many, until the whole vocabulary
 RowSample = tuple[int, float | None, list[tuple[int, float]] | None]  # token, its logprob, top (id, logprob)
 
 
-def sample_batch(logits: torch.Tensor, states: Sequence[SamplingState]) -> list[RowSample]:
+def sample_batch(
+    logits: torch.Tensor, states: Sequence[SamplingState], masks: tuple[list[int], torch.Tensor] | None = None
+) -> list[RowSample]:
     """logits: (R, V) float32, one row per state. Returns one (token, logprob, top) per row; logprob and top are
-    None unless the row's params ask for logprobs. Appends each token to its state (the penalty's seen set)."""
+    None unless the row's params ask for logprobs. Appends each token to its state (the penalty's seen set, the
+    grammar). masks: (rows, allowed (n, V) bool) of the structured-output rows; their other tokens are excluded."""
     if all(state.plain_greedy for state in states):  # one argmax for the whole batch
         return [(token, None, None) for token in logits.argmax(-1).tolist()]
-    logits = penalize_rows(logits, states)
+    logits = penalize_rows(apply_masks(logits, masks), states)
     tokens = [0] * len(states)
     greedy = [i for i, state in enumerate(states) if state.params.greedy]
     drawn = [i for i, state in enumerate(states) if not state.params.greedy]
