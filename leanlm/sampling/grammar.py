@@ -35,7 +35,7 @@ def compile_grammar(
     json_schema: str | dict[str, Any] | None = None, regex: str | None = None, grammar: str | None = None
 ) -> str:
     """The llguidance grammar of exactly one constraint; InvalidRequestError naming it when it is invalid."""
-    given = [name for name, value in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar)) if value]
+    given = [n for n, v in (("json_schema", json_schema), ("regex", regex), ("grammar", grammar)) if v is not None]
     if len(given) != 1:
         raise InvalidRequestError(f"Give exactly one of json_schema, regex or grammar, got {given or 'none'}.")
     llg = _llguidance()
