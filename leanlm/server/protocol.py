@@ -180,8 +180,22 @@ class ResponseFormat(BaseModel):
         if self.type == "json_object":
             return {"type": "object"}
         if self.type == "json_schema":
-            return self.json_schema.json_schema or {}
+            schema = self.json_schema.json_schema or {}
+            return _closed_objects(schema) if self.json_schema.strict else schema
         return None
+
+
+def _closed_objects(schema: Any) -> Any:
+    """OpenAI's strict mode: objects have no properties beyond those listed (additionalProperties: false unless
+    the schema says otherwise). A copy; the request's depth is bounded by the server's JSON depth limit."""
+    if isinstance(schema, list):
+        return [_closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: _closed_objects(value) for key, value in schema.items()}
+    if (closed.get("type") == "object" or "properties" in closed) and "additionalProperties" not in closed:
+        closed["additionalProperties"] = False
+    return closed
 
 
 class FunctionDefinition(BaseModel):

@@ -17,6 +17,7 @@ from typing import Any
 from leanlm.server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, Tool, ToolCall, ToolCallFunction
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
+MAX_PARALLEL_CALLS = 4  # calls one constrained answer may hold (a small model may otherwise repeat calls forever)
 _CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|$)", re.DOTALL)
 
 
@@ -95,7 +96,9 @@ def call_grammar(tools: list[Tool], choice: str | NamedToolChoice, parallel: boo
         for t in tools
     ]
     schema = options[0] if len(options) == 1 else {"anyOf": options}
-    repeat = ' ("\\n" call)*' if parallel and not isinstance(choice, NamedToolChoice) else ""
+    repeat = (
+        f' ("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if parallel and not isinstance(choice, NamedToolChoice) else ""
+    )
     return f'start: call{repeat}\ncall: "{OPEN}\\n" args "\\n{CLOSE}"\nargs: %json {json.dumps(schema)}\n'
 
 

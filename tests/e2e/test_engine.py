@@ -4,6 +4,9 @@
 float32, so that "identical" tests the engine and not bfloat16 rounding in matmuls of different shapes.
 """
 
+import json
+import re
+
 import pytest
 
 from leanlm import LLM, SamplingParams
@@ -97,6 +100,26 @@ def test_short_requests_arriving_during_a_long_prefill_move_and_match(llm, promp
     assert done["long"] == long_solo
     assert [done[f"r{i}"] for i in picked] == [solo[i] for i in picked]
     assert max(first_token_step[f"r{i}"] for i in picked) < first_token_step["long"]
+
+
+def test_constrained_and_free_requests_in_one_batch_get_their_solo_tokens(llm, prompts):
+    """Structured-output masks are applied row by row: each request's tokens equal its run alone."""
+    number = {"type": "integer", "minimum": 0, "maximum": 99}
+    schema = {"type": "object", "properties": {"n": number}, "required": ["n"], "additionalProperties": False}
+    params = [
+        SamplingParams(max_tokens=16, temperature=0, json_schema=schema),
+        GREEDY,
+        SamplingParams(max_tokens=8, temperature=0.8, seed=4, regex=r"[a-z]+ [0-9]+"),
+        SamplingParams(max_tokens=8, temperature=0.8, seed=5, ignore_eos=True),
+        SamplingParams(max_tokens=6, temperature=0, grammar='start: "yes" | "no"'),
+    ]
+    picked = [prompts[i] for i in (3, 7, 11, 19, 23)]
+    alone = [run(new_engine(llm), [ids], [p])[0] for ids, p in zip(picked, params, strict=True)]
+    together = run(new_engine(llm), picked, params)
+    assert together == alone
+    text = [llm.tokenizer.decode(ids) for ids in together]
+    assert isinstance(json.loads(text[0])["n"], int)
+    assert re.fullmatch(r"[a-z]+ [0-9]+", text[2]) and text[4] in ("yes", "no")
 
 
 def test_prefix_cache_hits_match(llm):
