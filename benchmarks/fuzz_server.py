@@ -152,8 +152,10 @@ def mutate(rng: random.Random, body: dict) -> dict:
     for _ in range(rng.randint(1, 3)):
         action = rng.random()
         target = body
-        if "messages" in body and rng.random() < 0.3:
-            target = rng.choice(body["messages"])
+        messages = body.get("messages")
+        dicts = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+        if dicts and rng.random() < 0.3:
+            target = rng.choice(dicts)
         if action < 0.5:
             key = rng.choice(sorted(target) + ["max_tokens", "n", "stop", "tools", "response_format", "bogus"])
             target[key] = rng.choice(JUNK)

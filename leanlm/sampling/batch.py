@@ -12,6 +12,7 @@ are plain argmaxes of their (penalized) logits.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from math import inf
 
 import torch
 
@@ -182,8 +183,11 @@ def _logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[
     if (most := max(tops)) > 0:
         best = torch.topk(logprobs, most)
         best_values, best_ids = best.values.tolist(), best.indices.tolist()
+    # Tokens a grammar excludes have log-probability -inf: they are no alternative (and not valid JSON either).
     return [
-        (token, value, list(zip(best_ids[r][:top], best_values[r][:top], strict=True)) if top else [])
+        (token, value, [(i, v) for i, v in zip(best_ids[r][:top], best_values[r][:top], strict=True) if v > -inf])
+        if top
+        else (token, value, [])
         for r, (token, value, top) in enumerate(zip(tokens, chosen, tops, strict=True))
     ]
 

@@ -70,3 +70,15 @@ def test_sampler_masks_constrained_rows_only(tokenizer):
     tokens = [row[0] for row in sample_batch(logits, [constrained, free], (rows, masks))]
     assert tokens[1] == favourite
     assert tokens[0] != favourite and "hello".startswith(tokenizer.decode([tokens[0]]))
+
+
+def test_logprobs_of_a_constrained_row_list_only_allowed_alternatives(tokenizer):
+    """Regression (found by benchmarks/fuzz_server.py): excluded tokens' -inf log-probabilities made a 500."""
+    compiler = GrammarCompiler(tokenizer, tokenizer.vocab_size)
+    params = SamplingParams(temperature=0, regex="(hello|world)", logprobs=5)
+    state = SamplingState(params, [], constraint=compiler.constraint(params))
+    logits = torch.randn(1, tokenizer.vocab_size, generator=torch.Generator().manual_seed(0))
+    allowed = compiler.masks([state.constraint])
+    [(token, logprob, top)] = sample_batch(logits, [state], ([0], allowed))
+    assert allowed[0, token] and logprob > float("-inf")
+    assert top and all(allowed[0, t] and v > float("-inf") for t, v in top)
