@@ -326,6 +326,34 @@ def start_server(args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen,
         time.sleep(0.5)
 
 
+def run_schemathesis(args: argparse.Namespace, url: str) -> dict:
+    """schemathesis over the served OpenAPI document, checking only for server errors (5xx)."""
+    command = [
+        args.schemathesis,
+        "run",
+        f"{url}/openapi.json",
+        "--checks",
+        "not_a_server_error",
+        "--mode",
+        "all",
+        "--max-examples",
+        str(args.schemathesis_examples),
+        "--seed",
+        str(args.seed),
+        "--workers",
+        "4",
+        "--suppress-health-check",
+        "all",
+        "--request-timeout",
+        "120",
+    ]
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True)
+    tail = done.stdout[-3000:]
+    print(tail)
+    return {"returncode": done.returncode, "seconds": round(time.monotonic() - started, 1), "summary": tail}
+
+
 def kv_blocks_used(url: str) -> int:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     return int(float(re.search(r"^leanlm_kv_blocks_used (\S+)", text, re.M).group(1)))
@@ -339,11 +367,20 @@ def main() -> int:
     parser.add_argument("--model")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--schemathesis",
+        metavar="BIN",
+        help="then run this schemathesis executable against /openapi.json (positive and negative cases; it may live "
+        "in its own virtual environment)",
+    )
+    parser.add_argument("--schemathesis-examples", type=int, default=100)
     args = parser.parse_args()
     log = Path(tempfile.mkstemp(prefix="leanlm-fuzz-", suffix=".log")[1])
     process, url = start_server(args, log)
     try:
         result = asyncio.run(fuzz(url, args.requests, args.concurrency, args.seed))
+        if args.schemathesis:
+            result["schemathesis"] = run_schemathesis(args, url)
         deadline = time.monotonic() + 60
         while kv_blocks_used(url) and time.monotonic() < deadline:  # dropped streams are aborted asynchronously
             time.sleep(0.5)
@@ -363,6 +400,7 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=1, default=str))
     ok = result["status_500"] == 0 and result["health_after"] == 200 and result["kv_blocks_used_after"] == 0
+    ok = ok and result.get("schemathesis", {}).get("returncode", 0) == 0
     return 0 if ok and not result["server_tracebacks"] else 1
 
 

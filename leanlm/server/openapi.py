@@ -22,7 +22,7 @@ from leanlm.server.protocol import (
 )
 
 
-def openapi_document(model_name: str) -> dict[str, Any]:
+def openapi_document(model_name: str, max_tokens: int = 4096) -> dict[str, Any]:
     components: dict[str, Any] = {}
 
     def ref(model: type[BaseModel], mode: str = "validation") -> dict[str, str]:
@@ -73,6 +73,21 @@ def openapi_document(model_name: str) -> dict[str, Any]:
         "/v1/models/{model}": get("One model", ModelCard, 401, 404),
         "/health": get("Whether the engine runs", None, 503),
         "/metrics": get("Prometheus metrics", None, 401, text=True),
+    }
+    for name in ("CompletionRequest", "ChatCompletionRequest"):  # what this server accepts, not just the types
+        properties = components[name]["properties"]
+        properties["model"] = {"type": "string", "enum": [model_name]}
+        for field in ("max_tokens", "max_completion_tokens"):
+            if field in properties:
+                properties[field] = {
+                    "anyOf": [{"type": "integer", "minimum": 1, "maximum": max_tokens}, {"type": "null"}]
+                }
+    components["CompletionRequest"]["properties"]["prompt"] = {
+        "anyOf": [
+            {"type": "string", "minLength": 1},
+            {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 16},
+            {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 1000}, "minItems": 1},
+        ]
     }
     paths["/v1/models/{model}"]["get"]["parameters"] = [
         {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}, "example": model_name}
