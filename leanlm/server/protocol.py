@@ -118,7 +118,7 @@ class SamplingFields(BaseModel):
     # leanlm (and vLLM) extensions
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100)  # beyond, logits overflow to inf
     ignore_eos: bool = False
     # structured output (vLLM's names): the output matches a JSON schema, a regular expression or a Lark grammar
     guided_json: dict[str, Any] | Text | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -266,8 +267,8 @@ class _Reply:
         for entry in entries:
             token = self.token_text(entry.token_id)
             result.tokens.append(token)
-            result.token_logprobs.append(entry.logprob)
-            result.top_logprobs.append({self.token_text(t): lp for t, lp in entry.top.items()})
+            result.token_logprobs.append(_finite(entry.logprob))
+            result.top_logprobs.append({self.token_text(t): _finite(lp) for t, lp in entry.top.items()})
             result.text_offset.append(offset)
             offset += len(token)
         return result
@@ -302,7 +303,7 @@ class _Reply:
     def _chat_logprobs(self, entries: list) -> ChatLogprobs:
         def top(token_id: int, logprob: float) -> TopLogprob:
             token = self.token_text(token_id)
-            return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
+            return TopLogprob(token=token, logprob=_finite(logprob), bytes=list(token.encode("utf-8")))
 
         content = []
         for entry in entries:
@@ -364,6 +365,11 @@ class _Reply:
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no infinity or NaN: an impossible token gets OpenAI's -9999.0."""
+    return logprob if math.isfinite(logprob) else -9999.0
 
 
 def _short(text: str, limit: int = 100) -> str:

@@ -8,7 +8,6 @@ from leanlm.server.metrics import Histogram, ServerMetrics
 from leanlm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelList
 from leanlm.server.tools import conversation
 
-
 CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 
 
@@ -61,6 +60,7 @@ def test_valid_requests_keep_their_values():
         ({"echo": True}, "echo", "not supported"),
         ({"best_of": 3}, "best_of", "not supported"),
         ({"seed": -1}, "seed", "greater than or equal to 0"),
+        ({"repetition_penalty": 5e-324}, "repetition_penalty", "greater than or equal to 0.01"),  # schemathesis
     ],
 )
 def test_bad_completion_fields_are_named(fields, param, words):
