@@ -2,7 +2,8 @@
 
 The schema is an array of at least 1,000 small objects, so that the grammar never completes within --max-tokens
 and both runs generate exactly as many tokens (free runs ignore EOS). Each configuration runs --repetitions
-times, interleaved; the medians and the slowdown in % of the free tok/s are printed as a markdown table.
+times, interleaved; the medians and the slowdown in % of the free tok/s are printed as a markdown table, then
+the time the step's masks take alone (computed on a worker thread while the forward pass runs).
 
     python benchmarks/bench_structured.py [--batches 1,16] [--max-tokens 96] [--repetitions 3] [--model M]
 """
@@ -13,9 +14,12 @@ import argparse
 import statistics
 import time
 
+import torch
+
 from leanlm import LLM, SamplingParams
 from leanlm.bench.machine import describe
 from leanlm.formats.assets import default_model_path
+from leanlm.sampling.grammar import GrammarCompiler
 
 SCHEMA = {
     "type": "array",
@@ -40,6 +44,23 @@ def run(llm: LLM, batch: int, max_tokens: int, constrained: bool) -> float:
     tokens = sum(len(o.token_ids) for o in outputs)
     assert tokens == batch * max_tokens, (tokens, [o.finish_reason for o in outputs])
     return tokens / elapsed
+
+
+def mask_ms(llm: LLM, batch: int, steps: int = 60) -> float:
+    """Milliseconds per step to compute the masks of `batch` constrained rows (what the worker thread does while
+    the forward pass runs), along trajectories drawn uniformly among the allowed tokens."""
+    compiler = GrammarCompiler(llm.tokenizer, llm.config.vocab_size)
+    constraints = [compiler.constraint(SamplingParams(json_schema=SCHEMA)) for _ in range(batch)]
+    generator = torch.Generator().manual_seed(0)
+    spent = 0.0
+    for _ in range(steps):
+        started = time.perf_counter()
+        allowed = compiler.masks(constraints)
+        spent += time.perf_counter() - started
+        for row, constraint in enumerate(constraints):
+            ids = allowed[row].nonzero().flatten()
+            constraint.consume(int(ids[torch.randint(len(ids), (1,), generator=generator)]))
+    return 1000 * spent / steps
 
 
 def main() -> None:
@@ -69,6 +90,9 @@ def main() -> None:
             f"| {batch} | {free:.1f} {spans[(batch, False)]} | {constrained:.1f} {spans[(batch, True)]} "
             f"| {100 * (1 - constrained / free):.1f}% |"
         )
+    for batch in batches:
+        per_step = statistics.median(mask_ms(llm, batch) for _ in range(args.repetitions))
+        print(f"masks of {batch} row(s): {per_step:.2f} ms per step")
 
 
 if __name__ == "__main__":

@@ -134,12 +134,14 @@ class MaskWorker:
 
 
 def apply_masks(logits: torch.Tensor, masks: tuple[list[int], torch.Tensor] | None) -> torch.Tensor:
-    """logits (R, V) with the disallowed tokens of the masked rows at -inf (a new tensor; the input is kept)."""
+    """logits (R, V) with the disallowed tokens of the masked rows at -inf, in place (the runner's logits are
+    used once)."""
     if masks is None or not masks[0]:
         return logits
     rows, allowed = masks
-    vocab = logits.shape[-1]
+    excluded = ~allowed[:, : logits.shape[-1]].to(logits.device)
+    if rows == list(range(logits.shape[0])):  # every row constrained: one op, no gather
+        return logits.masked_fill_(excluded, float("-inf"))
     index = torch.tensor(rows, dtype=torch.long, device=logits.device)
-    out = logits.clone()
-    out[index] = out[index].masked_fill(~allowed[:, :vocab].to(logits.device), float("-inf"))
-    return out
+    logits[index] = logits[index].masked_fill_(excluded, float("-inf"))
+    return logits
