@@ -145,6 +145,11 @@ class Tokenizer:
         text = self.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
         contents = [m["content"] for m in messages if isinstance(m.get("content"), str) and m["content"]]
         specials = self._special_texts()
+        structured = json.dumps([tools, [m.get("tool_calls") for m in messages]], ensure_ascii=False, default=str)
+        if not special_tokens_in_content and any(sp in structured for sp in specials):  # rendered by tojson: refuse
+            raise InvalidRequestError(
+                "Tool definitions or tool calls hold control-token text, which could forge a turn. Remove it."
+            )
         if special_tokens_in_content or not any(sp in c for c in contents for sp in specials):
             return self.encode(text, add_special_tokens=False)  # the template writes BOS itself if needed
         ids, cursor = [], 0
