@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from leanlm.errors import InvalidRequestError
@@ -20,8 +21,21 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks)
     logprobs: int | None = None  # top log-probabilities to return per generated token (0..20); None = none
+    # Structured output (at most one; needs llguidance): the output matches a JSON schema (a dict or its JSON text),
+    # a regular expression, or a Lark grammar (sampling/grammar.py). Checked when the engine adds the request.
+    json_schema: str | None = None
+    regex: str | None = None
+    grammar: str | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.json_schema, dict):  # kept as text: params stay immutable and hashable
+            object.__setattr__(self, "json_schema", json.dumps(self.json_schema))
+        constraints = [n for n in ("json_schema", "regex", "grammar") if getattr(self, n) is not None]
+        _check(len(constraints) <= 1, f"give at most one of json_schema, regex and grammar, got {constraints}")
+        _check(
+            all(isinstance(getattr(self, n), str) and getattr(self, n) for n in constraints),
+            f"{', '.join(constraints)} must be a non-empty string (json_schema: or a dict)",
+        )
         if isinstance(self.stop, str):  # accept stop="###" as OpenAI does
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -49,6 +63,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def constrained(self) -> bool:
+        return self.json_schema is not None or self.regex is not None or self.grammar is not None
 
 
 def _check(ok: bool, message: str) -> None:

@@ -50,6 +50,28 @@ def add_parser(subparsers) -> None:
         default=10.0,
         help="seconds running requests get to finish on shutdown before they are stopped (default: %(default)s)",
     )
+    group.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=[],
+        metavar="HOST",
+        help="Host header names to answer besides localhost, 127.0.0.1 and --host (checked when there is no "
+        "--api-key, against DNS rebinding; '*' answers any)",
+    )
+    group.add_argument(
+        "--allowed-origins",
+        "--cors-origins",
+        nargs="+",
+        default=[],
+        metavar="ORIGIN",
+        help="browser origins allowed to call the API (CORS), e.g. https://app.example; '*' for any (default: none)",
+    )
+    group.add_argument(
+        "--special-tokens-in-content",
+        action="store_true",
+        help="trusted clients only: read control tokens typed in chat messages as control tokens (default: plain "
+        "text, so that a user cannot forge a system turn)",
+    )
     group.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     add_model_options(serve)
 
@@ -76,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
             api_key=args.api_key,
             max_body_bytes=args.max_request_bytes,
             shutdown_grace_s=args.shutdown_timeout,
+            bind_host=args.host,
+            allowed_hosts=tuple(args.allowed_hosts),
+            allowed_origins=tuple(args.allowed_origins),
+            special_tokens_in_content=args.special_tokens_in_content,
         )
     except ValueError as exc:
         raise InvalidRequestError(f"Invalid server option: {exc}.") from None

@@ -25,6 +25,7 @@ from leanlm.engine.scheduler import Scheduler, SchedulerOutput
 from leanlm.engine.stop import StopStrings
 from leanlm.errors import InvalidRequestError, PromptTooLongError
 from leanlm.formats.tokenizer import IncrementalDetokenizer, Tokenizer
+from leanlm.sampling.grammar import GrammarCompiler
 from leanlm.sampling_params import SamplingParams
 
 # Without --kv-cache-memory the cache takes this share of free memory, at most CPU_KV_CACHE_CAP on CPU
@@ -97,6 +98,7 @@ class LLMEngine:
         self._progress: dict[str, _Progress] = {}
         self._aborted: list[RequestOutput] = []  # returned by the next step
         self.total_generated_tokens = 0
+        self._grammar_compiler: GrammarCompiler | None = None  # structured output, built on first use
 
     # ---- requests -----------------------------------------------------------------------------------------
 
@@ -131,6 +133,7 @@ class LLMEngine:
         if request_id in self._progress:
             raise InvalidRequestError(f"A request with id {request_id!r} is already running. Use a unique request id.")
         self.check_prompt(prompt_token_ids)
+        constraint = self._grammars().constraint(params) if params.constrained else None  # raises if invalid
         # The context window and the KV cache cap generation (finish_reason "length").
         room = min(self.model_config.context_length, self.max_cached_tokens) - len(prompt_token_ids)
         request = Request(request_id, list(prompt_token_ids), params, min(params.max_tokens, room))
@@ -143,8 +146,13 @@ class LLMEngine:
             metrics,
             logprobs=[] if params.logprobs is not None else None,
         )
-        self.runner.add_request(request_id, params, request.prompt_token_ids)
+        self.runner.add_request(request_id, params, request.prompt_token_ids, constraint)
         self.scheduler.add(request)
+
+    def _grammars(self) -> GrammarCompiler:
+        if self._grammar_compiler is None:
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.model_config.vocab_size)
+        return self._grammar_compiler
 
     def abort_request(self, request_id: str) -> None:
         """Stop a request and free its blocks now; its final output (finish_reason "abort") comes with the next

@@ -16,6 +16,7 @@ from leanlm.cache.paged_kv import PagedKVCache
 from leanlm.engine.paged_attention import SequenceSlice, build_paged_attention
 from leanlm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from leanlm.sampling.batch import sample_batch
+from leanlm.sampling.grammar import Constraint, MaskWorker
 from leanlm.sampling.state import SamplingState
 from leanlm.sampling_params import SamplingParams
 
@@ -31,9 +32,12 @@ class ModelRunner:
     def __init__(self, model: torch.nn.Module, cache: PagedKVCache, device: torch.device):
         self.model, self.cache, self.device = model, cache, device
         self._states: dict[str, SamplingState] = {}
+        self._masks = MaskWorker()
 
-    def add_request(self, request_id: str, params: SamplingParams, prompt_token_ids: list[int]) -> None:
-        self._states[request_id] = SamplingState(params, prompt_token_ids, self.device)
+    def add_request(
+        self, request_id: str, params: SamplingParams, prompt_token_ids: list[int], constraint: Constraint | None = None
+    ) -> None:
+        self._states[request_id] = SamplingState(params, prompt_token_ids, self.device, constraint)
 
     def remove_request(self, request_id: str) -> None:
         self._states.pop(request_id, None)
@@ -59,6 +63,8 @@ class ModelRunner:
             if entry.completes:
                 sample_rows.append(len(token_ids) - 1)
                 sampled.append(entry)
+        request_ids = [e.request.request_id for e in sampled]
+        masks = self._start_masks(request_ids)  # structured-output masks, computed while the forward pass runs
         attend = build_paged_attention(self.cache, self.model.attention, sequences, self.device)
         last_only = sample_rows == [len(token_ids) - 1]
         logits = self.model(
@@ -68,9 +74,14 @@ class ModelRunner:
             last_only=last_only,
             logits_indices=None if last_only else torch.tensor(sample_rows, dtype=torch.long, device=self.device),
         )[0]  # (R, V) float32, one row per sampled request
-        return self._sample([e.request.request_id for e in sampled], logits)
+        return self._sample(request_ids, logits, None if masks is None else masks.result())
 
-    def _sample(self, request_ids: list[str], logits: torch.Tensor) -> dict[str, SampledToken]:
+    def _start_masks(self, request_ids: list[str]):
+        states = [self._states[rid] for rid in request_ids]
+        rows = [row for row, state in enumerate(states) if state.constraint is not None]
+        return self._masks.start(rows, [states[row].constraint for row in rows])
+
+    def _sample(self, request_ids: list[str], logits: torch.Tensor, masks=None) -> dict[str, SampledToken]:
         """All sampled rows at once (sampling/batch.py): one op per filter, not one per request."""
-        rows = sample_batch(logits, [self._states[rid] for rid in request_ids])
+        rows = sample_batch(logits, [self._states[rid] for rid in request_ids], masks)
         return {rid: SampledToken(*row) for rid, row in zip(request_ids, rows, strict=True)}

@@ -6,7 +6,8 @@ decode, the rest of the prompt for a prefill) within what is left of the budget;
 in chunks over several steps. When the KV cache has no block for a running request, the newest running request
 is preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed later (its full
 blocks usually come back from the prefix cache). Waiting requests are admitted in arrival order while budget,
-sequence slots and blocks last; the first one that does not fit blocks the ones behind it (FCFS).
+sequence slots and blocks last; the first one that does not fit blocks the ones behind it (FCFS). A running prefill
+with others behind it is cut to a quarter of the budget, so that one long prompt cannot stall everyone.
 """
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from dataclasses import dataclass, field
 from leanlm.cache.block_manager import BlockManager, BlockTable
 from leanlm.config import EngineConfig
 from leanlm.engine.request import Request, RequestStatus
+
+# While other requests wait or run behind it, a running prefill takes at most 1/PREFILL_SHARE of the step's token
+# budget, so decodes and new short prompts keep moving during a long prompt (vLLM's long_prefill_token_threshold).
+PREFILL_SHARE = 4
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,8 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            if i + 1 < len(self.running) or self._can_admit():  # others want tokens: a long prefill leaves room
+                num_tokens = min(num_tokens, self._prefill_chunk_cap)
             if not self._allocate_or_preempt(request, num_tokens, out):
                 break  # the request preempted itself: no one after it is left
             out.scheduled.append(self._entry(request, num_tokens))
@@ -76,6 +83,13 @@ class Scheduler:
         if not out.preempted:  # memory is short: admitting more would only preempt again
             self._admit(budget, out)
         return out
+
+    def _can_admit(self) -> bool:
+        return bool(self.waiting) and len(self.running) < self.config.max_num_seqs
+
+    @property
+    def _prefill_chunk_cap(self) -> int:
+        return max(1, self.config.max_num_batched_tokens // PREFILL_SHARE)
 
     def update(self, out: SchedulerOutput) -> None:
         """After the step ran: count the computed tokens, and name the blocks they filled for the prefix cache."""

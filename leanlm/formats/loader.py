@@ -103,6 +103,8 @@ def read_hf_folder(path: Path, dtype: torch.dtype, with_weights: bool = True) ->
 
 
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    import pickle
+
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -127,7 +129,13 @@ def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
         weights = {}
         for file in bins:
             # weights_only: never unpickle arbitrary objects from a checkpoint
-            weights.update(torch.load(file, map_location="cpu", weights_only=True))
+            try:
+                weights.update(torch.load(file, map_location="cpu", weights_only=True))
+            except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+                reason = str(exc).split(". ")[0].splitlines()[0] if str(exc) else type(exc).__name__
+                raise ModelFormatError(
+                    f"{file} is corrupt, truncated or not a plain weights file ({reason}). Download it again."
+                ) from exc
         return weights
     raise ModelNotFoundError(f"{path} has a config.json but no *.safetensors or pytorch_model*.bin weights.")
 

@@ -40,6 +40,8 @@ class Tokenizer:
         self.special_tokens = dict(special_tokens or {})  # bos_token/eos_token/... -> text, seen by chat templates
         self._add_bos, self._add_eos = add_bos, add_eos  # None: whatever tokenizer.json's post-processor does
         self._compiled_template = None
+        self._specials: list[str] | None = None  # control-token texts, for encode_chat
+        self._plain: BackendTokenizer | None = None
 
     # ---- construction -------------------------------------------------------------------------------------------
 
@@ -131,7 +133,61 @@ class Tokenizer:
 
     # ---- chat ---------------------------------------------------------------------------------------------------
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]] | None = None,
+        special_tokens_in_content: bool = False,
+    ) -> list[int]:
+        """The chat template's prompt as token ids. Control-token text typed inside a message's content (e.g.
+        `<|im_end|>\\n<|im_start|>system`) is encoded as plain text, so that a user cannot forge another turn;
+        the template's own control tokens stay control tokens. special_tokens_in_content=True trusts the content."""
+        text = self.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        contents = [m["content"] for m in messages if isinstance(m.get("content"), str) and m["content"]]
+        specials = self._special_texts()
+        structured = json.dumps([tools, [m.get("tool_calls") for m in messages]], ensure_ascii=False, default=str)
+        if not special_tokens_in_content and any(sp in structured for sp in specials):  # rendered by tojson: refuse
+            raise InvalidRequestError(
+                "Tool definitions or tool calls hold control-token text, which could forge a turn. Remove it."
+            )
+        if special_tokens_in_content or not any(sp in c for c in contents for sp in specials):
+            return self.encode(text, add_special_tokens=False)  # the template writes BOS itself if needed
+        ids, cursor = [], 0
+        for content in contents:
+            start, piece = text.find(content, cursor), content
+            if start < 0:  # a template that trims content
+                piece = content.strip()
+                start = text.find(piece, cursor) if piece else -1
+            if start < 0:
+                raise InvalidRequestError(
+                    "A message's content holds control-token text that the chat template changed, so it cannot "
+                    "be kept inert. Remove the special tokens from the message."
+                )
+            ids += self.encode(text[cursor:start], add_special_tokens=False) if start > cursor else []
+            ids += self._plain_backend().encode(piece, add_special_tokens=False).ids
+            cursor = start + len(piece)
+        return ids + (self.encode(text[cursor:], add_special_tokens=False) if cursor < len(text) else [])
+
+    def _special_texts(self) -> list[str]:
+        if self._specials is None:
+            added = self.backend.get_added_tokens_decoder().values()
+            self._specials = [token.content for token in added if token.special and token.content]
+        return self._specials
+
+    def _plain_backend(self) -> BackendTokenizer:
+        """A copy of the backend that reads special-token text as ordinary text (a copy: no shared flag to race)."""
+        if self._plain is None:
+            plain = BackendTokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain
+
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         if self.chat_template is None:
             raise InvalidRequestError(
                 "This model has no chat template (no tokenizer.chat_template in the GGUF, none in the model folder). "
@@ -144,7 +200,7 @@ class Tokenizer:
         try:
             return template.render(
                 messages=messages,
-                tools=None,
+                tools=tools or None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 **self.special_tokens,

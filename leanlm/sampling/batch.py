@@ -12,9 +12,11 @@ are plain argmaxes of their (penalized) logits.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from math import inf
 
 import torch
 
+from leanlm.sampling.grammar import apply_masks
 from leanlm.sampling.state import SamplingState
 from leanlm.sampling_params import SamplingParams
 
@@ -27,12 +29,15 @@ CANDIDATES_GROWTH = 8  # ... then among 8x as many, until the whole vocabulary
 RowSample = tuple[int, float | None, list[tuple[int, float]] | None]  # token, its logprob, top (id, logprob)
 
 
-def sample_batch(logits: torch.Tensor, states: Sequence[SamplingState]) -> list[RowSample]:
+def sample_batch(
+    logits: torch.Tensor, states: Sequence[SamplingState], masks: tuple[list[int], torch.Tensor] | None = None
+) -> list[RowSample]:
     """logits: (R, V) float32, one row per state. Returns one (token, logprob, top) per row; logprob and top are
-    None unless the row's params ask for logprobs. Appends each token to its state (the penalty's seen set)."""
+    None unless the row's params ask for logprobs. Appends each token to its state (the penalty's seen set, the
+    grammar). masks: (rows, allowed (n, V) bool) of the structured-output rows; their other tokens are excluded."""
     if all(state.plain_greedy for state in states):  # one argmax for the whole batch
         return [(token, None, None) for token in logits.argmax(-1).tolist()]
-    logits = penalize_rows(logits, states)
+    logits = penalize_rows(apply_masks(logits, masks), states)
     tokens = [0] * len(states)
     greedy = [i for i, state in enumerate(states) if state.params.greedy]
     drawn = [i for i, state in enumerate(states) if not state.params.greedy]
@@ -178,8 +183,11 @@ def _logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[
     if (most := max(tops)) > 0:
         best = torch.topk(logprobs, most)
         best_values, best_ids = best.values.tolist(), best.indices.tolist()
+    # Tokens a grammar excludes have log-probability -inf: they are no alternative (and not valid JSON either).
     return [
-        (token, value, list(zip(best_ids[r][:top], best_values[r][:top], strict=True)) if top else [])
+        (token, value, [(i, v) for i, v in zip(best_ids[r][:top], best_values[r][:top], strict=True) if v > -inf])
+        if top
+        else (token, value, [])
         for r, (token, value, top) in enumerate(zip(tokens, chosen, tops, strict=True))
     ]
 

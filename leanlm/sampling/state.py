@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
+from leanlm.sampling.grammar import Constraint
 from leanlm.sampling_params import SamplingParams
 
 
@@ -39,8 +40,15 @@ class SeenTokens:
 
 
 class SamplingState:
-    def __init__(self, params: SamplingParams, prompt_token_ids: Iterable[int], device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        params: SamplingParams,
+        prompt_token_ids: Iterable[int],
+        device: torch.device | str = "cpu",
+        constraint: Constraint | None = None,
+    ):
         self.params = params
+        self.constraint = constraint  # the grammar of a structured-output request (sampling/grammar.py)
         device = torch.device(device)
         self.generator = None
         if params.seed is not None and not params.greedy:
@@ -48,8 +56,10 @@ class SamplingState:
             self.generator.manual_seed(params.seed)
         self.penalized = params.repetition_penalty != 1.0
         self.seen = SeenTokens(prompt_token_ids, device) if self.penalized else None
-        self.plain_greedy = params.greedy and not self.penalized and params.logprobs is None
+        self.plain_greedy = params.greedy and not self.penalized and params.logprobs is None and constraint is None
 
     def append(self, token_id: int) -> None:
         if self.seen is not None:
             self.seen.add(token_id)
+        if self.constraint is not None:
+            self.constraint.consume(token_id)

@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,9 +25,11 @@ from leanlm.server.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
     Unauthorized,
+    UnsupportedMediaType,
     from_validation_error,
     param_name,
 )
+from leanlm.server.openapi import openapi_document
 from leanlm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from leanlm.server.serving import OpenAIServing, ServerSettings
 
@@ -47,15 +50,32 @@ def build_app(llm, settings: ServerSettings, engine: AsyncEngine | None = None) 
         yield
         await engine.shutdown(settings.shutdown_grace_s)  # a no-op when the server already drained it
 
-    # No /docs or /openapi.json: they would answer without the API key.
+    # No /docs: /openapi.json (the API's own description, no secrets) is enough for clients and fuzzers.
     app = FastAPI(title="leanlm", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine = engine
     app.state.settings = settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    if settings.allowed_origins:  # added after BodySizeLimit, so it runs first: preflights get their answer
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    hosts = allowed_hosts(settings)
+    if hosts is not None:
+        app.add_middleware(HostCheck, hosts=hosts)
     _add_error_handlers(app)
     authorized = [Depends(_api_key_check(settings.api_key))]
+    if settings.api_key is None:  # a browser's cross-site "simple" POST (text/plain, forms) must not generate
+        authorized.append(Depends(_json_content_type))
+    document = openapi_document(settings.model_name, settings.max_tokens_limit)
 
-    @app.get("/health")
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> Response:
+        return JSONResponse(document)
+
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         if not engine.healthy:
             return _error(ServiceUnavailable("The engine is not running.", code="engine_dead"))
@@ -88,6 +108,22 @@ def build_app(llm, settings: ServerSettings, engine: AsyncEngine | None = None) 
     return app
 
 
+MAX_JSON_DEPTH = 64  # deeper bodies are refused before validation (whose error messages recurse)
+
+
+def _depth_exceeds(data, limit: int) -> bool:
+    """Whether JSON data nests deeper than `limit` arrays/objects (iterative: no recursion to exhaust)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict | list):
+            if depth > limit:
+                return True
+            children = value.values() if isinstance(value, dict) else value
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
 async def _parse(request: Request, model: type[BaseModel]):
     """The body as `model`, with errors that say what is wrong where (the body is parsed here, not by FastAPI,
     so that invalid UTF-8, malformed JSON and wrong types each get their own message)."""
@@ -100,6 +136,10 @@ async def _parse(request: Request, model: type[BaseModel]):
             "Send JSON encoded as UTF-8.",
             code="invalid_utf8",
         ) from None
+    too_deep = BadRequest(
+        f"The request body nests arrays or objects more than {MAX_JSON_DEPTH} levels deep. Flatten it.",
+        code="invalid_json",
+    )
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -107,12 +147,27 @@ async def _parse(request: Request, model: type[BaseModel]):
             f"The request body is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}).",
             code="invalid_json",
         ) from None
+    except RecursionError:
+        raise too_deep from None
     if not isinstance(data, dict):
         raise BadRequest(f"The request body must be a JSON object, got a {type(data).__name__}.", code="invalid_json")
+    if _depth_exceeds(data, MAX_JSON_DEPTH):
+        raise too_deep
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise from_validation_error(exc) from None
+
+
+async def _json_content_type(request: Request) -> None:
+    if request.method != "POST":
+        return
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType(
+            f"The request body must be sent as 'Content-Type: application/json', got {media_type or 'none'!r}.",
+            code="unsupported_media_type",
+        )
 
 
 def _api_key_check(api_key: str | None):
@@ -159,10 +214,12 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        path = request.url.path if len(request.url.path) <= 100 else request.url.path[:100] + "..."
         error = APIError(
-            f"{exc.detail}: {request.method} {request.url.path}. This server answers POST /v1/completions, "
-            "POST /v1/chat/completions, GET /v1/models, GET /health and GET /metrics.",
+            f"{exc.detail}: {request.method} {path}. This server answers POST /v1/completions, "
+            "POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics and GET /openapi.json.",
             code=str(exc.status_code),
+            headers=exc.headers,  # 405 names the allowed methods in Allow
         )
         error.status = exc.status_code
         return _error(error)
@@ -171,6 +228,42 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         logger.exception("Unexpected error on %s %s", request.method, request.url.path)
         return _error(InternalError(f"Internal server error ({type(exc).__name__}). The server keeps running."))
+
+
+def allowed_hosts(settings: ServerSettings) -> frozenset[str] | None:
+    """The Host names the server answers (None: any). Without an API key, a browser page that rebinds its own DNS
+    name to this address could read the answers; checking Host stops that. Bound to every interface, the
+    server cannot know its names: it answers any unless --allowed-hosts names them."""
+    if "*" in settings.allowed_hosts or (settings.api_key is not None and not settings.allowed_hosts):
+        return None
+    if settings.bind_host in ("0.0.0.0", "::", "") and not settings.allowed_hosts:
+        return None
+    bound = settings.bind_host.lower()
+    bound = f"[{bound}]" if ":" in bound else bound
+    return frozenset({"localhost", "127.0.0.1", "[::1]", bound, *settings.allowed_hosts})
+
+
+class HostCheck:
+    """400 for a request whose Host header (port aside) is not one of `hosts`."""
+
+    def __init__(self, app: ASGIApp, hosts: frozenset[str]):
+        self.app = app
+        self.hosts = hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+        name = host[: host.find("]") + 1] if host.startswith("[") else host.rsplit(":", 1)[0]  # the port aside
+        if name not in self.hosts:
+            shown = host if len(host) <= 100 else host[:100] + "..."
+            error = BadRequest(
+                f"This server does not answer for the host {shown!r} (it answers {', '.join(sorted(self.hosts))}). "
+                "Start it with --allowed-hosts NAME to add one.",
+                code="invalid_host",
+            )
+            return await _error(error)(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class BodySizeLimit:

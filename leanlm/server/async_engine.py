@@ -141,8 +141,9 @@ class AsyncEngine:
         if self.in_flight + len(prompts) > self.max_in_flight:
             self.metrics.count_rejected("queue_full")
             raise QueueFull(
-                f"The server is full ({self.in_flight} requests running or waiting, --max-queue allows "
-                f"{self.max_in_flight}). Retry after the Retry-After delay.",
+                f"The server is full: {self.in_flight} requests running or waiting, and it holds at most "
+                f"{self.max_in_flight} (the running batch, --max-num-seqs, plus --max-queue waiting). "
+                "Retry after the Retry-After delay.",
                 code="queue_full",
                 headers={"Retry-After": "1"},
             )

@@ -37,8 +37,16 @@ class NotFound(APIError):
     status = 404
 
 
+class MethodNotAllowed(APIError):
+    status = 405
+
+
 class PayloadTooLarge(APIError):
     status = 413
+
+
+class UnsupportedMediaType(APIError):
+    status = 415
 
 
 class QueueFull(APIError):

@@ -18,6 +18,7 @@ from pydantic import (
     ValidationInfo,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 MAX_N = 16  # choices per request
@@ -25,6 +26,8 @@ MAX_PROMPTS = 16  # prompts per /v1/completions request
 MAX_STOP = 4  # stop strings, as OpenAI
 MAX_LOGPROBS = 20  # top alternatives per token
 MAX_SEED = 2**63 - 1 - MAX_N  # seed + choice index must stay a valid 64-bit seed
+MAX_GRAMMAR_CHARS = 100_000  # regex and grammar texts
+MAX_TOOLS = 128
 
 STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
@@ -77,6 +80,10 @@ def _content(value: Any) -> str | list[TextPart]:
     raise ValueError("content must be a string or a list of {'type': 'text', 'text': ...} parts (text only)")
 
 
+def _content_or_none(value: Any) -> str | list[TextPart] | None:
+    return None if value is None else _content(value)
+
+
 def _neutral(value: Any, info: ValidationInfo) -> Any:
     """Accept an OpenAI field leanlm does not implement only at its neutral value (0, empty, false)."""
     if value in (None, 0, {}, [], False, "", "none", {"type": "text"}):
@@ -111,8 +118,12 @@ class SamplingFields(BaseModel):
     # leanlm (and vLLM) extensions
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100)  # beyond, logits overflow to inf
     ignore_eos: bool = False
+    # structured output (vLLM's names): the output matches a JSON schema, a regular expression or a Lark grammar
+    guided_json: dict[str, Any] | Text | None = None
+    guided_regex: Text | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
+    guided_grammar: Text | None = Field(None, min_length=1, max_length=MAX_GRAMMAR_CHARS)
 
     _unsupported = field_validator("presence_penalty", "frequency_penalty", "logit_bias")(_neutral)
 
@@ -138,6 +149,93 @@ class CompletionRequest(SamplingFields):
         return value
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(**STRICT, populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = STRICT
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_for_its_type(cls, value: JsonSchemaFormat | None, info: ValidationInfo) -> JsonSchemaFormat | None:
+        if value is not None and info.data.get("type") != "json_schema":
+            raise ValueError("json_schema goes with type 'json_schema' only")
+        return value
+
+    @model_validator(mode="after")
+    def _json_schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema: {'name': ..., 'schema': {...}}")
+        return self
+
+    def output_schema(self) -> dict[str, Any] | None:
+        """The JSON schema the output must match; None for plain text."""
+        if self.type == "json_object":
+            return {"type": "object"}
+        if self.type == "json_schema":
+            schema = self.json_schema.json_schema or {}
+            return _closed_objects(schema) if self.json_schema.strict else schema
+        return None
+
+
+def _closed_objects(schema: Any) -> Any:
+    """OpenAI's strict mode: objects have no properties beyond those listed (additionalProperties: false unless
+    the schema says otherwise). A copy; the request's depth is bounded by the server's JSON depth limit."""
+    if isinstance(schema, list):
+        return [_closed_objects(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    closed = {key: _closed_objects(value) for key, value in schema.items()}
+    if (closed.get("type") == "object" or "properties" in closed) and "additionalProperties" not in closed:
+        closed["additionalProperties"] = False
+    return closed
+
+
+class FunctionDefinition(BaseModel):
+    model_config = STRICT
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: Text | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = STRICT
+    name: str = Field(min_length=1, max_length=64)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = STRICT
+    type: Literal["function"]
+    function: FunctionName
+
+
+class ToolCallFunction(BaseModel):
+    model_config = STRICT
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    model_config = STRICT
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class TextPart(BaseModel):
     model_config = STRICT
     type: Literal["text"]
@@ -146,11 +244,29 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     model_config = STRICT
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[Any, PlainValidator(_content)]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # the call a tool message answers
+    content: Annotated[Any, PlainValidator(_content_or_none)] = Field(None, validate_default=True)  # after role
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls_by_the_assistant(cls, value: list[ToolCall] | None, info: ValidationInfo) -> list[ToolCall] | None:
+        if value and info.data.get("role") != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return value
+
+    @field_validator("content")
+    @classmethod
+    def _content_unless_calls(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None and not (info.data.get("role") == "assistant" and info.data.get("tool_calls")):
+            raise ValueError("Missing content (only an assistant message with tool_calls may leave it out)")
+        return value
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
 
 
@@ -159,11 +275,21 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
 
-    _unsupported_chat = field_validator("response_format", "tools", "tool_choice")(_neutral)
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_needs_tools(cls, value, info: ValidationInfo):
+        if value not in (None, "none") and not info.data.get("tools"):
+            raise ValueError("tool_choice needs tools")
+        if isinstance(value, NamedToolChoice):
+            names = [tool.function.name for tool in info.data.get("tools") or []]
+            if value.function.name not in names:
+                raise ValueError(f"tool_choice names '{value.function.name}', which is not among the tools {names}")
+        return value
 
     @field_validator("top_logprobs")
     @classmethod
@@ -183,9 +309,9 @@ class ChatCompletionRequest(SamplingFields):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def conversation(self) -> list[dict[str, str]]:
-        # Chat templates know system/user/assistant; OpenAI's newer "developer" role plays the system part.
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    @property
+    def tools_active(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
 
 # ---- responses ------------------------------------------------------------------------------------------------
@@ -236,7 +362,22 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_empty_calls(self, handler):
+        data = handler(self)
+        if not data.get("tool_calls"):
+            data.pop("tool_calls", None)
+        return data
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
 
 
 class ChatChoice(BaseModel):
@@ -258,6 +399,7 @@ class ChatCompletionResponse(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
     @model_serializer(mode="wrap")
     def _without_unset(self, handler):
@@ -278,6 +420,17 @@ class ChatCompletionChunk(BaseModel):
     model: str
     choices: list[ChatChunkChoice]
     usage: Usage | None = None
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
 
 
 class ModelCard(BaseModel):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -13,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from leanlm.errors import InvalidRequestError, PromptTooLongError
+from leanlm.sampling.grammar import compile_grammar
 from leanlm.sampling_params import SamplingParams
 from leanlm.server import sse
 from leanlm.server.async_engine import AsyncEngine, Submission
@@ -32,9 +35,11 @@ from leanlm.server.protocol import (
     CompletionResponse,
     SamplingFields,
     TokenLogprob,
+    ToolCallDelta,
     TopLogprob,
     Usage,
 )
+from leanlm.server.tools import call_grammar, conversation, parse_tool_calls
 
 CLIENT_CLOSED = 499  # nginx's status for "the client went away"; nobody reads it
 
@@ -48,8 +53,14 @@ class ServerSettings:
     max_body_bytes: int = 1 << 20
     shutdown_grace_s: float = 10.0
     completion_default_max_tokens: int = 16  # as OpenAI; chat defaults to the limit
+    bind_host: str = "127.0.0.1"  # the address the server listens on; a Host header may name it
+    allowed_hosts: tuple[str, ...] = ()  # more Host names to answer ("*": any); checked without an API key
+    allowed_origins: tuple[str, ...] = ()  # browser origins allowed by CORS ("*": any); none by default
+    special_tokens_in_content: bool = False  # trusted clients only: control tokens typed in messages stay control
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "allowed_hosts", tuple(h.lower() for h in self.allowed_hosts))
+        object.__setattr__(self, "allowed_origins", tuple(self.allowed_origins))
         if self.max_tokens_limit < 1:
             raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
         if self.max_queue < 0:
@@ -82,7 +93,10 @@ class OpenAIServing:
         prompts = _completion_prompts(body.prompt)
         ids = [self._encode(p, "prompt") for p in prompts]
         texts = [p if isinstance(p, str) else None for p in prompts]
-        job = self._job(ids, texts, body, body.max_tokens, self.settings.completion_default_max_tokens, body.logprobs)
+        constraint = _constraint(body)
+        job = self._job(
+            ids, texts, body, body.max_tokens, self.settings.completion_default_max_tokens, body.logprobs, constraint
+        )
         submission = await self._submit(job, "prompt")
         reply = _Reply("cmpl", self.settings.model_name, self._token_text, body.logprobs is not None)
         if body.stream:
@@ -94,15 +108,20 @@ class OpenAIServing:
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         self.check_model(body.model)
+        tokenizer = self.llm.tokenizer
+        renders_tools = "tools" in (getattr(tokenizer, "chat_template", None) or "")
+        messages, tools = conversation(body, renders_tools)
         try:
-            ids = self.llm.apply_chat_template(body.conversation())
+            ids = tokenizer.encode_chat(
+                messages, tools=tools, special_tokens_in_content=self.settings.special_tokens_in_content
+            )
         except InvalidRequestError as exc:
             raise BadRequest(str(exc), "messages") from None
         self._check_length(ids, "messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
-        job = self._job([ids], [None], body, body.token_limit, self.settings.max_tokens_limit, top)
+        job = self._job([ids], [None], body, body.token_limit, self.settings.max_tokens_limit, top, _constraint(body))
         submission = await self._submit(job, "messages")
-        reply = _Reply("chatcmpl", self.settings.model_name, self._token_text, body.logprobs)
+        reply = _Reply("chatcmpl", self.settings.model_name, self._token_text, body.logprobs, body.tools_active)
         if body.stream:
             return sse.EventStreamResponse(self._stream(submission, reply, reply.chat_chunk, body, job))
         outputs = await _unless_disconnected(request, _collect(submission))
@@ -113,7 +132,7 @@ class OpenAIServing:
     def check_model(self, name: str) -> None:
         if name != self.settings.model_name:
             raise NotFound(
-                f"The model '{name}' does not exist on this server, which serves '{self.settings.model_name}' "
+                f"The model {_short(name)} does not exist on this server, which serves '{self.settings.model_name}' "
                 "(GET /v1/models lists it).",
                 "model",
                 "model_not_found",
@@ -156,6 +175,7 @@ class OpenAIServing:
         max_tokens: int | None,
         default_max_tokens: int,
         logprobs: int | None,
+        constraint: dict[str, str],
     ) -> _Job:
         limit = self.settings.max_tokens_limit
         if max_tokens is not None and max_tokens > limit:
@@ -175,12 +195,15 @@ class OpenAIServing:
             for choice in range(body.n):
                 job.prompts.append(ids)
                 job.texts.append(text)
-                job.params.append(self._params(body, min(max_tokens or default_max_tokens, room), choice, logprobs))
+                limit = min(max_tokens or default_max_tokens, room)
+                job.params.append(self._params(body, limit, choice, logprobs, constraint))
         return job
 
     @staticmethod
-    def _params(body: SamplingFields, max_tokens: int, choice: int, logprobs: int | None) -> SamplingParams:
-        extra = {} if logprobs is None else {"logprobs": logprobs}
+    def _params(
+        body: SamplingFields, max_tokens: int, choice: int, logprobs: int | None, constraint: dict[str, str]
+    ) -> SamplingParams:
+        extra = dict(constraint) if logprobs is None else {"logprobs": logprobs, **constraint}
         try:
             return SamplingParams(
                 max_tokens=max_tokens,
@@ -229,12 +252,13 @@ class OpenAIServing:
 class _Reply:
     """Builds the response objects of one request."""
 
-    def __init__(self, prefix: str, model: str, token_text, logprobs: bool):
+    def __init__(self, prefix: str, model: str, token_text, logprobs: bool, tools: bool = False):
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.token_text = token_text
         self.logprobs = logprobs
+        self.tools = tools  # parse tool calls out of the text; streamed at the end of each choice
 
     # completions
 
@@ -243,8 +267,8 @@ class _Reply:
         for entry in entries:
             token = self.token_text(entry.token_id)
             result.tokens.append(token)
-            result.token_logprobs.append(entry.logprob)
-            result.top_logprobs.append({self.token_text(t): lp for t, lp in entry.top.items()})
+            result.token_logprobs.append(_finite(entry.logprob))
+            result.top_logprobs.append({self.token_text(t): _finite(lp) for t, lp in entry.top.items()})
             result.text_offset.append(offset)
             offset += len(token)
         return result
@@ -279,7 +303,7 @@ class _Reply:
     def _chat_logprobs(self, entries: list) -> ChatLogprobs:
         def top(token_id: int, logprob: float) -> TopLogprob:
             token = self.token_text(token_id)
-            return TopLogprob(token=token, logprob=logprob, bytes=list(token.encode("utf-8")))
+            return TopLogprob(token=token, logprob=_finite(logprob), bytes=list(token.encode("utf-8")))
 
         content = []
         for entry in entries:
@@ -288,20 +312,25 @@ class _Reply:
             content.append(TokenLogprob(**sampled.model_dump(), top_logprobs=alternatives))
         return ChatLogprobs(content=content)
 
+    def _message(self, output) -> tuple[AssistantMessage, str | None]:
+        if not self.tools:
+            return AssistantMessage(content=output.text), output.finish_reason
+        content, calls = parse_tool_calls(output.text)
+        finish = "tool_calls" if calls and output.finish_reason == "stop" else output.finish_reason
+        return AssistantMessage(content=content, tool_calls=calls or None), finish
+
     def chat(self, outputs: list, usage: Usage) -> ChatCompletionResponse:
-        choices = [
-            ChatChoice(
-                index=index,
-                message=AssistantMessage(content=out.text),
-                logprobs=self._chat_logprobs(out.logprobs or []) if self.logprobs else None,
-                finish_reason=out.finish_reason,
-            )
-            for index, out in enumerate(outputs)
-        ]
+        choices = []
+        for index, out in enumerate(outputs):
+            message, finish = self._message(out)
+            logprobs = self._chat_logprobs(out.logprobs or []) if self.logprobs else None
+            choices.append(ChatChoice(index=index, message=message, logprobs=logprobs, finish_reason=finish))
         return ChatCompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
     def chat_chunk(self, index: int, output, first: bool) -> ChatCompletionChunk | None:
         entries = (output.new_logprobs or []) if self.logprobs else []
+        if self.tools:  # the text is held back until the choice ends, when it is known whether it holds calls
+            return self._tool_chunk(index, output, first, entries)
         if not first and not output.new_text and not entries and output.finish_reason is None:
             return None
         delta = ChatDelta(role="assistant" if first else None, content=output.new_text)
@@ -313,12 +342,72 @@ class _Reply:
         )
         return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
 
+    def _tool_chunk(self, index: int, output, first: bool, entries: list) -> ChatCompletionChunk | None:
+        finish = None
+        if output.finish_reason is None:
+            if not first:
+                return None
+            delta = ChatDelta(role="assistant", content="")
+        else:
+            message, finish = self._message(output)
+            calls = [
+                ToolCallDelta(index=i, id=call.id, function=call.function)
+                for i, call in enumerate(message.tool_calls or [])
+            ]
+            delta = ChatDelta(role="assistant" if first else None, content=message.content, tool_calls=calls or None)
+        logprobs = self._chat_logprobs(entries) if self.logprobs else None
+        choice = ChatChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)
+        return ChatCompletionChunk(id=self.id, created=self.created, model=self.model, choices=[choice])
+
     def usage_chunk(self, usage: Usage):
         kind = ChatCompletionChunk if self.id.startswith("chatcmpl") else CompletionResponse
         return kind(id=self.id, created=self.created, model=self.model, choices=[], usage=usage)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
+
+
+def _finite(logprob: float) -> float:
+    """JSON has no infinity or NaN: an impossible token gets OpenAI's -9999.0."""
+    return logprob if math.isfinite(logprob) else -9999.0
+
+
+def _short(text: str, limit: int = 100) -> str:
+    """A client's string quoted in an error message, cut so that a huge one is not echoed back whole."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def _constraint(body: SamplingFields) -> dict[str, str]:
+    """The request's structured-output constraint as SamplingParams fields, checked (a 400 naming the field)."""
+    given: dict[str, tuple[str, str]] = {}  # request field -> (SamplingParams field, value)
+    if body.guided_json is not None:
+        given["guided_json"] = ("json_schema", body.guided_json)
+    if body.guided_regex is not None:
+        given["guided_regex"] = ("regex", body.guided_regex)
+    if body.guided_grammar is not None:
+        given["guided_grammar"] = ("grammar", body.guided_grammar)
+    if isinstance(body, ChatCompletionRequest):
+        if body.response_format is not None and body.response_format.output_schema() is not None:
+            field = "response_format.json_schema.schema" if body.response_format.json_schema else "response_format"
+            given[field] = ("json_schema", body.response_format.output_schema())
+        if body.tools_active and body.tool_choice not in (None, "auto"):
+            grammar = call_grammar(body.tools, body.tool_choice, body.parallel_tool_calls)
+            given["tools"] = ("grammar", grammar)
+    if not given:
+        return {}
+    if len(given) > 1:
+        raise BadRequest(f"Give one output constraint at most; got {', '.join(given)}.", list(given)[1])
+    field, (kind, value) = next(iter(given.items()))
+    if kind == "json_schema" and isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"Invalid value for '{field}': not valid JSON ({exc.msg}).", field) from None
+    try:
+        compile_grammar(**{kind: value})
+    except InvalidRequestError as exc:
+        raise BadRequest(f"Invalid value for '{field}': {exc}", field, "invalid_grammar") from None
+    return {kind: json.dumps(value) if kind == "json_schema" else value}
 
 
 def _completion_prompts(prompt) -> list[str | list[int]]:
@@ -348,7 +437,8 @@ def _usage(job: _Job, outputs: list) -> Usage:
 
 
 async def _unless_disconnected(request: Request, work: Awaitable):
-    """Run `work`, cancelling it (and so aborting its engine requests) if the client disconnects first."""
+    """The result of `work`, or None once the client has disconnected: then `work` is cancelled (which aborts its
+    engine requests) and awaited, so that its cleanup has run before the caller answers 499."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -359,9 +449,11 @@ async def _unless_disconnected(request: Request, work: Awaitable):
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
+        for pending in (watcher, task):
+            if not pending.done():
+                pending.cancel()
+        # cancel() only asks: wait until both have really ended (a cancelled task has no result to read)
+        await asyncio.wait({task, watcher})
+    if task.cancelled():  # the client went away first
         return None
     return task.result()

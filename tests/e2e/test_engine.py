@@ -4,6 +4,9 @@
 float32, so that "identical" tests the engine and not bfloat16 rounding in matmuls of different shapes.
 """
 
+import json
+import re
+
 import pytest
 
 from leanlm import LLM, SamplingParams
@@ -74,6 +77,49 @@ def test_chunked_prefill_matches(llm, prompts, solo):
     picked = [2, 5, 9, 11, 16, 27]
     assert max(len(prompts[i]) for i in picked) > 60
     assert run(engine, [prompts[i] for i in picked], [params_for(i) for i in picked]) == [solo[i] for i in picked]
+
+
+def test_short_requests_arriving_during_a_long_prefill_move_and_match(llm, prompts, solo):
+    """The scheduler cuts a running prefill to a quarter of the budget while others wait: lossless, and a short
+    request gets its first token long before the long prompt has been read."""
+    long_ids = (llm.tokenizer.encode(TEXT) * 3)[:300]
+    long_solo = run(new_engine(llm, enable_prefix_caching=False), [long_ids], [GREEDY])[0]
+    engine = new_engine(llm, max_num_batched_tokens=64, enable_prefix_caching=False)
+    engine.add_request("long", long_ids, GREEDY)
+    engine.step()
+    picked = [2, 5, 9]
+    for i in picked:
+        engine.add_request(f"r{i}", prompts[i], params_for(i))
+    done, first_token_step, step = {}, {}, 1
+    while engine.has_unfinished_requests():
+        step += 1
+        for out in engine.step():
+            first_token_step.setdefault(out.request_id, step) if out.token_ids else None
+            if out.finished:
+                done[out.request_id] = out.token_ids
+    assert done["long"] == long_solo
+    assert [done[f"r{i}"] for i in picked] == [solo[i] for i in picked]
+    assert max(first_token_step[f"r{i}"] for i in picked) < first_token_step["long"]
+
+
+def test_constrained_and_free_requests_in_one_batch_get_their_solo_tokens(llm, prompts):
+    """Structured-output masks are applied row by row: each request's tokens equal its run alone."""
+    number = {"type": "integer", "minimum": 0, "maximum": 99}
+    schema = {"type": "object", "properties": {"n": number}, "required": ["n"], "additionalProperties": False}
+    params = [
+        SamplingParams(max_tokens=16, temperature=0, json_schema=schema),
+        GREEDY,
+        SamplingParams(max_tokens=16, temperature=0.8, seed=4, regex=r"[a-z]{1,6} [0-9]{1,3}"),
+        SamplingParams(max_tokens=8, temperature=0.8, seed=5, ignore_eos=True),
+        SamplingParams(max_tokens=6, temperature=0, grammar='start: "yes" | "no"'),
+    ]
+    picked = [prompts[i] for i in (3, 7, 11, 19, 23)]
+    alone = [run(new_engine(llm), [ids], [p])[0] for ids, p in zip(picked, params, strict=True)]
+    together = run(new_engine(llm), picked, params)
+    assert together == alone
+    text = [llm.tokenizer.decode(ids) for ids in together]
+    assert isinstance(json.loads(text[0])["n"], int)
+    assert re.fullmatch(r"[a-z]{1,6} [0-9]{1,3}", text[2]) and text[4] in ("yes", "no")
 
 
 def test_prefix_cache_hits_match(llm):

@@ -40,6 +40,10 @@ class FakeTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return "".join(f"<{i}>" for i in ids)
 
+    def encode_chat(self, messages, tools=None, special_tokens_in_content=False):
+        """Each character is one token id; the chat template joins the contents."""
+        return [ord(c) for c in "|".join(m.get("content") or "" for m in messages) + ">"]
+
 
 class FakeEngine:
     def __init__(
@@ -108,7 +112,7 @@ class FakeEngine:
 
 
 class FakeLLM:
-    """encode: each character is one token id (its code point); the chat template joins the contents."""
+    """encode: each character is one token id (its code point); see FakeTokenizer.encode_chat for chat."""
 
     def __init__(self, engine: FakeEngine):
         self.engine = engine
@@ -117,6 +121,3 @@ class FakeLLM:
 
     def encode(self, prompt):
         return [ord(c) for c in prompt] if isinstance(prompt, str) else list(prompt)
-
-    def apply_chat_template(self, messages):
-        return self.encode("|".join(m["content"] for m in messages) + ">")

@@ -120,3 +120,28 @@ def test_finishing_and_aborting_free_every_block():
     scheduler.add(waiting)
     scheduler.finish(waiting, "abort")  # aborted before it ever ran
     assert not scheduler.has_unfinished() and waiting.finish_reason == "abort"
+
+
+def test_long_prefill_leaves_room_for_decodes_and_new_short_prompts():
+    """Regression: a running 8,000-token prefill took the whole budget, so a 2-token request waited for all of it."""
+    scheduler = make_scheduler(num_blocks=3000, max_num_batched_tokens=512)
+    long = request("long", 8000)
+    scheduler.add(long)
+    assert step(scheduler) == ({"long": 512}, [])  # alone: the whole budget
+    assert step(scheduler) == ({"long": 512}, [])
+    short = request("short", 2, first_token=9000)
+    scheduler.add(short)
+    assert step(scheduler) == ({"long": 128, "short": 2}, [])  # a quarter of the budget while someone waits
+    assert short.output_token_ids == [0]  # its first token after one step
+    assert step(scheduler) == ({"long": 128, "short": 1}, [])  # a running decode behind the prefill moves too
+    scheduler.finish(short, "stop")
+    assert step(scheduler) == ({"long": 512}, [])  # alone again: full chunks
+    assert long.num_computed_tokens == 512 * 3 + 128 * 2
+
+
+def test_prefill_keeps_full_chunks_when_waiting_requests_cannot_be_admitted():
+    scheduler = make_scheduler(num_blocks=3000, max_num_batched_tokens=512, max_num_seqs=1)
+    scheduler.add(request("long", 2000))
+    scheduler.add(request("short", 2, first_token=9000))
+    assert step(scheduler) == ({"long": 512}, [])
+    assert step(scheduler) == ({"long": 512}, [])  # no free sequence slot for "short": nothing to leave room for

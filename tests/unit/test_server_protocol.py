@@ -6,6 +6,9 @@ from pydantic import ValidationError
 from leanlm.server.errors import from_validation_error, param_name
 from leanlm.server.metrics import Histogram, ServerMetrics
 from leanlm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelList
+from leanlm.server.tools import conversation
+
+CALL = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
 
 
 def error_of(model, data) -> dict:
@@ -31,7 +34,8 @@ def test_valid_requests_keep_their_values():
     parts = chat(
         messages=[{"role": "developer", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
     )
-    assert ChatCompletionRequest.model_validate(parts).conversation() == [{"role": "system", "content": "ab"}]
+    messages, tools = conversation(ChatCompletionRequest.model_validate(parts), template_renders_tools=False)
+    assert (messages, tools) == ([{"role": "system", "content": "ab"}], None)
     assert ChatCompletionRequest.model_validate(chat(max_completion_tokens=7)).token_limit == 7
 
 
@@ -56,6 +60,7 @@ def test_valid_requests_keep_their_values():
         ({"echo": True}, "echo", "not supported"),
         ({"best_of": 3}, "best_of", "not supported"),
         ({"seed": -1}, "seed", "greater than or equal to 0"),
+        ({"repetition_penalty": 5e-324}, "repetition_penalty", "greater than or equal to 0.01"),  # schemathesis
     ],
 )
 def test_bad_completion_fields_are_named(fields, param, words):
@@ -81,8 +86,26 @@ def test_unknown_and_missing_fields():
         ({"messages": [{"role": "user"}]}, "messages[0].content", "Missing"),
         ({"top_logprobs": 2}, "top_logprobs", "logprobs: true"),
         ({"max_tokens": 2, "max_completion_tokens": 3}, "max_completion_tokens", "not both"),
-        ({"tools": [{"type": "function"}]}, "tools", "not supported"),
-        ({"response_format": {"type": "json_object"}}, "response_format", "not supported"),
+        ({"tools": [{"type": "function"}]}, "tools[0].function", "Missing"),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools[0].function.name", "pattern"),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+            "not among the tools",
+        ),
+        ({"response_format": {"type": "xml"}}, "response_format.type", "'json_schema'"),
+        ({"response_format": {"type": "json_schema"}}, "response_format", "needs a json_schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},
+            "response_format.json_schema.name",
+            "Missing",
+        ),
+        ({"messages": [{"role": "user", "content": None}]}, "messages[0].content", "Missing content"),
+        ({"messages": [{"role": "user", "content": "x", "tool_calls": [CALL]}]}, "messages[0].tool_calls", "assistant"),
     ],
 )
 def test_bad_chat_fields_are_named(fields, param, words):
