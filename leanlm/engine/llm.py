@@ -82,8 +82,8 @@ class LLM:
         raise InvalidRequestError(f"A prompt must be a string or a list of token ids, got {type(prompt).__name__}.")
 
     def apply_chat_template(self, messages: Messages) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_special_tokens=False)  # the template writes BOS itself if needed
+        # control-token text typed in a message stays text: a user cannot forge another turn
+        return self.tokenizer.encode_chat(messages)
 
     # ---- generation ---------------------------------------------------------------------------------------
 
