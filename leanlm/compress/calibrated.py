@@ -52,14 +52,17 @@ def quantize_weights_calibrated(
         except InvalidRequestError as exc:
             raise InvalidRequestError(f"{name}: {exc}") from None
     hidden, ctx = calibration_inputs(model, calibration_tensor(llm, config, calibration_ids))
-    quantize_layer = gptq_layer if config.method == "gptq" else awq_layer
 
     quantized: dict[str, QuantizedTensor] = {}
 
     def convert(index: int, work: nn.Module, hidden: torch.Tensor, ctx: ForwardContext) -> None:
         prefix = f"layers.{index}."
         names = [n.removeprefix(prefix) for n in targets if n.startswith(prefix)]
-        for name, weight in quantize_layer(work, hidden, ctx, names, config).items():
+        if config.method == "gptq":
+            layer = gptq_layer(work, hidden, ctx, names, config, prefix)
+        else:
+            layer = awq_layer(work, hidden, ctx, names, config)
+        for name, weight in layer.items():
             quantized[prefix + name] = weight
         if config.method == "awq":
             write_back(work, model.layers[index])
@@ -70,7 +73,7 @@ def quantize_weights_calibrated(
         head = model.lm_head.weight.detach().float().cpu().clone()  # a copy: the head may be the tied embedding
         inputs = norm(hidden).reshape(-1, hidden.shape[-1])
         if config.method == "gptq":
-            quantized["lm_head"] = _gptq_linear(head, inputs, config)
+            quantized["lm_head"] = _gptq_linear(head, inputs, config, "lm_head")
         else:
             quantized["lm_head"] = awq_head(model, norm, head, inputs, config)
     return quantized
@@ -127,26 +130,26 @@ def calibration_tensor(llm, config: QuantConfig, calibration_ids: list[list[int]
 
 
 def gptq_layer(
-    work: nn.Module, hidden: torch.Tensor, ctx: ForwardContext, names: list[str], config: QuantConfig
+    work: nn.Module, hidden: torch.Tensor, ctx: ForwardContext, names: list[str], config: QuantConfig, prefix: str = ""
 ) -> dict[str, QuantizedTensor]:
     """Quantize the layer's linears in execution order; each one's weights are replaced by their dequantized values
-    so the next one's inputs (and the next layer's) see the quantized layer."""
+    so the next one's inputs (and the next layer's) see the quantized layer. `prefix` names the layer in errors."""
     quantized = {}
     for name in names:
         linear = work.get_submodule(name)
         inputs = capture_input(work, linear, hidden, ctx)
-        quantized[name] = _gptq_linear(linear.weight, inputs, config)
+        quantized[name] = _gptq_linear(linear.weight, inputs, config, prefix + name)
         linear.weight.copy_(quantized[name].dequantize())
         del inputs
     return quantized
 
 
-def _gptq_linear(weight: torch.Tensor, inputs: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
+def _gptq_linear(weight: torch.Tensor, inputs: torch.Tensor, config: QuantConfig, name: str) -> QuantizedTensor:
     hessian, count = None, 0
     for chunk in inputs.reshape(-1, inputs.shape[-1]).split(2048):
         hessian, count = accumulate_hessian(hessian, count, chunk)
     return gptq_quantize(
-        weight, hessian, config.bits, config.group_size, config.symmetric, config.damp, config.act_order
+        weight, hessian, config.bits, config.group_size, config.symmetric, config.damp, config.act_order, name=name
     )
 
 
