@@ -71,6 +71,7 @@ class LLMEngine:
                 f"Unknown KV cache type '{kv_cache}'. Choose among: {', '.join(PAGED_KV_CACHE_TYPES)}."
             )
         self.model, self.tokenizer = model, tokenizer
+        self.kv_cache_type = kv_cache  # kept so that an engine rebuilt for a new model (compress/) keeps its cache
         self.config = config or EngineConfig()
         self.model_config = model.config
         first_param = next(model.parameters())

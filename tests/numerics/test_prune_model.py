@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from leanlm import LLM
+from leanlm.cache.paged_kv import PagedInt8KVCache
 from leanlm.cli.main import main
 from leanlm.compress.prune.artifact import save_pruned
 from leanlm.compress.prune.config import PruneConfig
@@ -119,6 +120,20 @@ def test_structured_model_runs_saves_and_reloads_identically(default_gguf_path, 
         llm.config.num_layers,
     )
     _assert_reloads_identically(llm, folder, ids)
+
+
+def test_structured_pruning_keeps_the_llms_kv_cache_type_and_engine_settings(default_gguf_path, tmp_path):
+    llm = LLM(default_gguf_path, dtype="float32", kv_cache="int8", attention="reference")
+    limits = llm.engine.config
+    prune(llm, PruneConfig("structured", drop_heads=0.3, head_unit="kv", calibration_samples=2, calibration_length=32))
+    assert isinstance(llm.engine.cache, PagedInt8KVCache) and llm.engine.cache.keys.dtype == torch.int8
+    assert llm.engine.cache.keys.shape[1] == llm.config.num_kv_heads < 3  # the cache follows the new shapes
+    assert llm.engine.config == limits and llm.model.attention_name == "reference"
+    ids = llm.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    pruned_tokens = llm.generate([ids], GREEDY)[0].token_ids
+    folder = save_pruned(llm, tmp_path / "pruned", {"method": "structured"}, sparse=False)
+    reloaded = LLM(folder, dtype="float32", kv_cache="int8", attention="reference")
+    assert reloaded.generate([ids], GREEDY)[0].token_ids == pruned_tokens  # same function as a fresh int8-KV load
 
 
 def test_dropping_every_layer_or_head_is_refused(default_gguf_path):
