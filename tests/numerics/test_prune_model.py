@@ -182,3 +182,17 @@ def test_prune_then_quantize_cli(default_gguf_path, tmp_path, capsys):
         main(["generate", "--model", str(quantized), "The capital of France is", "-n", "6", "--temperature", "0"]) == 0
     )
     assert capsys.readouterr().out.strip()
+
+
+def test_prune_pipeline_returns_the_manifest_it_wrote(default_gguf_path, tmp_path):
+    from leanlm.compress.pipelines import prune_to_folder
+
+    out = tmp_path / "smol-28L"
+    config = PruneConfig("layers", drop_layers=2, calibration_samples=2, calibration_length=32)
+    manifest = prune_to_folder(default_gguf_path, config, out, eval_tokens=128, progress=False)
+    assert manifest == json.loads((out / "compression.json").read_text())
+    expected = {"method", "config", "source", "dtype", "report", "calibration", "sparse_layers", "speed", "quality"}
+    assert set(manifest) == expected
+    assert manifest["calibration"]["samples"] == 2 and manifest["report"]["parameters"]["after"]["total"] > 0
+    assert manifest["speed"]["pruned"]["decode_tok_s"] > 0 and manifest["quality"]["num_tokens"] == 127
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 28

@@ -154,3 +154,27 @@ def test_llama_cpp_runs_the_exported_file(default_gguf_path, tmp_path):
     runner = llama_cpp.Llama(str(path), n_ctx=256, verbose=False)
     text = runner.create_completion("The capital of France is", max_tokens=6, temperature=0)["choices"][0]["text"]
     assert "Paris" in text
+
+
+def test_quantize_pipeline_returns_the_manifest_it_wrote(default_gguf_path, tmp_path):
+    from leanlm.compress.pipelines import quantize_to_folder
+
+    out = tmp_path / "smol-int8"
+    manifest = quantize_to_folder(default_gguf_path, QuantConfig("int8"), out, eval_tokens=128, progress=False)
+    assert manifest == json.loads((out / "quantization.json").read_text())
+    # the artifact's format: the keys leanlm quantize has always written
+    assert set(manifest) == {
+        "method",
+        "bits",
+        "group_size",
+        "config",
+        "source",
+        "dtype",
+        "report",
+        "speed",
+        "quality",
+    } | {"layers"}
+    assert (manifest["method"], manifest["bits"], manifest["dtype"]) == ("int8", 8, "bfloat16")
+    assert manifest["speed"]["decode_tok_s"] > 0 and manifest["quality"]["num_tokens"] == 127
+    assert 0 < manifest["quality"]["kl_mean"] < 0.1
+    assert len(manifest["layers"]) == manifest["report"]["quantized_layers"] == 30 * 4 + 1

@@ -1,0 +1,133 @@
+"""The `leanlm quantize` and `leanlm prune` pipelines: load the model in float32, compress it, measure what it cost
+(compress/measure.py) and write the artifact. Each returns the manifest it wrote (quantization.json or
+compression.json); the CLI only parses options and prints.
+
+Level 4 (measurement), because the manifests record evaluate/'s quality figures.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from leanlm.compress.config import QuantConfig
+from leanlm.compress.measure import measure_quality, measure_speed
+from leanlm.compress.prune.config import UNSTRUCTURED, PruneConfig
+from leanlm.engine.llm import LLM, resolve_dtype
+
+CALIBRATION_CORPUS = "c4.utf8 (exllamav2==0.3.2)"
+
+
+def quantize_to_folder(
+    model: str | Path | None,
+    config: QuantConfig,
+    output: str | Path,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    threads: int | None = None,
+    eval_tokens: int = 2048,
+    export_gguf: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Quantize `model` with `config` and write the folder `output` (atomically); `dtype` is the dtype of the
+    artifact's dense tensors. `eval_tokens` wiki tokens measure quality against the original (0 = skip).
+    `export_gguf` also writes a GGUF file for llama.cpp. Returns quantization.json as written."""
+    from leanlm.compress.artifact import save_quantized
+    from leanlm.compress.quantize import quantize
+    from leanlm.formats.quantized_folder import MANIFEST
+
+    runtime_dtype = resolve_dtype(dtype)
+    # Quantize from float32 copies of the original weights; the artifact keeps dense tensors in runtime_dtype.
+    llm = LLM(model, dtype="float32", device="cpu", threads=threads, dequantize=True)
+    started = time.perf_counter()
+    report = quantize(llm, config)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    cast_dense(llm.model, runtime_dtype)
+    llm.dtype = runtime_dtype
+    manifest = {
+        "method": config.method,
+        "bits": config.bits,
+        "group_size": config.group_size,
+        "config": config.to_dict(),
+        "source": str(llm.model_path),
+        "dtype": str(runtime_dtype).removeprefix("torch."),
+        "report": report,
+    }
+    if config.method in ("gptq", "awq"):
+        manifest["calibration"] = _calibration(config.calibration_samples, config.calibration_length)
+    manifest["speed"] = measure_speed(llm)
+    if eval_tokens:
+        original = LLM(model, dtype=runtime_dtype, device="cpu", threads=threads, dequantize=True)
+        manifest["quality"] = measure_quality(llm, original, eval_tokens, progress)
+    folder = save_quantized(llm, output, manifest)
+    if export_gguf:
+        from leanlm.compress.gguf_writer import write_gguf
+
+        write_gguf(llm, llm.model_path, export_gguf)
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def prune_to_folder(
+    model: str | Path | None,
+    config: PruneConfig,
+    output: str | Path,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    threads: int | None = None,
+    eval_tokens: int = 2048,
+    progress: bool = True,
+) -> dict:
+    """Prune `model` with `config` and write the folder `output` (atomically); `dtype` is the artifact's dtype.
+    `eval_tokens` wiki tokens measure quality and speed of the written folder against the original (0 = skip both).
+    Returns compression.json as written."""
+    from leanlm.compress.prune.artifact import save_pruned
+    from leanlm.compress.prune.prune import prune
+    from leanlm.formats.sparse_folder import MANIFEST
+
+    runtime_dtype = resolve_dtype(dtype)
+    # Prune float32 copies of the original weights (a quantized GGUF is dequantized); the artifact keeps runtime_dtype.
+    llm = LLM(model, dtype="float32", device="cpu", threads=threads, dequantize=True)
+    report = prune(llm, config)
+    for param in llm.model.parameters():
+        param.data = param.data.to(runtime_dtype)
+    llm.dtype = runtime_dtype
+    manifest = {
+        "method": config.method,
+        "config": config.to_dict(),
+        "source": str(llm.model_path),
+        "dtype": str(runtime_dtype).removeprefix("torch."),
+        "report": report,
+    }
+    if config.calibrated:
+        manifest["calibration"] = _calibration(config.calibration_samples, config.calibration_length)
+
+    def measure(folder: Path) -> dict:
+        """Speed (quick, single run) and quality of the written folder against the original, both at runtime_dtype."""
+        pruned = LLM(folder, dtype=runtime_dtype, device="cpu", threads=threads)
+        original = LLM(model, dtype=runtime_dtype, device="cpu", threads=threads, dequantize=True)
+        speed = {"pruned": measure_speed(pruned), "original": measure_speed(original)}
+        speed["decode_speedup"] = round(speed["pruned"]["decode_tok_s"] / speed["original"]["decode_tok_s"], 3)
+        return {"speed": speed, "quality": measure_quality(pruned, original, eval_tokens, progress)}
+
+    sparse = config.method in UNSTRUCTURED
+    folder = save_pruned(llm, output, manifest, sparse=sparse, measure=measure if eval_tokens else None)
+    return json.loads((folder / MANIFEST).read_text())
+
+
+def cast_dense(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Store a quantized model's dense weights (norms, embedding) at `dtype`; quantized layers run at `dtype` too."""
+    from leanlm.layers.quantized_linear import QuantizedLinear
+
+    for module in model.modules():
+        if isinstance(module, QuantizedLinear):
+            module.prepare_runtime(dtype, module.codes.device)
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not name.endswith("bias"):
+            param.data = param.data.to(dtype)
+
+
+def _calibration(samples: int, length: int) -> dict:
+    return {"corpus": CALIBRATION_CORPUS, "samples": samples, "tokens_per_sample": length}
