@@ -82,6 +82,8 @@ class LLM:
         if native_quant and self.device.type == "cpu" and kernels != "torch" and _leanlm_kernels_available():
             self.compute_dtype = torch.float32
         checkpoint = load_checkpoint(model, self.compute_dtype, native_quant=native_quant)
+        if dequantize:  # a leanlm quantized folder holds QuantizedTensors whatever native_quant says
+            checkpoint.weights = _dequantized(checkpoint.weights, self.compute_dtype)
         if not any(isinstance(t, QuantizedTensor) for t in checkpoint.weights.values()):
             self.compute_dtype = self.dtype  # a dense checkpoint: nothing for the kernels to do
         self.config = checkpoint.config
@@ -256,6 +258,10 @@ def _leanlm_kernels_available() -> bool:
     from leanlm.kernels.build import load_kernels
 
     return load_kernels()
+
+
+def _dequantized(weights: dict, dtype: torch.dtype) -> dict:
+    return {name: t.dequantize(dtype) if isinstance(t, QuantizedTensor) else t for name, t in weights.items()}
 
 
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
