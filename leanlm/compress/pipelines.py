@@ -88,11 +88,21 @@ def prune_to_folder(
     from leanlm.formats.sparse_folder import MANIFEST
 
     runtime_dtype = resolve_dtype(dtype)
+    # A quantized source pruned structurally stays quantized (prune/requantize.py): its own blocks, read here.
+    native = {} if config.method in UNSTRUCTURED else _native_blocks(model, threads)
     # Prune float32 copies of the original weights (a quantized GGUF is dequantized); the artifact keeps runtime_dtype.
     llm = LLM(model, dtype="float32", device="cpu", threads=threads, dequantize=True)
+    source_layers = llm.config.num_layers
     report = prune(llm, config)
-    for param in llm.model.parameters():
-        param.data = param.data.to(runtime_dtype)
+    quantization = None
+    if native:
+        quantization = _requantize(llm, native, report.get("dropped_layers", []), source_layers)
+        report["requantized"] = {"kept_source_blocks": quantization["kept_source_blocks"]}
+        report["requantized"]["requantized_int4_g32"] = len(quantization["requantized"])
+        cast_dense(llm.model, runtime_dtype)
+    else:
+        for param in llm.model.parameters():
+            param.data = param.data.to(runtime_dtype)
     llm.dtype = runtime_dtype
     manifest = {
         "method": config.method,
@@ -107,14 +117,43 @@ def prune_to_folder(
     def measure(folder: Path) -> dict:
         """Speed (quick, single run) and quality of the written folder against the original, both at runtime_dtype."""
         pruned = LLM(folder, dtype=runtime_dtype, device="cpu", threads=threads)
-        original = LLM(model, dtype=runtime_dtype, device="cpu", threads=threads, dequantize=True)
+        # against the original as a user runs it: at its own precision when the pruned model kept one
+        original = LLM(model, dtype=runtime_dtype, device="cpu", threads=threads, dequantize=not native)
         speed = {"pruned": measure_speed(pruned), "original": measure_speed(original)}
         speed["decode_speedup"] = round(speed["pruned"]["decode_tok_s"] / speed["original"]["decode_tok_s"], 3)
         return {"speed": speed, "quality": measure_quality(pruned, original, eval_tokens, progress)}
 
     sparse = config.method in UNSTRUCTURED
-    folder = save_pruned(llm, output, manifest, sparse=sparse, measure=measure if eval_tokens else None)
+    measure = measure if eval_tokens else None
+    folder = save_pruned(llm, output, manifest, sparse=sparse, measure=measure, quantization=quantization)
     return json.loads((folder / MANIFEST).read_text())
+
+
+def _native_blocks(model, threads: int | None) -> dict:
+    """The source's quantized linear layers as it loads natively ({} for a dense source)."""
+    from leanlm.compress.prune.requantize import native_blocks
+
+    return native_blocks(LLM(model, device="cpu", threads=threads).model)
+
+
+def _requantize(llm: LLM, native: dict, dropped_layers: list[int], source_layers: int) -> dict:
+    """Put the pruned float model back into blocks and run it as a quantized model; returns quantization.json's
+    description of what was done."""
+    from leanlm.compress.prune.requantize import REQUANTIZE, requantize_pruned
+    from leanlm.compress.quantize import install
+    from leanlm.models.registry import adopt_quantized_runtime
+
+    blocks, report = requantize_pruned(llm.model, native, dropped_layers, source_layers)
+    install(llm.model, blocks)
+    if adopt_quantized_runtime(llm.model):
+        llm.compute_dtype = torch.float32
+    return {
+        "method": "pruned source blocks + " + REQUANTIZE.method,
+        "bits": REQUANTIZE.bits,
+        "group_size": REQUANTIZE.group_size,
+        "source": str(llm.model_path),
+        **report,
+    }
 
 
 def cast_dense(model: torch.nn.Module, dtype: torch.dtype) -> None:

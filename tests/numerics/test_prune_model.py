@@ -16,6 +16,7 @@ from leanlm.compress.prune.prune import prune
 from leanlm.errors import InvalidRequestError
 from leanlm.evaluate import evaluate
 from leanlm.evaluate.corpus import calibration_text, evaluation_text
+from leanlm.layers.quantized_linear import QuantizedLinear
 from leanlm.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -196,3 +197,29 @@ def test_prune_pipeline_returns_the_manifest_it_wrote(default_gguf_path, tmp_pat
     assert manifest["calibration"]["samples"] == 2 and manifest["report"]["parameters"]["after"]["total"] > 0
     assert manifest["speed"]["pruned"]["decode_tok_s"] > 0 and manifest["quality"]["num_tokens"] == 127
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 28
+    # The Q4_1 source stays quantized: untouched layers keep its blocks bit for bit, refitted ones are int4 g32.
+    quantization = json.loads((out / "quantization.json").read_text())
+    first_dropped = min(manifest["report"]["dropped_layers"])
+    assert quantization["kept_source_blocks"] >= 4 * first_dropped + 1  # every projection before it, the LM head
+    assert quantization["kept_source_blocks"] + len(quantization["requantized"]) == 28 * 4 + 1
+    source = LLM(default_gguf_path).model
+    pruned = LLM(out)
+    for name in (f"layers.{first_dropped - 1}.self_attn.qkv_proj", "lm_head"):
+        ours, theirs = pruned.model.get_submodule(name).weight_q, source.get_submodule(name).weight_q
+        assert torch.equal(ours.codes, theirs.codes) and torch.equal(ours.scale, theirs.scale), name
+    for name in quantization["requantized"]:
+        assert quantization["layers"][name] == {"bits": 4, "group_size": 32, "symmetric": False}
+    assert pruned.precision.endswith("(float32 act.)")
+
+
+def test_structured_pruning_of_a_quantized_model_requantizes_it(default_gguf_path, tmp_path):
+    from leanlm.compress.pipelines import prune_to_folder
+
+    config = PruneConfig("structured", drop_mlp=0.25, calibration_samples=2, calibration_length=32)
+    manifest = prune_to_folder(default_gguf_path, config, tmp_path / "slim", eval_tokens=0, progress=False)
+    quantization = json.loads((tmp_path / "slim" / "quantization.json").read_text())
+    assert manifest["report"]["requantized"]["requantized_int4_g32"] == len(quantization["requantized"]) >= 30
+    llm = LLM(tmp_path / "slim")
+    assert isinstance(llm.model.layers[0].mlp.down_proj, QuantizedLinear)
+    assert llm.model.layers[0].mlp.down_proj.in_features == llm.config.intermediate_size < 1536
+    assert len(llm.generate(["The capital of France is"], GREEDY)[0].token_ids) == 8
