@@ -11,12 +11,11 @@ group's scale and offset are fixed the first time one of its columns comes up, f
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from leanlm.compress.rtn import check_group_size
 from leanlm.errors import CalibrationError
+from leanlm.kernels.threads import scoped_threads
 from leanlm.layers.quantized_linear import QuantizedTensor
 
 BLOCK_SIZE = 128  # columns updated eagerly; the rest of the matrix gets one batched update per block
@@ -160,13 +159,8 @@ def _quantize_columns(
         wt[end:] -= u[start:end, end:].T @ errors
 
 
-@contextmanager
 def single_thread():
     """The column loop is thousands of small ops, and the factorisations are small too: handing them to a thread pool
-    costs more than it saves (10x more on a busy 2-core machine, measured), so they run on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    costs more than it saves (10x more on a busy 2-core machine, measured), so they run on one thread. Scoped to
+    this thread and this block (kernels/threads.py): other threads keep their count."""
+    return scoped_threads(1)

@@ -27,7 +27,7 @@ def measure_speed(llm) -> dict:
         "generated_tokens": SPEED_GENERATED_TOKENS,
         "prefill_tok_s": round(metrics.prefill_tokens_per_s, 1),
         "decode_tok_s": round(metrics.decode_tokens_per_s, 1),
-        "threads": torch.get_num_threads(),
+        "threads": llm.threads or torch.get_num_threads(),
     }
 
 

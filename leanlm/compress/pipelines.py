@@ -17,11 +17,28 @@ from leanlm.compress.config import QuantConfig
 from leanlm.compress.measure import measure_quality, measure_speed
 from leanlm.compress.prune.config import UNSTRUCTURED, PruneConfig
 from leanlm.engine.llm import LLM, resolve_dtype
+from leanlm.kernels.threads import scoped_threads
 
 CALIBRATION_CORPUS = "c4.utf8 (exllamav2==0.3.2)"
 
 
-def quantize_to_folder(
+def quantize_to_folder(model, config: QuantConfig, output, *, threads: int | None = None, **options) -> dict:
+    """Quantize `model` with `config` and write the folder `output` (atomically); returns quantization.json as
+    written. Options: dtype (of the artifact's dense tensors), eval_tokens (wiki tokens for the quality check,
+    0 = skip), export_gguf (also write a GGUF file for llama.cpp), progress. `threads` holds for this call only."""
+    with scoped_threads(threads):
+        return _quantize_to_folder(model, config, output, threads=threads, **options)
+
+
+def prune_to_folder(model, config: PruneConfig, output, *, threads: int | None = None, **options) -> dict:
+    """Prune `model` with `config` and write the folder `output` (atomically); returns compression.json as
+    written. Options: dtype (of the artifact), eval_tokens (wiki tokens for the quality and speed checks, 0 = skip),
+    progress. `threads` holds for this call only."""
+    with scoped_threads(threads):
+        return _prune_to_folder(model, config, output, threads=threads, **options)
+
+
+def _quantize_to_folder(
     model: str | Path | None,
     config: QuantConfig,
     output: str | Path,
@@ -70,7 +87,7 @@ def quantize_to_folder(
     return json.loads((folder / MANIFEST).read_text())
 
 
-def prune_to_folder(
+def _prune_to_folder(
     model: str | Path | None,
     config: PruneConfig,
     output: str | Path,

@@ -66,10 +66,11 @@ class LLM:
         kernels: str = "auto",
         engine_config: EngineConfig | None = None,
     ):
-        if threads is not None:
-            if threads < 1:
-                raise InvalidRequestError(f"threads must be >= 1, got {threads}.")
-            torch.set_num_threads(threads)
+        if threads is not None and threads < 1:
+            raise InvalidRequestError(f"threads must be >= 1, got {threads}.")
+        # `threads` holds for this object's engine steps, not for the process: torch's setting is put back after
+        # each step (kernels/threads.py), so a server or another LLM in the process keeps its own.
+        self.threads = threads
         started = time.perf_counter()
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
@@ -92,7 +93,7 @@ class LLM:
         self.weight_types = checkpoint.weight_types
         self.model = build_model(checkpoint.config, checkpoint.weights, self.compute_dtype, self.device, kernels)
         self.model.set_attention_backend(attention)
-        self.engine = LLMEngine(self.model, self.tokenizer, engine_config, kv_cache)
+        self.engine = LLMEngine(self.model, self.tokenizer, engine_config, kv_cache, threads)
         self.load_time_s = time.perf_counter() - started
         self._loaded_on = threading.current_thread()
         self._warned_thread = False

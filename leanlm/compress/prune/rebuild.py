@@ -1,6 +1,6 @@
 """Swap a structurally pruned model into an LLM: a new config, a new module tree, and a new engine (the KV cache
 shape follows the head count and the layer count). Everything else the LLM was set up with carries over: compute
-dtype, device, kernel mode, attention backend, engine limits and KV-cache type."""
+dtype, device, kernel mode, attention backend, engine limits, KV-cache type and threads."""
 
 from __future__ import annotations
 
@@ -20,4 +20,4 @@ def install_model(llm, config: ModelConfig, weights: dict[str, torch.Tensor]) ->
     if hasattr(old, "attention_name"):
         llm.model.set_attention_backend(old.attention_name)
     llm.config = config
-    llm.engine = type(engine)(llm.model, llm.tokenizer, engine.config, engine.kv_cache_type)
+    llm.engine = type(engine)(llm.model, llm.tokenizer, engine.config, engine.kv_cache_type, engine.threads)
