@@ -10,6 +10,7 @@ from leanlm.cli.main import main
 from leanlm.compress.artifact import save_quantized
 from leanlm.compress.config import QuantConfig
 from leanlm.compress.quantize import quantize
+from leanlm.evaluate.corpus import evaluation_text
 from leanlm.formats.loader import load_checkpoint
 from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
 
@@ -32,20 +33,31 @@ def test_native_gguf_blocks_dequantize_to_the_dense_weights(default_gguf_path):
         assert torch.equal(native[name].dequantize(), dense[name]), name
 
 
-# kernel mode -> (kernel of the Q4_1 layers, KL bound, top-1 bound) against the same weights run dense:
-# torch's and leanlm's exact kernels differ only in rounding; the default quantizes activations to int8 per
-# block of 32 (as llama.cpp does), measured KL 0.02 here.
-NATIVE_MODES = {"torch": ("int4pack", 0.01, 0.95), "exact": ("leanlm-q4", 0.01, 0.95), "auto": ("leanlm-q4", 0.04, 0.9)}
+# kernel mode -> (kernel of the Q4_1 layers, KL bound, top-1 bound) against the same weights run dense in float32,
+# on 256 tokens of wiki text. torch's int4pack runs bfloat16 activations (measured KL 0.0009, top-1 96%); leanlm's
+# exact mode float32 activations, the dense function up to summation order (measured KL ~1e-8, top-1 100%); the
+# default quantizes activations to int8 per block of 32, as llama.cpp does (measured KL 0.0095, top-1 95%).
+NATIVE_MODES = {
+    "torch": ("int4pack", 0.005, 0.93),
+    "exact": ("leanlm-q4", 0.001, 0.99),
+    "auto": ("leanlm-q4", 0.02, 0.9),
+}
+
+
+@pytest.fixture(scope="module")
+def dense_float32(default_gguf_path):
+    return LLM(default_gguf_path, dtype="float32")
 
 
 @pytest.mark.parametrize("mode", NATIVE_MODES)
-def test_default_model_runs_natively_at_4_bits(default_gguf_path, mode):
+def test_default_model_runs_natively_at_4_bits(default_gguf_path, dense_float32, mode):
     kernel, kl_bound, top1_bound = NATIVE_MODES[mode]
     llm = LLM(default_gguf_path, kernels=mode)
     kernels = {m.kernel for m in llm.model.modules() if isinstance(m, QuantizedLinear)}
     assert kernel in kernels
-    dense = LLM(default_gguf_path, dequantize=True)
-    a, b = logits(llm).log_softmax(-1), logits(dense).log_softmax(-1)
+    text = dense_float32.tokenizer.decode(dense_float32.tokenizer.encode(evaluation_text(quiet=True)[:4000])[:256])
+    a, b = logits(llm, text).log_softmax(-1), logits(dense_float32, text).log_softmax(-1)
+    assert a.shape[0] >= 250
     kl = (b.exp() * (b - a)).sum(-1).mean().item()
     assert kl < kl_bound, kl
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() > top1_bound
