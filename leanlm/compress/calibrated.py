@@ -26,8 +26,8 @@ from torch import nn
 from leanlm.compress.awq import search_scales, tie_heads
 from leanlm.compress.config import QuantConfig
 from leanlm.compress.gptq import accumulate_hessian, gptq_quantize, single_thread
-from leanlm.compress.quantize import target_linears
 from leanlm.compress.rtn import check_group_size, quantize_rtn
+from leanlm.compress.targets import target_linears
 from leanlm.errors import InvalidRequestError
 from leanlm.layers.quantized_linear import QuantizedTensor
 from leanlm.models.llama import ForwardContext
@@ -97,7 +97,7 @@ def run_layers(
     """The layer-by-layer driver: `convert(index, work, hidden, ctx)` changes `work`, a float32 CPU copy of layer
     `index`, from the inputs it really sees; the converted copy's output feeds the next layer. Returns the last
     layer's output (S, T, hidden). Writing `work` back into the model is the caller's choice."""
-    for index, layer in enumerate(_progress(model.layers, desc)):
+    for index, layer in enumerate(layer_progress(model.layers, desc)):
         work = copy.deepcopy(layer).float().cpu()
         convert(index, work, hidden, ctx)
         hidden = work(hidden, ctx)
@@ -112,7 +112,7 @@ def calibration_tensor(llm, config: QuantConfig, calibration_ids: list[list[int]
         if not calibration_ids or len(lengths) != 1 or 0 in lengths:
             raise InvalidRequestError("calibration_ids must be a non-empty list of equally long, non-empty sequences.")
         return torch.tensor(calibration_ids, dtype=torch.long)
-    from leanlm.evaluate.corpus import calibration_text
+    from leanlm.formats.corpus import calibration_text
 
     tokens = torch.tensor(llm.tokenizer.encode(calibration_text(quiet=True)), dtype=torch.long)
     length, samples = config.calibration_length, config.calibration_samples
@@ -261,7 +261,7 @@ def capture_inputs(
     return [captured[id(linear)] for linear in linears]
 
 
-def _progress(layers, method: str):
+def layer_progress(layers, method: str):
     from tqdm import tqdm
 
     return tqdm(layers, desc=f"{method} layers", unit="layer", file=sys.stderr, dynamic_ncols=True)

@@ -253,7 +253,7 @@ def test_driver_rejects_a_bad_group_size_before_calibrating():
 
 
 def test_calibration_windows_are_deterministic(monkeypatch):
-    import leanlm.evaluate.corpus as corpus
+    import leanlm.formats.corpus as corpus
 
     monkeypatch.setattr(corpus, "calibration_text", lambda quiet=False: "".join(chr(65 + i % 50) for i in range(5000)))
     llm = SimpleNamespace(tokenizer=SimpleNamespace(encode=lambda text: [ord(c) for c in text]))

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from leanlm.compress.config import QuantConfig
-from leanlm.compress.quantize import target_linears
 from leanlm.compress.rtn import quantize_rtn
+from leanlm.compress.targets import target_linears
 from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
 
 REQUANTIZE = QuantConfig("int4", bits=4, group_size=32)
