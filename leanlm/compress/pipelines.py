@@ -141,8 +141,8 @@ def _prune_to_folder(
         return {"speed": speed, "quality": measure_quality(pruned, original, eval_tokens, progress)}
 
     sparse = config.method in UNSTRUCTURED
-    measure = measure if eval_tokens else None
-    folder = save_pruned(llm, output, manifest, sparse=sparse, measure=measure, quantization=quantization)
+    measured = measure if eval_tokens else None
+    folder = save_pruned(llm, output, manifest, sparse=sparse, measure=measured, quantization=quantization)
     return json.loads((folder / MANIFEST).read_text())
 
 
