@@ -27,3 +27,7 @@ class PromptTooLongError(LeanLMError):
 
 class InvalidRequestError(LeanLMError, ValueError):
     """Invalid user parameters (sampling parameters, options)."""
+
+
+class CalibrationError(LeanLMError):
+    """Calibration statistics that cannot be used (non-finite activations of a layer)."""

@@ -63,9 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     from leanlm.errors import LeanLMError
+    from leanlm.kernels.threads import scoped_threads
 
     try:
-        return modules[args.command].run(args)
+        with scoped_threads(getattr(args, "threads", None)):  # --threads for the whole command, then restored
+            return modules[args.command].run(args)
     except LeanLMError as exc:
         print(f"leanlm: error: {exc}", file=sys.stderr)
         return 1

@@ -30,7 +30,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--dequantize",
         action="store_true",
-        help="run a quantized GGUF (Q8_0/Q4_0/Q4_1) as dense weights instead of at its own precision",
+        help="run a quantized model (GGUF Q8_0/Q4_0/Q4_1, a leanlm quantized folder) as dense weights instead of at "
+        "its own precision",
     )
     group.add_argument(
         "--kernels",

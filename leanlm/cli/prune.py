@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from leanlm.cli.options import add_model_options
 from leanlm.compress.prune.config import HEAD_UNITS, LAYER_SCORES, METHODS, SCOPES
@@ -74,11 +73,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from leanlm.compress.prune.artifact import save_pruned
-    from leanlm.compress.prune.config import UNSTRUCTURED, PruneConfig
-    from leanlm.compress.prune.prune import prune
-    from leanlm.compress.storage import adopt_storage_dtype
-    from leanlm.engine.llm import LLM, resolve_dtype
+    from leanlm.compress.pipelines import prune_to_folder
+    from leanlm.compress.prune.config import PruneConfig
 
     config = PruneConfig(
         method=args.method,
@@ -96,59 +92,14 @@ def run(args: argparse.Namespace) -> int:
         damp=args.damp,
         repair_ridge=args.repair_ridge,
     )
-    runtime_dtype = resolve_dtype(args.dtype)
-    # Prune float32 copies of the original weights (a quantized GGUF is dequantized); the artifact keeps runtime_dtype.
-    llm = LLM(args.model, dtype="float32", device="cpu", threads=args.threads, dequantize=True)
-    report = prune(llm, config)
-    adopt_storage_dtype(llm, runtime_dtype)
-    manifest = {
-        "method": config.method,
-        "config": config.to_dict(),
-        "source": str(llm.model_path),
-        "dtype": str(runtime_dtype).removeprefix("torch."),
-        "report": report,
-    }
-    if config.calibrated:
-        manifest["calibration"] = {
-            "corpus": "c4.utf8 (exllamav2==0.3.2)",
-            "samples": config.calibration_samples,
-            "tokens_per_sample": config.calibration_length,
-        }
-    measure = (lambda folder: _measure(folder, args, runtime_dtype)) if args.eval_tokens else None
-    folder = save_pruned(llm, args.output, manifest, sparse=config.method in UNSTRUCTURED, measure=measure)
-    _print_summary(config, report, folder)
-    return 0
-
-
-def _measure(folder, args, dtype) -> dict:
-    """Speed (quick, single run) and quality of the written folder against the original, both dense at `dtype`;
-    benchmarks/bench_prune.py gives the careful medians."""
-    from leanlm.cli.quantize import _measure_speed
-    from leanlm.engine.llm import LLM
-    from leanlm.evaluate import evaluate
-    from leanlm.evaluate.corpus import evaluation_text
-
-    pruned = LLM(folder, dtype=dtype, device="cpu", threads=args.threads)
-    original = LLM(args.model, dtype=dtype, device="cpu", threads=args.threads, dequantize=True)
-    speed = {"pruned": _measure_speed(pruned), "original": _measure_speed(original)}
-    speed["decode_speedup"] = round(speed["pruned"]["decode_tok_s"] / speed["original"]["decode_tok_s"], 3)
-    print("leanlm: measuring quality against the original...", file=sys.stderr)
-    quality = evaluate(
-        pruned, evaluation_text(), corpus="wiki", max_tokens=args.eval_tokens, baseline=original, progress=True
+    manifest = prune_to_folder(
+        args.model, config, args.output, dtype=args.dtype, threads=args.threads, eval_tokens=args.eval_tokens
     )
-    return {"speed": speed, "quality": quality.to_dict()}
-
-
-def _print_summary(config, report: dict, folder) -> None:
-    import json
-
-    from leanlm.formats.sparse_folder import MANIFEST
-
-    manifest = json.loads((folder / MANIFEST).read_text())
+    report = manifest["report"]
     params = report["parameters"]["after"]
     print(
         f"{config.method}: {params['total'] / 1e6:.1f} M parameters ({params['nonzero'] / 1e6:.1f} M nonzero), "
-        f"{report['seconds']} s -> {folder}"
+        f"{report['seconds']} s -> {args.output}"
     )
     if "quality" in manifest:
         q, s = manifest["quality"], manifest["speed"]
@@ -158,3 +109,4 @@ def _print_summary(config, report: dict, folder) -> None:
             f"{100 * q['top1_agreement']:.1f}%; decode {s['pruned']['decode_tok_s']} tok/s vs "
             f"{s['original']['decode_tok_s']} (x{s['decode_speedup']}, quick single run)"
         )
+    return 0

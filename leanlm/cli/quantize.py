@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
-import time
 
 from leanlm.cli.options import add_model_options
 from leanlm.compress.config import METHODS
@@ -54,11 +52,8 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from leanlm.compress.artifact import save_quantized
     from leanlm.compress.config import QuantConfig
-    from leanlm.compress.quantize import quantize
-    from leanlm.compress.storage import adopt_storage_dtype
-    from leanlm.engine.llm import LLM, resolve_dtype
+    from leanlm.compress.pipelines import quantize_to_folder
 
     config = QuantConfig(
         method=args.method,
@@ -70,40 +65,22 @@ def run(args: argparse.Namespace) -> int:
         act_order=not args.no_act_order,
         damp=args.damp,
     )
-    runtime_dtype = resolve_dtype(args.dtype)
-    # Quantize from float32 copies of the original weights; the artifact keeps dense tensors in runtime_dtype.
-    llm = LLM(args.model, dtype="float32", device="cpu", threads=args.threads, dequantize=True)
-    started = time.perf_counter()
-    report = quantize(llm, config)
-    report["seconds"] = round(time.perf_counter() - started, 1)
-    adopt_storage_dtype(llm, runtime_dtype)
-    manifest = {
-        "method": config.method,
-        "bits": config.bits,
-        "group_size": config.group_size,
-        "config": config.to_dict(),
-        "source": str(llm.model_path),
-        "dtype": str(runtime_dtype)[6:],
-        "report": report,
-    }
-    if config.method in ("gptq", "awq"):
-        manifest["calibration"] = {
-            "corpus": "c4.utf8 (exllamav2==0.3.2)",
-            "samples": config.calibration_samples,
-            "tokens_per_sample": config.calibration_length,
-        }
-    manifest["speed"] = _measure_speed(llm)
-    if args.eval_tokens:
-        manifest["quality"] = _measure_quality(llm, args, runtime_dtype)
-    folder = save_quantized(llm, args.output, manifest)
+    manifest = quantize_to_folder(
+        args.model,
+        config,
+        args.output,
+        dtype=args.dtype,
+        threads=args.threads,
+        eval_tokens=args.eval_tokens,
+        export_gguf=args.export_gguf,
+    )
     if args.export_gguf:
-        from leanlm.compress.gguf_writer import write_gguf
-
-        print(f"wrote {write_gguf(llm, llm.model_path, args.export_gguf)}")
+        print(f"wrote {args.export_gguf}")
+    report = manifest["report"]
     mib = report["quantized_bytes"] / 2**20
     print(
         f"{config.method} {config.bits}-bit g{config.group_size}: {report['quantized_layers']} layers, "
-        f"{report['dense_bytes'] / 2**20:.0f} MiB -> {mib:.0f} MiB in {report['seconds']} s -> {folder}"
+        f"{report['dense_bytes'] / 2**20:.0f} MiB -> {mib:.0f} MiB in {report['seconds']} s -> {args.output}"
     )
     if "quality" in manifest:
         q = manifest["quality"]
@@ -113,36 +90,3 @@ def run(args: argparse.Namespace) -> int:
             f"top-1 {100 * q['top1_agreement']:.1f}%"
         )
     return 0
-
-
-def _measure_speed(llm) -> dict:
-    """A quick single-run figure for the manifest; benchmarks/bench_quant.py gives the careful medians."""
-    import torch
-
-    from leanlm.sampling_params import SamplingParams
-
-    prompt = (llm.tokenizer.encode("The history of computing is a story of ideas. " * 16))[:64]
-    params = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
-    llm.generate([prompt[:8]], SamplingParams(max_tokens=2, temperature=0))  # warm-up
-    metrics = llm.generate([prompt], params)[0].metrics
-    return {
-        "prompt_tokens": 64,
-        "generated_tokens": 32,
-        "prefill_tok_s": round(metrics.prefill_tokens_per_s, 1),
-        "decode_tok_s": round(metrics.decode_tokens_per_s, 1),
-        "threads": torch.get_num_threads(),
-    }
-
-
-def _measure_quality(llm, args, dtype) -> dict:
-    """Perplexity, KL and top-1 of the quantized model against the original, on the evaluation corpus."""
-    from leanlm.engine.llm import LLM
-    from leanlm.evaluate import evaluate
-    from leanlm.evaluate.corpus import evaluation_text
-
-    original = LLM(args.model, dtype=dtype, device="cpu", threads=args.threads, dequantize=True)
-    print("leanlm: measuring quality against the original...", file=sys.stderr)
-    result = evaluate(
-        llm, evaluation_text(), corpus="wiki", max_tokens=args.eval_tokens, baseline=original, progress=True
-    )
-    return result.to_dict()

@@ -65,51 +65,56 @@ def atomic_folder(folder: str | Path) -> Iterator[Path]:
 
 def save_quantized(llm, folder: str | Path, manifest: dict) -> Path:
     """Write the (quantized) model of `llm` to `folder`, atomically."""
+    with atomic_folder(folder) as scratch:
+        write_quantized(llm, scratch, manifest)
+    return Path(folder)
+
+
+def write_quantized(llm, scratch: Path, manifest: dict) -> None:
+    """The files of a quantized artifact, written into the (scratch) folder `scratch`."""
     from safetensors.torch import save_file
 
-    with atomic_folder(folder) as scratch:
-        tensors, layers = {}, {}
-        for name, module in llm.model.named_modules():
-            if isinstance(module, QuantizedLinear):
-                layers[name] = {
-                    "bits": module.bits,
-                    "group_size": module.group_size,
-                    "symmetric": module.offset is None,
-                }
-                tensors[f"{name}.codes"] = pack_codes(module.codes, module.bits)
-                tensors[f"{name}.scale"] = module.scale
-                if module.offset is not None:
-                    tensors[f"{name}.offset"] = module.offset
-                if module.bias is not None:
-                    tensors[f"{name}.bias"] = module.bias.detach()
-        quantized_prefixes = tuple(f"{name}." for name in layers)
-        for name, tensor in llm.model.state_dict().items():
-            if not name.startswith(quantized_prefixes) and name not in tensors:
-                tensors[name] = tensor
-        # Dense tensors at the model's stated dtype: a bfloat16 model computing in float32 around leanlm's
-        # kernels (compress/quantize.py, registry.prepare_runtime) holds bfloat16 values, so this loses nothing.
-        stated = getattr(llm, "dtype", None)
-        tensors = {
-            name: (
-                t.to(stated)
-                if stated is not None
-                and t.is_floating_point()
-                and name.split(".")[-1] == "weight"
-                and not name.startswith(quantized_prefixes)
-                else t
-            )
-            .detach()
-            .contiguous()
-            .cpu()
-            for name, t in tensors.items()
-        }
-        if (
-            "lm_head.weight" in tensors
-            and tensors["lm_head.weight"].data_ptr() == tensors["embed_tokens.weight"].data_ptr()
-        ):
-            tensors["lm_head.weight"] = tensors["lm_head.weight"].clone()  # safetensors refuses shared storage
-        save_file(tensors, scratch / "model.safetensors", metadata={"format": "leanlm"})
-        (scratch / "config.json").write_text(json.dumps(hf_config_dict(llm.config), indent=2))
-        llm.tokenizer.to_folder_files(scratch)
-        (scratch / MANIFEST).write_text(json.dumps({**manifest, "layers": layers}, indent=2))
-    return Path(folder)
+    tensors, layers = {}, {}
+    for name, module in llm.model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            layers[name] = {
+                "bits": module.bits,
+                "group_size": module.group_size,
+                "symmetric": module.offset is None,
+            }
+            tensors[f"{name}.codes"] = pack_codes(module.codes, module.bits)
+            tensors[f"{name}.scale"] = module.scale
+            if module.offset is not None:
+                tensors[f"{name}.offset"] = module.offset
+            if module.bias is not None:
+                tensors[f"{name}.bias"] = module.bias.detach()
+    quantized_prefixes = tuple(f"{name}." for name in layers)
+    for name, tensor in llm.model.state_dict().items():
+        if not name.startswith(quantized_prefixes) and name not in tensors:
+            tensors[name] = tensor
+    # Dense tensors at the model's stated dtype: a bfloat16 model computing in float32 around leanlm's
+    # kernels (compress/storage.py) holds bfloat16 values, so this loses nothing.
+    stated = getattr(llm, "dtype", None)
+    tensors = {
+        name: (
+            t.to(stated)
+            if stated is not None
+            and t.is_floating_point()
+            and name.split(".")[-1] == "weight"
+            and not name.startswith(quantized_prefixes)
+            else t
+        )
+        .detach()
+        .contiguous()
+        .cpu()
+        for name, t in tensors.items()
+    }
+    if (
+        "lm_head.weight" in tensors
+        and tensors["lm_head.weight"].data_ptr() == tensors["embed_tokens.weight"].data_ptr()
+    ):
+        tensors["lm_head.weight"] = tensors["lm_head.weight"].clone()  # safetensors refuses shared storage
+    save_file(tensors, scratch / "model.safetensors", metadata={"format": "leanlm"})
+    (scratch / "config.json").write_text(json.dumps(hf_config_dict(llm.config), indent=2))
+    llm.tokenizer.to_folder_files(scratch)
+    (scratch / MANIFEST).write_text(json.dumps({**manifest, "layers": layers}, indent=2))

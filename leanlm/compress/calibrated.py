@@ -26,8 +26,8 @@ from torch import nn
 from leanlm.compress.awq import search_scales, tie_heads
 from leanlm.compress.config import QuantConfig
 from leanlm.compress.gptq import accumulate_hessian, gptq_quantize, single_thread
-from leanlm.compress.quantize import target_linears
 from leanlm.compress.rtn import check_group_size, quantize_rtn
+from leanlm.compress.targets import target_linears
 from leanlm.errors import InvalidRequestError
 from leanlm.layers.quantized_linear import QuantizedTensor
 from leanlm.models.base import ForwardContext
@@ -57,14 +57,17 @@ def quantize_weights_calibrated(
         except InvalidRequestError as exc:
             raise InvalidRequestError(f"{name}: {exc}") from None
     hidden, ctx = calibration_inputs(model, calibration_tensor(llm, config, calibration_ids))
-    quantize_layer = gptq_layer if config.method == "gptq" else awq_layer
 
     quantized: dict[str, QuantizedTensor] = {}
 
     def convert(index: int, work: nn.Module, hidden: torch.Tensor, ctx: ForwardContext) -> None:
         prefix = f"layers.{index}."
         names = [n.removeprefix(prefix) for n in targets if n.startswith(prefix)]
-        for name, weight in quantize_layer(work, hidden, ctx, names, config).items():
+        if config.method == "gptq":
+            layer = gptq_layer(work, hidden, ctx, names, config, prefix)
+        else:
+            layer = awq_layer(work, hidden, ctx, names, config)
+        for name, weight in layer.items():
             quantized[prefix + name] = weight
         if config.method == "awq":
             write_back(work, model.layers[index])
@@ -75,7 +78,7 @@ def quantize_weights_calibrated(
         head = model.lm_head.weight.detach().float().cpu().clone()  # a copy: the head may be the tied embedding
         inputs = norm(hidden).reshape(-1, hidden.shape[-1])
         if config.method == "gptq":
-            quantized["lm_head"] = _gptq_linear(head, inputs, config)
+            quantized["lm_head"] = _gptq_linear(head, inputs, config, "lm_head")
         else:
             quantized["lm_head"] = awq_head(model, norm, head, inputs, config)
     return quantized
@@ -98,7 +101,7 @@ def run_layers(
     """The layer-by-layer driver: `convert(index, work, hidden, ctx)` changes `work`, a float32 CPU copy of layer
     `index`, from the inputs it really sees; the converted copy's output feeds the next layer. Returns the last
     layer's output (S, T, hidden). Writing `work` back into the model is the caller's choice."""
-    for index, layer in enumerate(_progress(model.layers, desc)):
+    for index, layer in enumerate(layer_progress(model.layers, desc)):
         work = copy.deepcopy(layer).float().cpu()
         convert(index, work, hidden, ctx)
         hidden = work(hidden, ctx)
@@ -113,7 +116,7 @@ def calibration_tensor(llm, config: QuantConfig, calibration_ids: list[list[int]
         if not calibration_ids or len(lengths) != 1 or 0 in lengths:
             raise InvalidRequestError("calibration_ids must be a non-empty list of equally long, non-empty sequences.")
         return torch.tensor(calibration_ids, dtype=torch.long)
-    from leanlm.evaluate.corpus import calibration_text
+    from leanlm.formats.corpus import calibration_text
 
     tokens = torch.tensor(llm.tokenizer.encode(calibration_text(quiet=True)), dtype=torch.long)
     length, samples = config.calibration_length, config.calibration_samples
@@ -131,26 +134,26 @@ def calibration_tensor(llm, config: QuantConfig, calibration_ids: list[list[int]
 
 
 def gptq_layer(
-    work: nn.Module, hidden: torch.Tensor, ctx: ForwardContext, names: list[str], config: QuantConfig
+    work: nn.Module, hidden: torch.Tensor, ctx: ForwardContext, names: list[str], config: QuantConfig, prefix: str = ""
 ) -> dict[str, QuantizedTensor]:
     """Quantize the layer's linears in execution order; each one's weights are replaced by their dequantized values
-    so the next one's inputs (and the next layer's) see the quantized layer."""
+    so the next one's inputs (and the next layer's) see the quantized layer. `prefix` names the layer in errors."""
     quantized = {}
     for name in names:
         linear = work.get_submodule(name)
         inputs = capture_input(work, linear, hidden, ctx)
-        quantized[name] = _gptq_linear(linear.weight, inputs, config)
+        quantized[name] = _gptq_linear(linear.weight, inputs, config, prefix + name)
         linear.weight.copy_(quantized[name].dequantize())
         del inputs
     return quantized
 
 
-def _gptq_linear(weight: torch.Tensor, inputs: torch.Tensor, config: QuantConfig) -> QuantizedTensor:
+def _gptq_linear(weight: torch.Tensor, inputs: torch.Tensor, config: QuantConfig, name: str) -> QuantizedTensor:
     hessian, count = None, 0
     for chunk in inputs.reshape(-1, inputs.shape[-1]).split(2048):
         hessian, count = accumulate_hessian(hessian, count, chunk)
     return gptq_quantize(
-        weight, hessian, config.bits, config.group_size, config.symmetric, config.damp, config.act_order
+        weight, hessian, config.bits, config.group_size, config.symmetric, config.damp, config.act_order, name=name
     )
 
 
@@ -262,7 +265,7 @@ def capture_inputs(
     return [captured[id(linear)] for linear in linears]
 
 
-def _progress(layers, method: str):
+def layer_progress(layers, method: str):
     from tqdm import tqdm
 
     return tqdm(layers, desc=f"{method} layers", unit="layer", file=sys.stderr, dynamic_ncols=True)

@@ -11,11 +11,11 @@ group's scale and offset are fixed the first time one of its columns comes up, f
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
 from leanlm.compress.rtn import check_group_size
+from leanlm.errors import CalibrationError
+from leanlm.kernels.threads import scoped_threads
 from leanlm.layers.quantized_linear import QuantizedTensor
 
 BLOCK_SIZE = 128  # columns updated eagerly; the rest of the matrix gets one batched update per block
@@ -52,6 +52,17 @@ def quantize_column(
     return codes, codes * scale + offset
 
 
+def check_finite_hessian(hessian: torch.Tensor, name: str) -> None:
+    """A NaN or infinity in the inputs poisons all of H; say so here rather than fail later inside Cholesky."""
+    bad = (~torch.isfinite(hessian)).sum().item()
+    if bad:
+        raise CalibrationError(
+            f"GPTQ: the Hessian of {name} has {bad} non-finite entries of {hessian.numel()}: its calibration inputs "
+            "hold NaN or infinity. Likely cause: the model's weights (uninitialized or corrupt tensors, or an "
+            "overflow in float16/bfloat16). Check that the model gives finite logits, or load it with --dtype float32."
+        )
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of H^-1: row i holds the error-feedback weights of column i. float32, as in the paper;
     damping keeps it well conditioned."""
@@ -79,10 +90,13 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = False,
     block_size: int = BLOCK_SIZE,
+    name: str = "the linear layer",
 ) -> QuantizedTensor:
-    """weight (N, K), hessian (K, K) -> QuantizedTensor whose dequantized weight minimises the output error."""
+    """weight (N, K), hessian (K, K) -> QuantizedTensor whose dequantized weight minimises the output error.
+    `name` is the layer's name in error messages."""
     rows, cols = weight.shape
     group = check_group_size(cols, group_size)
+    check_finite_hessian(hessian, name)
     w = weight.detach().float().cpu().clone()
     h = hessian.double().cpu().clone()
     dead = h.diagonal() == 0
@@ -145,13 +159,8 @@ def _quantize_columns(
         wt[end:] -= u[start:end, end:].T @ errors
 
 
-@contextmanager
 def single_thread():
     """The column loop is thousands of small ops, and the factorisations are small too: handing them to a thread pool
-    costs more than it saves (10x more on a busy 2-core machine, measured), so they run on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    costs more than it saves (10x more on a busy 2-core machine, measured), so they run on one thread. Scoped to
+    this thread and this block (kernels/threads.py): other threads keep their count."""
+    return scoped_threads(1)

@@ -11,19 +11,11 @@ from torch import nn
 
 from leanlm.compress.config import QuantConfig
 from leanlm.compress.rtn import quantize_rtn
-from leanlm.errors import InvalidRequestError
+from leanlm.compress.targets import target_linears
 from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
 from leanlm.models.registry import prepare_runtime
 
-
-def target_linears(model: nn.Module, config: QuantConfig) -> dict[str, nn.Linear]:
-    """The dense linear layers a method quantizes: every projection of every layer, and the LM head."""
-    targets = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.startswith("layers.")}
-    if config.include_lm_head and isinstance(model.lm_head, nn.Linear):
-        targets["lm_head"] = model.lm_head
-    if not targets:
-        raise InvalidRequestError("The model has no dense linear layers left to quantize (is it already quantized?).")
-    return targets
+__all__ = ["install", "quantize", "quantize_weights_rtn", "target_linears"]
 
 
 def install(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from leanlm.errors import InvalidRequestError
-from leanlm.layers.quantized_linear import QuantizedTensor, expand_groups
+from leanlm.layers.quantized_tensor import QuantizedTensor, expand_groups
 
 
 def check_group_size(in_features: int, group_size: int) -> int:

@@ -25,6 +25,7 @@ from leanlm.engine.scheduler import Scheduler, SchedulerOutput
 from leanlm.engine.stop import StopStrings
 from leanlm.errors import InvalidRequestError, PromptTooLongError
 from leanlm.formats.tokenizer import IncrementalDetokenizer, Tokenizer
+from leanlm.kernels.threads import scoped_threads
 from leanlm.sampling.grammar import GrammarCompiler
 from leanlm.sampling_params import SamplingParams
 
@@ -65,13 +66,21 @@ class _Progress:
 
 class LLMEngine:
     def __init__(
-        self, model: torch.nn.Module, tokenizer: Tokenizer, config: EngineConfig | None = None, kv_cache: str = "auto"
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer,
+        config: EngineConfig | None = None,
+        kv_cache: str = "auto",
+        threads: int | None = None,
     ):
+        """threads: torch threads for this engine's steps only (kernels/threads.py); None keeps the caller's."""
         if kv_cache not in PAGED_KV_CACHE_TYPES:
             raise InvalidRequestError(
                 f"Unknown KV cache type '{kv_cache}'. Choose among: {', '.join(PAGED_KV_CACHE_TYPES)}."
             )
         self.model, self.tokenizer = model, tokenizer
+        self.kv_cache_type = kv_cache  # kept so that an engine rebuilt for a new model (compress/) keeps its cache
+        self.threads = threads
         self.config = config or EngineConfig()
         self.model_config = model.config
         first_param = next(model.parameters())
@@ -172,7 +181,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One output per request that produced a token or finished in this step."""
         schedule = self.scheduler.schedule()
-        sampled = self.runner.run(schedule)
+        with scoped_threads(self.threads):
+            sampled = self.runner.run(schedule)
         return self._process_outputs(schedule, sampled)
 
     def _process_outputs(self, schedule: SchedulerOutput, sampled: dict[str, SampledToken]) -> list[RequestOutput]:

@@ -43,22 +43,25 @@ class LLM:
         kernels: str = "auto",
         engine_config: EngineConfig | None = None,
     ):
-        if threads is not None:
-            if threads < 1:
-                raise InvalidRequestError(f"threads must be >= 1, got {threads}.")
-            torch.set_num_threads(threads)
+        if threads is not None and threads < 1:
+            raise InvalidRequestError(f"threads must be >= 1, got {threads}.")
+        # `threads` holds for this object's engine steps, not for the process: torch's setting is put back after
+        # each step (kernels/threads.py), so a server or another LLM in the process keeps its own.
+        self.threads = threads
         started = time.perf_counter()
         plan = resolve_plan(device, dtype, kernels, attention, kv_cache, dequantize)
         # Quantized GGUF blocks on leanlm's kernels compute in float32, so dense tensors load in float32 too.
         load_dtype = torch.float32 if plan.native_quant and plan.leanlm_kernels else plan.dtype
         checkpoint = load_checkpoint(model, load_dtype, native_quant=plan.native_quant)
+        if dequantize:  # a leanlm quantized folder holds QuantizedTensors whatever native_quant says
+            checkpoint.weights = _dequantized(checkpoint.weights, load_dtype)
         self.plan = plan.for_weights(any(isinstance(t, QuantizedTensor) for t in checkpoint.weights.values()))
         self.config = checkpoint.config
         self.tokenizer = checkpoint.tokenizer
         self.model_path = checkpoint.path
         self.weight_types = checkpoint.weight_types
         self.model = build_model(checkpoint.config, checkpoint.weights, self.plan)
-        self.engine = LLMEngine(self.model, self.tokenizer, engine_config, self.plan.kv_cache)
+        self.engine = LLMEngine(self.model, self.tokenizer, engine_config, self.plan.kv_cache, threads)
         self.load_time_s = time.perf_counter() - started
         self._loaded_on = threading.current_thread()
         self._warned_thread = False
@@ -231,6 +234,10 @@ class LLM:
             self._mine.discard(request_id)
             self._held.pop(request_id, None)
             self.engine.abort_request(request_id)
+
+
+def _dequantized(weights: dict, dtype: torch.dtype) -> dict:
+    return {name: t.dequantize(dtype) if isinstance(t, QuantizedTensor) else t for name, t in weights.items()}
 
 
 def _as_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:

@@ -32,7 +32,10 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def read_quantized_weights(folder: Path, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | QuantizedTensor]:
-    """Turn X.codes/X.scale/X.offset entries of a saved artifact back into QuantizedTensors named X.weight."""
+    """Turn X.codes/X.scale/X.offset entries of a saved artifact back into QuantizedTensors named X.weight.
+    No tensors at all is a config-only read (load_checkpoint(weights=False)): there is nothing to convert."""
+    if not raw:
+        return {}
     manifest = json.loads((folder / MANIFEST).read_text())
     weights = dict(raw)
     for name, layer in manifest.get("layers", {}).items():

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from leanlm.layers.quantized_linear import QuantizedTensor
+from leanlm.layers.quantized_tensor import QuantizedTensor
 
 BLOCK = 32
 ROWS = 8

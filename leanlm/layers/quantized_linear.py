@@ -8,62 +8,14 @@ dequantize-then-matmul that every fast path is tested against.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm.kernels.layout import kernel_format, pack
+from leanlm.layers.quantized_tensor import QuantizedTensor, expand_groups
 
-def expand_groups(params: torch.Tensor, group_size: int, columns: int, group: int = 1) -> torch.Tensor:
-    """(N, ceil(K / group_size)) parameters -> (N, K / group): each repeated over its columns, tail cut."""
-    return params.repeat_interleave(group_size // group, dim=1)[:, : columns // group]
-
-
-@dataclass
-class QuantizedTensor:
-    """W[n, k] = codes[n, k] * scale[n, k // group_size] + offset[n, k // group_size].
-
-    The last group of a row may be shorter (576 inputs in groups of 128: four of 128 and one of 64)."""
-
-    codes: torch.Tensor  # (N, K) uint8 for unsigned codes (0..2^bits-1), int8 for symmetric int8
-    scale: torch.Tensor  # (N, ceil(K / group_size)) float32
-    offset: torch.Tensor | None  # like scale; None = symmetric (no offset)
-    bits: int
-    group_size: int
-
-    def per_column(self, params: torch.Tensor, group: int = 1) -> torch.Tensor:
-        """Group parameters repeated to one per column (or per `group` columns): (N, K / group)."""
-        return expand_groups(params, self.group_size, self.codes.shape[1], group)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        weight = self.codes.to(torch.float32) * self.per_column(self.scale)
-        if self.offset is not None:
-            weight = weight + self.per_column(self.offset)
-        return weight.to(dtype)
-
-    def storage_bytes(self) -> int:
-        """Bytes this tensor needs when packed (codes at `bits` each, scale and offset as float16)."""
-        per_group = 2 * (1 + (self.offset is not None))
-        return self.codes.numel() * self.bits // 8 + self.scale.numel() * per_group
-
-    def map_rows(self, fn) -> QuantizedTensor:
-        """Apply the same row operation (e.g. a permutation) to codes, scale and offset."""
-        offset = None if self.offset is None else fn(self.offset)
-        return QuantizedTensor(fn(self.codes), fn(self.scale), offset, self.bits, self.group_size)
-
-    @staticmethod
-    def cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
-        """Stack row blocks (q, k, v into qkv); all parts must share bits, group size and symmetry."""
-        first = parts[0]
-        offsets = None if first.offset is None else torch.cat([p.offset for p in parts])
-        return QuantizedTensor(
-            torch.cat([p.codes for p in parts]),
-            torch.cat([p.scale for p in parts]),
-            offsets,
-            first.bits,
-            first.group_size,
-        )
+__all__ = ["KERNEL_MODES", "QuantizedLinear", "QuantizedTensor", "expand_groups"]  # QuantizedTensor: its old home
 
 
 # torch's packed int4 CPU kernel supports these group sizes.
@@ -116,8 +68,6 @@ class QuantizedLinear(nn.Module):
         on_cpu = device.type == "cpu"
         kernel_group = self._int4pack_group()
         if on_cpu and mode != "torch" and self._use_leanlm_kernels():
-            from leanlm.kernels.layout import pack
-
             self._packed = pack(self.weight_q)
             self._int8_activations = mode == "auto"
             self.kernel = "leanlm-q4" if self._packed.q4 else "leanlm-q8"
@@ -140,7 +90,6 @@ class QuantizedLinear(nn.Module):
 
     def _use_leanlm_kernels(self) -> bool:
         from leanlm.kernels.build import load_kernels
-        from leanlm.kernels.layout import kernel_format
 
         return kernel_format(self.weight_q) is not None and load_kernels()
 

@@ -98,3 +98,28 @@ def test_generating_on_another_thread_than_the_loading_one_warns_once(llm):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the loading thread itself never warns
         llm.generate("Hello", params)
+
+
+def test_threads_hold_for_each_llms_own_steps_only(default_gguf_path, monkeypatch):
+    """LLM(threads=) does not change the process's setting, nor a second LLM's: each engine step runs at its own
+    LLM's count, and the caller's count is back after every call."""
+    import torch
+
+    torch.set_num_threads(2)
+    one, two = LLM(default_gguf_path, threads=1), LLM(default_gguf_path, threads=2)
+    assert torch.get_num_threads() == 2
+    seen = {}
+    for name, llm in (("one", one), ("two", two)):
+        run = llm.engine.runner.run
+
+        def counting(schedule, run=run, name=name):
+            seen.setdefault(name, set()).add(torch.get_num_threads())
+            return run(schedule)
+
+        monkeypatch.setattr(llm.engine.runner, "run", counting)
+    params = SamplingParams(max_tokens=4, temperature=0)
+    tokens = one.generate("The capital of France is", params)[0].token_ids
+    assert torch.get_num_threads() == 2
+    assert two.generate("The capital of France is", params)[0].token_ids == tokens
+    assert one.generate("Hello", params)[0].token_ids
+    assert seen == {"one": {1}, "two": {2}} and torch.get_num_threads() == 2

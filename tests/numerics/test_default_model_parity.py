@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from leanlm import LLM, SamplingParams
+from leanlm.evaluate.corpus import evaluation_text
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow
@@ -22,6 +23,7 @@ TEXT = (
     "model propose several tokens that the large model verifies in one pass. "
     "北京是中国的首都。 def f(x): return x**2 🚀"
 )
+WIKI_TOKENS = 256
 PROMPTS = [
     "The capital of France is",
     "def quicksort(arr):",
@@ -42,14 +44,20 @@ def reference(transformers_reference):
     return transformers_reference
 
 
-def test_logits_match_transformers_over_200_tokens(ours, reference):
-    ids = ours.tokenizer.encode(TEXT)
-    assert len(ids) >= 200
-    with torch.inference_mode():
-        expected = reference(torch.tensor([ids])).logits[0]
-        got = ours.model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
-    # float32, 30 layers: differences come from summation order only (measured max ~6e-5 on logits of size ~30).
-    torch.testing.assert_close(got, expected, atol=5e-4, rtol=1e-4)
+@pytest.fixture(scope="module")
+def wiki_ids(ours) -> list[int]:
+    """256 tokens of real text from the evaluation corpus (the README's quality claims are on these)."""
+    return ours.tokenizer.encode(evaluation_text(quiet=True)[:4000])[:WIKI_TOKENS]
+
+
+def test_logits_match_transformers_over_200_tokens(ours, reference, wiki_ids):
+    for ids in (ours.tokenizer.encode(TEXT), wiki_ids):
+        assert len(ids) >= 200
+        with torch.inference_mode():
+            expected = reference(torch.tensor([ids])).logits[0]
+            got = ours.model(torch.tensor([ids]), torch.arange(len(ids))[None])[0]
+        # float32, 30 layers, logits up to ~40: differences come from summation order only (measured max ~5e-5).
+        assert (got - expected).abs().max().item() < 2e-4
 
 
 def test_greedy_tokens_match_transformers(ours, reference):
@@ -86,20 +94,28 @@ def test_reference_attention_gives_same_greedy_tokens(ours):
     assert [o.token_ids for o in fast] == [o.token_ids for o in plain]
 
 
-def test_bfloat16_default_stays_close_to_float32(ours, default_gguf_path):
-    """The default must not hurt quality: next-token distributions stay close to float32. The default runs the
-    shipped 4-bit weights with int8 activations per block of 32 (as llama.cpp does): measured KL 0.020-0.024."""
-    fast = LLM(default_gguf_path)  # default dtype
-    assert fast.dtype == torch.bfloat16
-    ids = torch.tensor([ours.tokenizer.encode(TEXT)])
-    positions = torch.arange(ids.shape[1])[None]
+def log_probs(llm, ids: list[int]) -> torch.Tensor:
     with torch.inference_mode():
-        ref = ours.model(ids, positions)[0].log_softmax(-1)
-        got = fast.model(ids, positions)[0].log_softmax(-1)
-    kl = (ref.exp() * (ref - got)).sum(-1)
-    agreement = (ref.argmax(-1) == got.argmax(-1)).float().mean().item()
-    assert kl.mean().item() < 0.04, kl.mean().item()
-    assert agreement > 0.9, agreement
+        return llm.model(torch.tensor([ids]), torch.arange(len(ids))[None])[0].float().log_softmax(-1)
+
+
+def kl_and_top1(reference: torch.Tensor, got: torch.Tensor) -> tuple[float, float]:
+    kl = (reference.exp() * (reference - got)).sum(-1).mean().item()
+    return kl, (reference.argmax(-1) == got.argmax(-1)).float().mean().item()
+
+
+def test_bfloat16_and_the_default_stay_close_to_float32(ours, default_gguf_path, wiki_ids):
+    """On 256 wiki tokens, against the same weights run dense in float32. Dense bfloat16: measured KL 0.0008,
+    top-1 96%. The default runs the shipped 4-bit weights with int8 activations per block of 32 (as llama.cpp
+    does): measured KL 0.0095, top-1 95%."""
+    reference = log_probs(ours, wiki_ids)
+    dense = LLM(default_gguf_path, dtype="bfloat16", dequantize=True)
+    kl, top1 = kl_and_top1(reference, log_probs(dense, wiki_ids))
+    assert kl < 0.005 and top1 > 0.93, (kl, top1)
+    default = LLM(default_gguf_path)
+    assert default.dtype == torch.bfloat16
+    kl, top1 = kl_and_top1(reference, log_probs(default, wiki_ids))
+    assert kl < 0.02 and top1 > 0.9, (kl, top1)
 
 
 def test_hf_folder_loads_to_the_same_logits(ours, reference, tmp_path):

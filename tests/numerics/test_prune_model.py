@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from leanlm import LLM
+from leanlm.cache.paged_kv import PagedInt8KVCache
 from leanlm.cli.main import main
 from leanlm.compress.prune.artifact import save_pruned
 from leanlm.compress.prune.config import PruneConfig
@@ -15,6 +16,7 @@ from leanlm.compress.prune.prune import prune
 from leanlm.errors import InvalidRequestError
 from leanlm.evaluate import evaluate
 from leanlm.evaluate.corpus import calibration_text, evaluation_text
+from leanlm.layers.quantized_linear import QuantizedLinear
 from leanlm.sampling_params import SamplingParams
 
 pytestmark = pytest.mark.slow
@@ -121,6 +123,20 @@ def test_structured_model_runs_saves_and_reloads_identically(default_gguf_path, 
     _assert_reloads_identically(llm, folder, ids)
 
 
+def test_structured_pruning_keeps_the_llms_kv_cache_type_and_engine_settings(default_gguf_path, tmp_path):
+    llm = LLM(default_gguf_path, dtype="float32", kv_cache="int8", attention="reference")
+    limits = llm.engine.config
+    prune(llm, PruneConfig("structured", drop_heads=0.3, head_unit="kv", calibration_samples=2, calibration_length=32))
+    assert isinstance(llm.engine.cache, PagedInt8KVCache) and llm.engine.cache.keys.dtype == torch.int8
+    assert llm.engine.cache.keys.shape[1] == llm.config.num_kv_heads < 3  # the cache follows the new shapes
+    assert llm.engine.config == limits and llm.model.attention_name == "reference"
+    ids = llm.tokenizer.encode("The capital of France is Paris, and the capital of Italy is")
+    pruned_tokens = llm.generate([ids], GREEDY)[0].token_ids
+    folder = save_pruned(llm, tmp_path / "pruned", {"method": "structured"}, sparse=False)
+    reloaded = LLM(folder, dtype="float32", kv_cache="int8", attention="reference")
+    assert reloaded.generate([ids], GREEDY)[0].token_ids == pruned_tokens  # same function as a fresh int8-KV load
+
+
 def test_dropping_every_layer_or_head_is_refused(default_gguf_path):
     llm = LLM(default_gguf_path, dtype="float32")
     with pytest.raises(InvalidRequestError, match="keep at least one"):
@@ -167,3 +183,43 @@ def test_prune_then_quantize_cli(default_gguf_path, tmp_path, capsys):
         main(["generate", "--model", str(quantized), "The capital of France is", "-n", "6", "--temperature", "0"]) == 0
     )
     assert capsys.readouterr().out.strip()
+
+
+def test_prune_pipeline_returns_the_manifest_it_wrote(default_gguf_path, tmp_path):
+    from leanlm.compress.pipelines import prune_to_folder
+
+    out = tmp_path / "smol-28L"
+    config = PruneConfig("layers", drop_layers=2, calibration_samples=2, calibration_length=32)
+    manifest = prune_to_folder(default_gguf_path, config, out, eval_tokens=128, progress=False)
+    assert manifest == json.loads((out / "compression.json").read_text())
+    expected = {"method", "config", "source", "dtype", "report", "calibration", "sparse_layers", "speed", "quality"}
+    assert set(manifest) == expected
+    assert manifest["calibration"]["samples"] == 2 and manifest["report"]["parameters"]["after"]["total"] > 0
+    assert manifest["speed"]["pruned"]["decode_tok_s"] > 0 and manifest["quality"]["num_tokens"] == 127
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 28
+    # The Q4_1 source stays quantized: untouched layers keep its blocks bit for bit, refitted ones are int4 g32.
+    quantization = json.loads((out / "quantization.json").read_text())
+    first_dropped = min(manifest["report"]["dropped_layers"])
+    assert quantization["kept_source_blocks"] >= 4 * first_dropped + 1  # every projection before it, the LM head
+    assert quantization["kept_source_blocks"] + len(quantization["requantized"]) == 28 * 4 + 1
+    source = LLM(default_gguf_path).model
+    pruned = LLM(out)
+    for name in (f"layers.{first_dropped - 1}.self_attn.qkv_proj", "lm_head"):
+        ours, theirs = pruned.model.get_submodule(name).weight_q, source.get_submodule(name).weight_q
+        assert torch.equal(ours.codes, theirs.codes) and torch.equal(ours.scale, theirs.scale), name
+    for name in quantization["requantized"]:
+        assert quantization["layers"][name] == {"bits": 4, "group_size": 32, "symmetric": False}
+    assert pruned.precision.endswith("(float32 act.)")
+
+
+def test_structured_pruning_of_a_quantized_model_requantizes_it(default_gguf_path, tmp_path):
+    from leanlm.compress.pipelines import prune_to_folder
+
+    config = PruneConfig("structured", drop_mlp=0.25, calibration_samples=2, calibration_length=32)
+    manifest = prune_to_folder(default_gguf_path, config, tmp_path / "slim", eval_tokens=0, progress=False)
+    quantization = json.loads((tmp_path / "slim" / "quantization.json").read_text())
+    assert manifest["report"]["requantized"]["requantized_int4_g32"] == len(quantization["requantized"]) >= 30
+    llm = LLM(tmp_path / "slim")
+    assert isinstance(llm.model.layers[0].mlp.down_proj, QuantizedLinear)
+    assert llm.model.layers[0].mlp.down_proj.in_features == llm.config.intermediate_size < 1536
+    assert len(llm.generate(["The capital of France is"], GREEDY)[0].token_ids) == 8

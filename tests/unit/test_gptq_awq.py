@@ -12,7 +12,7 @@ from leanlm.compress.gptq import accumulate_hessian, gptq_quantize
 from leanlm.compress.quantize import install, target_linears
 from leanlm.compress.rtn import quantize_rtn
 from leanlm.config import ModelConfig
-from leanlm.errors import InvalidRequestError
+from leanlm.errors import CalibrationError, InvalidRequestError
 from leanlm.layers.quantized_linear import QuantizedTensor
 from leanlm.models.llama import LlamaForCausalLM
 
@@ -172,15 +172,35 @@ def tiny_llm(attention_bias: bool = True) -> SimpleNamespace:
         context_length=256,
         attention_bias=attention_bias,
     )
-    torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
+    seeded_init(model, seed=0)
+    return SimpleNamespace(model=model, tokenizer=None)
+
+
+def seeded_init(model: torch.nn.Module, seed: int) -> None:
+    """Set every parameter from a seeded generator: nothing may come from the constructor's uninitialized memory
+    (an embedding built on torch.empty) or from the global RNG's state."""
+    g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:  # RMSNorm weights of a trained model are far from all-ones
-                param.uniform_(0.5, 2.0)
+                param.uniform_(0.5, 2.0, generator=g)
             elif name.endswith("bias"):
-                param.normal_(0, 0.5)
-    return SimpleNamespace(model=model, tokenizer=None)
+                param.normal_(0, 0.5, generator=g)
+            elif "embed" in name:
+                param.normal_(0, 1.0, generator=g)
+            else:  # nn.Linear's own range, U(-1/sqrt(in), 1/sqrt(in))
+                bound = param.shape[1] ** -0.5
+                param.uniform_(-bound, bound, generator=g)
+
+
+def test_tiny_model_is_fully_and_reproducibly_initialized():
+    garbage = torch.full((128 * 64,), float("nan"))  # NaNs on the heap, where an embedding on torch.empty may land
+    del garbage
+    first, second = tiny_llm().model.state_dict(), tiny_llm().model.state_dict()
+    for name, tensor in first.items():
+        assert torch.isfinite(tensor).all(), name
+        assert torch.equal(tensor, second[name]), name
 
 
 CALIBRATION = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(5)).tolist()
@@ -209,6 +229,22 @@ def test_driver_quantizes_every_target_linear(method, act_order):
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() > 0.5
 
 
+def test_gptq_names_the_layer_when_its_hessian_is_not_finite():
+    llm = tiny_llm()
+    with torch.no_grad():
+        llm.model.embed_tokens.weight[CALIBRATION[0][0]] = float("nan")  # one poisoned token reaches every layer
+    with pytest.raises(CalibrationError, match=r"layers\.0\.self_attn\.qkv_proj.*non-finite.*NaN or infinity"):
+        quantize_weights_calibrated(llm, QuantConfig("gptq", group_size=32), CALIBRATION)
+
+
+def test_gptq_refuses_a_non_finite_hessian(problem):
+    _, weight, hessian = problem
+    hessian = hessian.clone()
+    hessian[3, 5] = float("inf")
+    with pytest.raises(CalibrationError, match="Hessian of mlp.down_proj has 1 non-finite"):
+        gptq_quantize(weight, hessian, 4, 64, name="mlp.down_proj")
+
+
 def test_driver_rejects_a_bad_group_size_before_calibrating():
     config = QuantConfig("gptq")
     object.__setattr__(config, "group_size", 12)  # past QuantConfig's own validation, as a hand-built config could be
@@ -217,7 +253,7 @@ def test_driver_rejects_a_bad_group_size_before_calibrating():
 
 
 def test_calibration_windows_are_deterministic(monkeypatch):
-    import leanlm.evaluate.corpus as corpus
+    import leanlm.formats.corpus as corpus
 
     monkeypatch.setattr(corpus, "calibration_text", lambda quiet=False: "".join(chr(65 + i % 50) for i in range(5000)))
     llm = SimpleNamespace(tokenizer=SimpleNamespace(encode=lambda text: [ord(c) for c in text]))

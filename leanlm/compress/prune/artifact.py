@@ -13,8 +13,9 @@ from pathlib import Path
 
 from torch import nn
 
-from leanlm.compress.artifact import atomic_folder, hf_config_dict
+from leanlm.compress.artifact import atomic_folder, hf_config_dict, write_quantized
 from leanlm.formats.sparse_folder import MANIFEST, pack_sparse
+from leanlm.layers.quantized_linear import QuantizedLinear
 
 
 def save_pruned(
@@ -23,12 +24,20 @@ def save_pruned(
     manifest: dict,
     sparse: bool,
     measure: Callable[[Path], dict] | None = None,
+    quantization: dict | None = None,
 ) -> Path:
     """Write `llm`'s model to `folder`. `sparse`: store the decoder projections compactly. `measure(path)` runs on
-    the finished folder before it takes its final name; its result joins the manifest."""
+    the finished folder before it takes its final name; its result joins the manifest. A model with quantized
+    layers (requantize.py) is written as a quantized artifact with `quantization` as its quantization.json, plus
+    compression.json."""
     from safetensors.torch import save_file
 
     model = llm.model
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
+        with atomic_folder(folder) as scratch:
+            write_quantized(llm, scratch, quantization or {})
+            _write_manifest(scratch, {**manifest, "sparse_layers": {}}, measure)
+        return Path(folder)
     tied = model.lm_head.weight is model.embed_tokens.weight
     sparse_names = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     sparse_names = {name for name in sparse_names if name.startswith("layers.")} if sparse else set()
@@ -48,9 +57,12 @@ def save_pruned(
         config = hf_config_dict(llm.config) | {"tie_word_embeddings": tied}
         (scratch / "config.json").write_text(json.dumps(config, indent=2))
         llm.tokenizer.to_folder_files(scratch)
-        manifest = {**manifest, "sparse_layers": sparse_layers}
-        (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        if measure is not None:
-            manifest |= measure(scratch)
-            (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _write_manifest(scratch, {**manifest, "sparse_layers": sparse_layers}, measure)
     return Path(folder)
+
+
+def _write_manifest(scratch: Path, manifest: dict, measure: Callable[[Path], dict] | None) -> None:
+    (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    if measure is not None:  # on the folder as written, so the manifest must already be there
+        manifest |= measure(scratch)
+        (scratch / MANIFEST).write_text(json.dumps(manifest, indent=2))

@@ -1,5 +1,6 @@
 """Swap a structurally pruned model into an LLM: a new config, a new module tree, and a new engine (the KV cache
-shape follows the head count and the layer count). The LLM keeps its runtime plan (kernels, KV-cache type)."""
+shape follows the head count and the layer count). Everything else carries over: the LLM's runtime plan (device,
+dtypes, kernel mode, attention backend, KV-cache type), the engine's limits and its threads."""
 
 from __future__ import annotations
 
@@ -16,5 +17,5 @@ def install_model(llm, config: ModelConfig, weights: dict[str, torch.Tensor]) ->
     llm.plan = llm.plan.for_weights(any(isinstance(t, QuantizedTensor) for t in weights.values()))
     llm.model = build_model(config, weights, llm.plan)
     llm.config = config
-    # same engine settings and KV-cache type, new shapes
-    llm.engine = type(llm.engine)(llm.model, llm.tokenizer, llm.engine.config, llm.plan.kv_cache)
+    engine = llm.engine
+    llm.engine = type(engine)(llm.model, llm.tokenizer, engine.config, llm.plan.kv_cache, engine.threads)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from leanlm.compress.calibrated import _progress, calibration_inputs, calibration_tensor, capture_input
+from leanlm.compress.calibrated import calibration_inputs, calibration_tensor, capture_input, layer_progress
 from leanlm.compress.prune.config import PruneConfig
 from leanlm.compress.prune.layer_drop import choose_layers
 from leanlm.compress.prune.repair import refit
@@ -136,7 +136,7 @@ def prune_structure(
     # layer's repair aims at the original stream. Head removal alone does not count: refitting later layers
     # towards the original stream after it measured worse (SmolLM2, 25% of heads: KL 0.36 against 0.29).
     drifted = False
-    for index, layer in enumerate(_progress(model.layers, config.method)):
+    for index, layer in enumerate(layer_progress(model.layers, config.method)):
         original = copy.deepcopy(layer).float().cpu()
         reference_mid = reference_out = None  # the original stream: only repair needs it
         if config.repair:
