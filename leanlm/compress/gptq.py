@@ -52,13 +52,13 @@ def quantize_column(
     return codes, codes * scale + offset
 
 
-def check_finite_hessian(hessian: torch.Tensor, name: str) -> None:
+def check_finite_hessian(hessian: torch.Tensor, name: str, method: str = "GPTQ") -> None:
     """A NaN or infinity in the inputs poisons all of H; say so here rather than fail later inside Cholesky."""
     bad = (~torch.isfinite(hessian)).sum().item()
     if bad:
         raise CalibrationError(
-            f"GPTQ: the Hessian of {name} has {bad} non-finite entries of {hessian.numel()}: its calibration inputs "
-            "hold NaN or infinity. Likely cause: the model's weights (uninitialized or corrupt tensors, or an "
+            f"{method}: the Hessian of {name} has {bad} non-finite entries of {hessian.numel()}: its calibration "
+            "inputs hold NaN or infinity. Likely cause: the model's weights (uninitialized or corrupt tensors, or an "
             "overflow in float16/bfloat16). Check that the model gives finite logits, or load it with --dtype float32."
         )
 

@@ -16,7 +16,7 @@ from leanlm.config import EngineConfig
 from leanlm.engine.engine import LLMEngine
 from leanlm.engine.outputs import RequestOutput, StreamChunk
 from leanlm.errors import InvalidRequestError
-from leanlm.layers.quantized_linear import QuantizedTensor
+from leanlm.layers.quantized_tensor import QuantizedTensor
 from leanlm.models.checkpoint import load_checkpoint
 from leanlm.models.registry import build_model
 from leanlm.plan import resolve_device, resolve_dtype, resolve_plan  # noqa: F401  (resolve_*: public here too)

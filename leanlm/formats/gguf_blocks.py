@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from leanlm.layers.quantized_linear import QuantizedTensor
+from leanlm.layers.quantized_tensor import QuantizedTensor
 
 BLOCK = 32
 NATIVE_TYPES = ("Q8_0", "Q4_0", "Q4_1")

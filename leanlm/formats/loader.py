@@ -15,7 +15,7 @@ import torch
 from leanlm.config import ModelConfig
 from leanlm.errors import ModelFormatError, ModelNotFoundError
 from leanlm.formats.tokenizer import Tokenizer
-from leanlm.layers.quantized_linear import QuantizedTensor
+from leanlm.layers.quantized_tensor import QuantizedTensor
 
 
 @dataclass

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from leanlm.errors import ModelFormatError
-from leanlm.layers.quantized_linear import QuantizedTensor
+from leanlm.layers.quantized_tensor import QuantizedTensor
 
 MANIFEST = "quantization.json"
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.errors import ModelFormatError
-from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
+from leanlm.layers.quantized_linear import QuantizedLinear
+from leanlm.layers.quantized_tensor import QuantizedTensor
 from leanlm.layers.rope import inverse_frequencies
 
 

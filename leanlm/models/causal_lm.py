@@ -14,7 +14,7 @@ from torch import nn
 
 from leanlm.config import ModelConfig
 from leanlm.layers.attention import ATTENTION_BACKENDS
-from leanlm.layers.quantized_linear import QuantizedTensor
+from leanlm.layers.quantized_tensor import QuantizedTensor
 from leanlm.models.base import ForwardContext, assign_weights, strip_prefix
 from leanlm.models.family import ModelSpec
 from leanlm.models.stack import refresh_decoder_stack, run_decoder_stack

@@ -16,7 +16,7 @@ from torch import nn
 
 from leanlm.config import ModelConfig
 from leanlm.layers.attention import self_attention
-from leanlm.layers.quantized_linear import QuantizedTensor
+from leanlm.layers.quantized_tensor import QuantizedTensor
 from leanlm.layers.rope import apply_rotary
 from leanlm.models.base import (
     ForwardContext,

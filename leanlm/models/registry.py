@@ -10,7 +10,8 @@ from torch import nn
 
 from leanlm.config import ModelConfig
 from leanlm.errors import UnsupportedArchitectureError
-from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
+from leanlm.layers.quantized_linear import QuantizedLinear
+from leanlm.layers.quantized_tensor import QuantizedTensor
 from leanlm.models import gemma3, llama
 from leanlm.models.family import Family
 from leanlm.plan import RuntimePlan, resolve_plan

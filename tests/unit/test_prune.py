@@ -168,3 +168,14 @@ def test_choose_heads_respects_groups():
     energy = torch.tensor([1.0, 5.0, 3.0, 0.1, 0.2, 0.3, 9.0, 8.0, 7.0])  # 3 KV groups of 3 query heads
     assert choose_heads(energy, 3, Shape(2, 3, 1)) == ([1, 2, 4, 5, 6, 7], [0, 1, 2])
     assert choose_heads(energy, 3, Shape(3, 2, 1)) == ([0, 1, 2, 6, 7, 8], [0, 2])
+
+
+def test_sparsegpt_names_a_non_finite_hessian():
+    from leanlm.errors import CalibrationError
+
+    hessian = torch.eye(64)
+    hessian[3, 5] = float("nan")
+    with pytest.raises(
+        CalibrationError, match="SparseGPT: the Hessian of a \\(16 x 64\\) linear layer has 1 non-finite"
+    ):
+        sparsegpt_prune(torch.randn(16, 64), hessian, 0.5)

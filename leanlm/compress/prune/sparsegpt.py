@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from leanlm.compress.gptq import inverse_hessian_factor, single_thread
+from leanlm.compress.gptq import check_finite_hessian, inverse_hessian_factor, single_thread
 from leanlm.compress.prune.masks import check_nm_width, layer_mask, nm_mask, row_mask
 
 BLOCK_SIZE = 128  # columns updated eagerly; the rest of the matrix gets one batched update per block
@@ -27,6 +27,7 @@ def sparsegpt_prune(
     block_size: int = BLOCK_SIZE,
 ) -> torch.Tensor:
     """weight (N, K), hessian (K, K) -> pruned weight (N, K) float32 with the output error minimised."""
+    check_finite_hessian(hessian, f"a ({weight.shape[0]} x {weight.shape[1]}) linear layer", "SparseGPT")
     cols = weight.shape[1]
     if nm is not None:
         check_nm_width(cols, nm[1])
