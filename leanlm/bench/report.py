@@ -16,6 +16,9 @@ def format_table(report: dict) -> str:
     ]
     if report.get("bandwidth_gbs"):
         lines.append(f"memory bandwidth probe: {report['bandwidth_gbs']:.1f} GB/s")
+    load = report["machine"].get("load_average")
+    if load and None not in load:
+        lines.append(f"load average (1 min) at the start and end of the run: {load[0]:.2f}, {load[1]:.2f}")
     header = [
         "engine",
         "precision",
@@ -54,6 +57,9 @@ def format_table(report: dict) -> str:
         lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
         if index == 0:
             lines.append("  ".join("-" * w for w in widths))
+    for row in report["rows"]:
+        for note in row.get("notes", []):
+            lines.append(f"note: {row['engine']} {row['precision']}: {note}")
     return "\n".join(lines)
 
 
