@@ -7,7 +7,7 @@ it returns, and the first token counts when every prompt has one, as the caller 
 
 from __future__ import annotations
 
-import contextlib
+import importlib.util
 import itertools
 import time
 from collections.abc import Callable, Iterable
@@ -139,13 +139,11 @@ class LlamaCppEngine(Engine):
     kv_bytes_per_value = 2
 
     def load(self, model, dtype, device, threads, extra_bufts: bool = True, **options):
-        try:
-            import llama_cpp
-        except ImportError as exc:
+        if importlib.util.find_spec("llama_cpp") is None:
             raise InvalidRequestError(
                 "The llama.cpp peer needs llama-cpp-python: `pip install 'leanlm[bench]'` (builds from source, "
                 "about 11 minutes on 2 cores)."
-            ) from exc
+            )
         if model.suffix != ".gguf":
             raise InvalidRequestError("llama.cpp runs GGUF files only; pass --model file.gguf.")
         if options:
@@ -155,20 +153,17 @@ class LlamaCppEngine(Engine):
         gguf_file = GGUFFile(model)
         self.precision = _dominant_type(gguf_file)
         self.bits_per_weight = _bits_per_weight(gguf_file)
-        with contextlib.ExitStack() as stack:
-            if not extra_bufts:
-                stack.enter_context(_without_extra_buffer_types(llama_cpp))
-                self.notes = ("extra buffer types (repack/AMX) off",)
-            self.llm = llama_cpp.Llama(
-                str(model),
-                n_threads=threads,
-                n_threads_batch=threads,
-                n_ctx=2048,
-                n_gpu_layers=-1 if device == "cuda" else 0,
-                verbose=False,
-            )
-        if not extra_bufts and self.llm.model_params.use_extra_bufts:
-            raise LeanLMError("llama-cpp-python ignored use_extra_bufts=False; this benchmark cannot turn it off.")
+        self.llm = llama_cpp_model(
+            model,
+            extra_bufts,
+            n_threads=threads,
+            n_threads_batch=threads,
+            n_ctx=2048,
+            n_gpu_layers=-1 if device == "cuda" else 0,
+            verbose=False,
+        )
+        if not extra_bufts:
+            self.notes = ("extra buffer types (repack/AMX) off",)
 
     def run(self, prompts, new_tokens, on_tokens):
         if len(prompts) != 1:
@@ -182,10 +177,12 @@ class LlamaCppEngine(Engine):
                 self.llm.eval([token])
 
 
-@contextlib.contextmanager
-def _without_extra_buffer_types(llama_cpp):
-    """llama_cpp.Llama does not expose `use_extra_bufts`; it takes its model parameters from
-    `llama_model_default_params()`, so hand it defaults with the extra buffer types off while it loads."""
+def llama_cpp_model(path: str | Path, extra_bufts: bool = True, **kwargs):
+    """`llama_cpp.Llama(path, **kwargs)`, optionally with llama.cpp's extra buffer types (weight repacking, AMX)
+    off. Llama does not expose `use_extra_bufts`; it takes its model parameters from
+    `llama_model_default_params()`, so it is handed defaults with them off while it loads."""
+    import llama_cpp
+
     module = llama_cpp.llama_cpp
     default_params = module.llama_model_default_params
 
@@ -194,11 +191,15 @@ def _without_extra_buffer_types(llama_cpp):
         params.use_extra_bufts = False
         return params
 
-    module.llama_model_default_params = params_without_extra_bufts
+    if not extra_bufts:
+        module.llama_model_default_params = params_without_extra_bufts
     try:
-        yield
+        model = llama_cpp.Llama(str(path), **kwargs)
     finally:
         module.llama_model_default_params = default_params
+    if model.model_params.use_extra_bufts != extra_bufts:
+        raise LeanLMError(f"llama-cpp-python ignored use_extra_bufts={extra_bufts}; cannot set it from here.")
+    return model
 
 
 def runtime_weight_bytes(model: torch.nn.Module) -> int:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -156,6 +155,6 @@ def test_llama_cpp_runs_without_extra_buffer_types_and_steps_once_per_token(defa
 
 
 def test_unknown_llama_cpp_options_are_refused(monkeypatch):
-    monkeypatch.setitem(sys.modules, "llama_cpp", SimpleNamespace())
+    monkeypatch.setattr(engines.importlib.util, "find_spec", lambda name: SimpleNamespace())
     with pytest.raises(InvalidRequestError, match="no option kv_cache"):
         engines.LlamaCppEngine().load(Path("m.gguf"), "auto", "cpu", 2, kv_cache="int8")
