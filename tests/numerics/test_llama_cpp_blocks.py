@@ -16,7 +16,7 @@ from leanlm.formats.gguf_blocks import NATIVE_TYPES, blocks_to_quantized
 pytestmark = pytest.mark.slow
 pytest.importorskip("llama_cpp")
 
-FILE_TYPES = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q5_0", "Q5_1", "BF16"]
+FILE_TYPES = ["Q4_K_M", "Q5_K_M", "Q3_K_M", "BF16"]  # between them: every block type llama.cpp writes here
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,11 @@ def re_encoded(default_gguf_path) -> dict:
 
 
 def test_the_files_hold_every_block_type(re_encoded):
-    types = {GGUFFile(path).tensor_type_name(name) for path in re_encoded.values() for name in GGUFFile(path).tensors}
-    assert types >= {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0", "BF16", "F32"}, types
+    files = [GGUFFile(path) for path in re_encoded.values()]
+    types = {gguf_file.tensor_type_name(name) for gguf_file in files for name in gguf_file.tensors}
+    # Q2_K/Q3_K never appear: llama.cpp uses them only on 576-wide rows here, which fall back (576 % 256 != 0).
+    # tests/unit/test_gguf_blocks.py covers them on random blocks.
+    assert types >= {"Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q5_0", "Q5_1", "Q8_0", "BF16", "F32"}, types
 
 
 @pytest.mark.parametrize("file_type", FILE_TYPES)
