@@ -22,7 +22,10 @@ from leanlm.kernels import build
 
 ROOT = Path(__file__).resolve().parents[2]
 
-pytestmark = pytest.mark.skipif(not build.load_kernels(), reason="leanlm kernels unavailable (no compiler or AVX2)")
+pytestmark = [
+    pytest.mark.slow,  # a second kernel build, about a minute the first time
+    pytest.mark.skipif(not build.load_kernels(), reason="leanlm kernels unavailable (no compiler or AVX2)"),
+]
 
 
 def avx2_environment() -> dict[str, str]:
