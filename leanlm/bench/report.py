@@ -31,6 +31,7 @@ def format_table(report: dict) -> str:
         "ms/token",
         "roofline",
         "peak RSS MiB",
+        "load",
         "vs",
     ]
     table = [header]
@@ -49,6 +50,7 @@ def format_table(report: dict) -> str:
                 f"{row['ms_per_token']['median']:.1f}",
                 f"{row['roofline_pct']:.0f}% of {row['decode_bound_tok_s']:.0f}" if "roofline_pct" in row else "-",
                 f"{row['peak_rss_mib']['median']:.0f}",
+                "{:.1f}-{:.1f}".format(*row["load_average"]) if row.get("load_average") else "-",
                 f"decode {vs['decode']:.2f}x, prefill {vs['prefill']:.2f}x" if vs else "",
             ]
         )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import statistics
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from leanlm.bench import machine
 from leanlm.bench.roofline import decode_bound, decode_weight_bytes, prefill_flops
+from leanlm.bench.worker import load_average
 from leanlm.errors import InvalidRequestError, LeanLMError
 
 METRICS = ("prefill_tok_s", "decode_tok_s", "ms_per_token", "ttft_s")
@@ -106,7 +106,7 @@ def run_benchmark(spec: BenchSpec, on_sample: Callable[[int, EngineSpec, dict], 
     from leanlm.formats.loader import load_checkpoint
 
     config = load_checkpoint(spec.model, weights=False).config
-    load_before = _load_average()
+    load_before = load_average()
     bandwidth = machine.memory_bandwidth_gbs(spec.threads) if spec.device == "cpu" else None
     samples: dict[EngineSpec, list[dict]] = {e: [] for e in spec.engines}
     fallbacks: dict[EngineSpec, EngineSpec] = {}
@@ -118,7 +118,7 @@ def run_benchmark(spec: BenchSpec, on_sample: Callable[[int, EngineSpec, dict], 
                 on_sample(repetition, engine, sample)
     rows = [row for engine in spec.engines for row in _aggregate(engine, samples[engine], spec, config, bandwidth)]
     return {
-        "machine": {**machine.describe(spec.threads), "load_average": [load_before, _load_average()]},
+        "machine": {**machine.describe(spec.threads), "load_average": [load_before, load_average()]},
         "spec": {**asdict(spec), "engines": [asdict(e) for e in spec.engines]},
         "model": {"path": spec.model, "parameters": config.num_parameters(), "layers": config.num_layers},
         "bandwidth_gbs": bandwidth,
@@ -139,6 +139,7 @@ def _aggregate(engine: EngineSpec, samples: list[dict], spec: BenchSpec, config,
             "load_s": _stats([s["load_s"] for s in samples]),
             "peak_rss_mib": _stats([s["peak_rss_mib"] for s in samples]),
             "notes": sorted({note for s in samples for note in s.get("notes", [])}),
+            "load_average": _load_range(samples),
         }
         for metric in METRICS:
             row[metric] = _stats([s["runs"][index][metric] for s in samples])
@@ -158,12 +159,10 @@ def _aggregate(engine: EngineSpec, samples: list[dict], spec: BenchSpec, config,
     return rows
 
 
-def _load_average() -> float | None:
-    """The 1-minute load average: how busy the (shared) machine was."""
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return None
+def _load_range(samples: list[dict]) -> list[float] | None:
+    """The lowest and highest 1-minute load average seen at the start or end of these samples."""
+    loads = [value for s in samples for value in s.get("load_average", []) if value is not None]
+    return [min(loads), max(loads)] if loads else None
 
 
 def _signal_name(number: int) -> str:

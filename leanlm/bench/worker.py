@@ -12,6 +12,7 @@ engine can serve a prompt token from a cache (leanlm's bench engine also runs wi
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -50,6 +51,14 @@ def prompt_ids(tokenizer, text: str, length: int, batch: int) -> list[list[int]]
     return [ids[row * length : (row + 1) * length] for row in range(batch)]
 
 
+def load_average() -> float | None:
+    """The machine's 1-minute load average (other jobs share its cores), None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def peak_rss_mib() -> float:
     """This process's own peak resident memory. (ru_maxrss is not: Linux carries the parent's peak across exec.)"""
     try:
@@ -69,6 +78,7 @@ def run(spec: dict) -> dict:
     from leanlm.formats.loader import load_checkpoint
 
     torch.set_num_threads(spec["threads"])
+    load_before = load_average()
     engine = ENGINES[spec["engine"]]()
     model = Path(spec["model"])
     started = time.perf_counter()
@@ -100,6 +110,7 @@ def run(spec: dict) -> dict:
         "kv_bytes_per_value": engine.kv_bytes_per_value,
         "decode_weight_bytes": getattr(engine, "decode_weight_bytes", None),
         "notes": list(engine.notes),
+        "load_average": [load_before, load_average()],  # 1-minute, at the start and end of this sample
         "load_s": load_s,
         "peak_rss_mib": peak_rss_mib(),
         "runs": runs,
