@@ -53,6 +53,8 @@ def main() -> int:
             file=sys.stderr,
             flush=True,
         )
+        for note in sample.get("notes", []):
+            print(f"  note: {engine.engine} {engine.label or sample['precision']}: {note}", file=sys.stderr, flush=True)
 
     report = run_benchmark(spec, progress)
     add_same_precision_ratios(report)

@@ -16,6 +16,9 @@ def format_table(report: dict) -> str:
     ]
     if report.get("bandwidth_gbs"):
         lines.append(f"memory bandwidth probe: {report['bandwidth_gbs']:.1f} GB/s")
+    load = report["machine"].get("load_average")
+    if load and None not in load:
+        lines.append(f"load average (1 min) at the start and end of the run: {load[0]:.2f}, {load[1]:.2f}")
     header = [
         "engine",
         "precision",
@@ -28,6 +31,7 @@ def format_table(report: dict) -> str:
         "ms/token",
         "roofline",
         "peak RSS MiB",
+        "load",
         "vs",
     ]
     table = [header]
@@ -46,6 +50,7 @@ def format_table(report: dict) -> str:
                 f"{row['ms_per_token']['median']:.1f}",
                 f"{row['roofline_pct']:.0f}% of {row['decode_bound_tok_s']:.0f}" if "roofline_pct" in row else "-",
                 f"{row['peak_rss_mib']['median']:.0f}",
+                "{:.1f}-{:.1f}".format(*row["load_average"]) if row.get("load_average") else "-",
                 f"decode {vs['decode']:.2f}x, prefill {vs['prefill']:.2f}x" if vs else "",
             ]
         )
@@ -54,6 +59,9 @@ def format_table(report: dict) -> str:
         lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip())
         if index == 0:
             lines.append("  ".join("-" * w for w in widths))
+    for row in report["rows"]:
+        for note in row.get("notes", []):
+            lines.append(f"note: {row['engine']} {row['precision']}: {note}")
     return "\n".join(lines)
 
 

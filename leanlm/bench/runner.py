@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import signal
 import statistics
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from leanlm.bench import machine
 from leanlm.bench.roofline import decode_bound, decode_weight_bytes, prefill_flops
+from leanlm.bench.worker import load_average
 from leanlm.errors import InvalidRequestError, LeanLMError
 
 METRICS = ("prefill_tok_s", "decode_tok_s", "ms_per_token", "ttft_s")
@@ -64,6 +66,8 @@ def run_sample(spec: BenchSpec, engine: EngineSpec, timeout_s: float = 1800) -> 
         timeout=timeout_s,
     )
     lines = result.stdout.strip().splitlines()
+    if result.returncode < 0:
+        raise WorkerCrashed(engine, -result.returncode)
     if result.returncode != 0 or not lines:
         tail = "\n".join(result.stderr.strip().splitlines()[-5:])
         raise LeanLMError(f"The {engine.engine} benchmark process failed:\n{tail}")
@@ -73,21 +77,48 @@ def run_sample(spec: BenchSpec, engine: EngineSpec, timeout_s: float = 1800) -> 
     return sample
 
 
+class WorkerCrashed(LeanLMError):
+    def __init__(self, engine: EngineSpec, signal_number: int):
+        name = _signal_name(signal_number)
+        super().__init__(f"The {engine.engine} benchmark process died from signal {signal_number} ({name}).")
+        self.signal_number = signal_number
+
+
+def run_sample_or_fall_back(spec: BenchSpec, engine: EngineSpec, fallbacks: dict[EngineSpec, EngineSpec]) -> dict:
+    """Run one sample; a llama.cpp process that crashes (a native build segfaults on some CPUs, e.g. Intel Xeon
+    with AMX under KVM, with its extra buffer types on) is run again with them off, and so are its later samples.
+    The sample's notes say so."""
+    runs_as = fallbacks.get(engine, engine)
+    try:
+        return run_sample(spec, runs_as)
+    except WorkerCrashed as crash:
+        if runs_as.engine != "llama.cpp" or ("extra_bufts", False) in runs_as.options:
+            raise
+        fallback = replace(runs_as, options=(*runs_as.options, ("extra_bufts", False)))
+        sample = run_sample(spec, fallback)
+        fallbacks[engine] = fallback
+        note = f"crashed with extra buffer types on ({crash}); rerun with them off"
+        sample["notes"] = [note, *sample.get("notes", [])]
+        return sample
+
+
 def run_benchmark(spec: BenchSpec, on_sample: Callable[[int, EngineSpec, dict], None] | None = None) -> dict:
     from leanlm.models.checkpoint import load_checkpoint
 
     config = load_checkpoint(spec.model, weights=False).config
+    load_before = load_average()
     bandwidth = machine.memory_bandwidth_gbs(spec.threads) if spec.device == "cpu" else None
     samples: dict[EngineSpec, list[dict]] = {e: [] for e in spec.engines}
+    fallbacks: dict[EngineSpec, EngineSpec] = {}
     for repetition in range(spec.repetitions):  # interleaved: A B C, A B C, ... so drift hits every engine
         for engine in spec.engines:
-            sample = run_sample(spec, engine)
+            sample = run_sample_or_fall_back(spec, engine, fallbacks)
             samples[engine].append(sample)
             if on_sample:
                 on_sample(repetition, engine, sample)
     rows = [row for engine in spec.engines for row in _aggregate(engine, samples[engine], spec, config, bandwidth)]
     return {
-        "machine": machine.describe(spec.threads),
+        "machine": {**machine.describe(spec.threads), "load_average": [load_before, load_average()]},
         "spec": {**asdict(spec), "engines": [asdict(e) for e in spec.engines]},
         "model": {"path": spec.model, "parameters": config.num_parameters(), "layers": config.num_layers},
         "bandwidth_gbs": bandwidth,
@@ -107,6 +138,8 @@ def _aggregate(engine: EngineSpec, samples: list[dict], spec: BenchSpec, config,
             "batch": batch,
             "load_s": _stats([s["load_s"] for s in samples]),
             "peak_rss_mib": _stats([s["peak_rss_mib"] for s in samples]),
+            "notes": sorted({note for s in samples for note in s.get("notes", [])}),
+            "load_average": _load_range(samples),
         }
         for metric in METRICS:
             row[metric] = _stats([s["runs"][index][metric] for s in samples])
@@ -124,6 +157,19 @@ def _aggregate(engine: EngineSpec, samples: list[dict], spec: BenchSpec, config,
             row["roofline_pct"] = 100 * row["decode_tok_s"]["median"] / bound_tok_s
         rows.append(row)
     return rows
+
+
+def _load_range(samples: list[dict]) -> list[float] | None:
+    """The lowest and highest 1-minute load average seen at the start or end of these samples."""
+    loads = [value for s in samples for value in s.get("load_average", []) if value is not None]
+    return [min(loads), max(loads)] if loads else None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return "unknown signal"
 
 
 def _stats(values: list[float]) -> dict:

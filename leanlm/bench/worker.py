@@ -1,38 +1,62 @@
 """One engine, one fresh process, one sample: `python -m leanlm.bench.worker '<json spec>'` prints a JSON result.
 
-A sample is: load time, then per batch size one generation of `gen_tokens` timed inside the call: time to
-the first token (prefill), and (gen_tokens - 1) further tokens over the rest (decode). Peak RSS covers it all.
+A sample is: load time, then per batch size one generation of `gen_tokens`, timed around the engine's call
+(engines.time_generation): time until every prompt has its first token (prefill), and the (gen_tokens - 1)
+further tokens per prompt over the rest (decode). Peak RSS covers it all.
+
+Prompts are real text (the evaluation corpus, Wikipedia), a different stretch of it for every row of a batch,
+and the warm-up runs on a text of its own: no prompt shares tokens with another or with the warm-up, so no
+engine can serve a prompt token from a cache (leanlm's bench engine also runs with its prefix cache off).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
 from pathlib import Path
 
-# A fixed English text; prompts are its first N tokens, so every engine sees identical token ids.
-PROMPT_TEXT = (
-    "The history of computing is a story of ideas that took decades to become practical. Charles Babbage "
-    "designed mechanical engines in the nineteenth century, and Ada Lovelace wrote what many consider the "
-    "first program for one of them. A century later, electronic machines filled whole rooms, and programmers "
-    "fed them punched cards. The transistor, the integrated circuit and the microprocessor each shrank the "
-    "machine and multiplied its speed, until a computer fit in a pocket. Software grew alongside: operating "
-    "systems, compilers, databases and networks turned raw arithmetic into tools that anyone could use. "
-    "Today, language models trained on vast amounts of text can answer questions, write code and translate "
-    "between languages, yet they still run on the same basic principle of reading numbers from memory, "
-    "multiplying them and writing the results back. How fast that happens depends less on the arithmetic "
-    "than on how quickly the memory can deliver the weights, which is why small models and compressed "
-    "weights matter so much on ordinary computers."
+from leanlm.errors import InvalidRequestError
+
+# The warm-up's text, unrelated to the prompts.
+WARMUP_TEXT = (
+    "Bread dough rises because yeast ferments sugars and releases carbon dioxide, which the gluten network "
+    "traps in small bubbles; a cool, slow rise gives the loaf more flavour than a warm, fast one."
 )
 
 
-def prompt_ids(tokenizer, length: int, batch: int) -> list[list[int]]:
-    ids = tokenizer.encode(PROMPT_TEXT, add_special_tokens=False)
-    while len(ids) < length:
-        ids = ids + ids
-    return [ids[:length]] * batch
+def prompt_text() -> str:
+    from leanlm.evaluate.corpus import evaluation_text
+
+    return evaluation_text(quiet=True)
+
+
+def prompt_ids(tokenizer, text: str, length: int, batch: int) -> list[list[int]]:
+    """`batch` prompts of exactly `length` tokens: consecutive, non-overlapping stretches of `text`."""
+    needed = batch * length
+    characters = 8 * needed
+    while True:
+        ids = tokenizer.encode(text[:characters], add_special_tokens=False)
+        # one token more than needed: a word cut at the end of the slice is never used
+        if len(ids) > needed or characters >= len(text):
+            break
+        characters *= 2
+    if len(ids) < needed:
+        raise InvalidRequestError(
+            f"The prompt text has {len(ids)} tokens; {batch} prompts of {length} tokens need {needed}. "
+            "Use fewer or shorter prompts."
+        )
+    return [ids[row * length : (row + 1) * length] for row in range(batch)]
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average (other jobs share its cores), None where the OS has none."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
 
 
 def peak_rss_mib() -> float:
@@ -54,6 +78,7 @@ def run(spec: dict) -> dict:
     from leanlm.models.checkpoint import load_checkpoint
 
     torch.set_num_threads(spec["threads"])
+    load_before = load_average()
     engine = ENGINES[spec["engine"]]()
     model = Path(spec["model"])
     started = time.perf_counter()
@@ -62,10 +87,11 @@ def run(spec: dict) -> dict:
     tokenizer = getattr(getattr(engine, "llm", None), "tokenizer", None)
     if tokenizer is None or not hasattr(tokenizer, "encode"):
         tokenizer = load_checkpoint(model, torch.float32, weights=False).tokenizer
-    engine.generate(prompt_ids(tokenizer, 16, 1), 4)  # warm-up: first-call allocations and kernel selection
+    text = prompt_text()
+    engine.generate(prompt_ids(tokenizer, WARMUP_TEXT, 16, 1), 4)  # warm-up: first-call allocations, kernel choice
     runs = []
     for batch in spec["batch_sizes"]:
-        prompts = prompt_ids(tokenizer, spec["prompt_tokens"], batch)
+        prompts = prompt_ids(tokenizer, text, spec["prompt_tokens"], batch)
         ttft, total = engine.generate(prompts, spec["gen_tokens"])
         decode_s = total - ttft
         runs.append(
@@ -83,6 +109,8 @@ def run(spec: dict) -> dict:
         "bits_per_weight": engine.bits_per_weight,
         "kv_bytes_per_value": engine.kv_bytes_per_value,
         "decode_weight_bytes": getattr(engine, "decode_weight_bytes", None),
+        "notes": list(engine.notes),
+        "load_average": [load_before, load_average()],  # 1-minute, at the start and end of this sample
         "load_s": load_s,
         "peak_rss_mib": peak_rss_mib(),
         "runs": runs,

@@ -100,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
             f"load {sample['load_s']:.1f} s, decode {first['decode_tok_s']:.1f} tok/s",
             file=sys.stderr,
         )
+        for note in sample.get("notes", []):
+            print(f"  note: {engine.engine} {sample['precision']}: {note}", file=sys.stderr)
 
     report = run_benchmark(spec, progress)
     if peers:

@@ -3,6 +3,10 @@
 The build is cached per machine under $LEANLM_HOME/kernels/<source hash>-<torch version>, so only the first
 use pays (about a minute on 2 cores). Without a compiler, ninja or AVX2 the kernels are reported
 unavailable with one warning and callers keep to the torch path; nothing crashes.
+
+LEANLM_KERNEL_VARIANT=avx2 builds (and caches apart) what an AVX2-only CPU such as AMD Zen 3 compiles, on any
+x86 host with AVX2: the test suite runs the kernel tests in it, so the AVX2 code paths are checked on machines
+that have AVX-512 or VNNI too. One process loads one variant (both register the same torch ops).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from leanlm.errors import InvalidRequestError
+
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = [CSRC / name for name in ("quant_linear.cpp", "fused_ops.cpp", "decoder_stack.cpp")]
 HEADERS = sorted(CSRC.glob("*.h"))
@@ -25,6 +31,22 @@ HEADERS = sorted(CSRC.glob("*.h"))
 # extension shares torch's already-loaded libgomp at run time.
 FLAGS = ["-O3", "-march=native", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-std=c++17", "-fopenmp"]
 DISABLE_ENV = "LEANLM_DISABLE_KERNELS"  # set to 1 to force the torch fallback (tests, comparisons)
+VARIANT_ENV = "LEANLM_KERNEL_VARIANT"
+# Each variant's target flags, in place of -march=native. x86-64-v3 is AVX2, FMA, F16C and BMI: no AVX-512, no
+# VNNI, no AMX, whatever the host has; tuned for the host all the same.
+VARIANTS = {"native": ["-march=native"], "avx2": ["-march=x86-64-v3", "-mtune=native"]}
+
+
+def variant() -> str:
+    """The kernel build this process uses: $LEANLM_KERNEL_VARIANT, default native."""
+    name = os.environ.get(VARIANT_ENV) or "native"
+    if name not in VARIANTS:
+        raise InvalidRequestError(f"Unknown {VARIANT_ENV}={name!r}. Use one of: {', '.join(VARIANTS)}.")
+    return name
+
+
+def compile_flags(name: str = "native") -> list[str]:
+    return [flag for f in FLAGS for flag in (VARIANTS[name] if f == "-march=native" else [f])]
 
 
 def _cpu_has_avx2() -> bool:
@@ -44,13 +66,13 @@ def _cpu_fingerprint() -> bytes:
     return "\n".join(line for line in lines if line.startswith(("model name", "flags"))).encode()
 
 
-def build_directory() -> Path:
+def build_directory(name: str = "native") -> Path:
     from leanlm.formats.assets import leanlm_home
 
     sources = b"".join(path.read_bytes() for path in SOURCES + HEADERS)
-    digest = hashlib.sha256(sources + " ".join(FLAGS).encode() + _cpu_fingerprint())
+    digest = hashlib.sha256(sources + " ".join(compile_flags(name)).encode() + _cpu_fingerprint())
     tag = f"{digest.hexdigest()[:12]}-torch{torch.__version__.replace('+', '_')}"
-    return leanlm_home() / "kernels" / tag
+    return leanlm_home() / "kernels" / (tag if name == "native" else f"{tag}-{name}")
 
 
 @cache
@@ -58,13 +80,14 @@ def load_kernels() -> bool:
     """Build (or load the cached build of) the kernels; True when torch.ops.leanlm is ready."""
     if os.environ.get(DISABLE_ENV) == "1":
         return False
+    name = variant()
     if not _cpu_has_avx2():
         warnings.warn("leanlm kernels need AVX2/FMA/F16C, which this CPU lacks; using torch's kernels.", stacklevel=2)
         return False
     try:
         from torch.utils.cpp_extension import load
 
-        directory = build_directory()
+        directory = build_directory(name)
         library = directory / "leanlm_kernels.so"
         if library.is_file() and _load_built(library):  # the folder name carries the source hash
             _register_fake_kernels()
@@ -73,7 +96,7 @@ def load_kernels() -> bool:
         load(
             name="leanlm_kernels",
             sources=[str(path) for path in SOURCES],
-            extra_cflags=FLAGS,
+            extra_cflags=compile_flags(name),
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),
             is_python_module=False,

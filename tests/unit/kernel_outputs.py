@@ -1,0 +1,77 @@
+"""Outputs of every leanlm kernel on fixed random inputs: odd shapes, batch 1 and above, int8 and float activations.
+
+test_kernels_avx2.py computes them in this process (the native build) and, through `python kernel_outputs.py OUT`
+with LEANLM_KERNEL_VARIANT=avx2, in the AVX2-only build, and compares the two.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+# (rows, batch, columns): rows not a multiple of the 8-row interleave, batches around the 4-row tile and the
+# 4-row threshold of the 512-bit group pairs, widths of 1 to 48 blocks.
+LINEAR_SHAPES = [(13, 1, 64), (70, 3, 96), (200, 4, 160), (577, 9, 576), (64, 17, 1536)]
+
+
+def kernel_outputs() -> dict[str, torch.Tensor]:
+    from leanlm.kernels import build
+    from leanlm.kernels.layout import pack
+    from leanlm.layers.quantized_linear import QuantizedTensor
+
+    if not build.load_kernels():
+        raise RuntimeError("leanlm kernels unavailable")
+    generator = torch.Generator().manual_seed(0)
+    outputs = {}
+    for rows, batch, columns in LINEAR_SHAPES:
+        groups = columns // 32
+        scale = (torch.rand(rows, groups, generator=generator) * 0.02 + 1e-3).half().float()
+        x = torch.randn(batch, columns, generator=generator)
+        q4 = QuantizedTensor(
+            torch.randint(0, 16, (rows, columns), dtype=torch.uint8, generator=generator),
+            scale,
+            (torch.randn(rows, groups, generator=generator) * 0.05).half().float(),
+            4,
+            32,
+        )
+        q8 = QuantizedTensor(
+            torch.randint(-127, 128, (rows, columns), dtype=torch.int8, generator=generator), scale, None, 8, 32
+        )
+        for kind, weight in (("q4", q4), ("q8", q8)):
+            p = pack(weight)
+            for int8_activations in (True, False):
+                key = f"{kind} {rows}x{columns} batch {batch} {'int8' if int8_activations else 'float'} act."
+                if p.q4:
+                    out = torch.ops.leanlm.q4_linear(x, p.codes, p.scales, p.offsets, None, p.rows, int8_activations)
+                else:
+                    out = torch.ops.leanlm.q8_linear(x, p.codes, p.scales, None, p.rows, int8_activations)
+                outputs[key] = out
+            outputs[f"{kind} {rows}x{columns} dequantize"] = torch.ops.leanlm.dequantize(
+                p.codes, p.scales, p.offsets, p.rows
+            )
+    x = torch.randn(3, 7, 576, generator=generator) * 4
+    outputs["rms_norm"] = torch.ops.leanlm.rms_norm(x, torch.rand(576, generator=generator) + 0.5, 1e-5)
+    outputs["silu_mul"] = torch.ops.leanlm.silu_mul(torch.randn(2, 5, 2 * 96, generator=generator) * 3)
+    qkv = torch.randn(2, 5, 15, 64, generator=generator).transpose(1, 2)
+    cos, sin = torch.randn(2, 1, 5, 64, generator=generator), torch.randn(2, 1, 5, 64, generator=generator)
+    outputs["rotary"] = torch.ops.leanlm.rotary(qkv[:, :12], cos, sin)
+    q = torch.randn(2, 9, 7, 64, generator=generator)
+    k, v = torch.randn(2, 3, 40, 64, generator=generator), torch.randn(2, 3, 40, 64, generator=generator)
+    mask = torch.ones(7, 40, dtype=torch.bool).tril(diagonal=33).expand(2, 1, 7, 40)
+    outputs["causal_attention"] = torch.ops.leanlm.causal_attention(q, k, v, mask, 0.125)
+    return outputs
+
+
+def build_facts() -> dict[str, str]:
+    """Which variant this process loaded, and the compiler flags its build folder was made with."""
+    from leanlm.kernels import build
+
+    name = build.variant()
+    ninja_file = build.build_directory(name) / "build.ninja"
+    return {"variant": name, "build.ninja": ninja_file.read_text() if ninja_file.is_file() else ""}
+
+
+if __name__ == "__main__":
+    results = kernel_outputs()
+    torch.save({"outputs": results, "facts": build_facts()}, sys.argv[1])
