@@ -7,6 +7,7 @@ runs the same weights re-encoded as F16 and Q8_0, and the file as shipped (Q4_1)
 ratios against transformers float32; writes JSON with every sample, and a plot.
 
     python benchmarks/bench_core.py [--repetitions 3] [--json out/bench_core.json] [--plot out/bench_core.png]
+    python benchmarks/bench_core.py --before ../leanlm-old    # the same engine from another checkout, same run
 """
 
 from __future__ import annotations
@@ -28,10 +29,14 @@ def main() -> int:
     parser.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
     parser.add_argument("--json", default="out/bench_core.json")
     parser.add_argument("--plot", default="out/bench_core.png")
+    parser.add_argument(
+        "--before", metavar="CHECKOUT", help="also run the default engine from this leanlm checkout (a before/after)"
+    )
     args = parser.parse_args()
     model = args.model or str(default_model_path())
     engines = [
         EngineSpec("leanlm", "auto", label="default (Q4_1 native)"),
+        *([EngineSpec("leanlm", "auto", label="default, before", source=args.before)] if args.before else []),
         EngineSpec("leanlm", "bfloat16", options=(("dequantize", True),), label="bfloat16"),
         EngineSpec("leanlm", "float32", label="float32"),
         EngineSpec("transformers", "float32"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -26,6 +27,7 @@ class EngineSpec:
     model: str | None = None  # None: the benchmark's model
     options: tuple[tuple[str, str | bool], ...] = ()  # extra LLM(...) arguments, e.g. (("kv_cache", "int8"),)
     label: str | None = None  # shown instead of the precision the engine reports
+    source: str | None = None  # another leanlm checkout whose code this engine runs (before/after in one run)
 
 
 @dataclass(frozen=True)
@@ -59,11 +61,13 @@ def run_sample(spec: BenchSpec, engine: EngineSpec, timeout_s: float = 1800) -> 
         "batch_sizes": [1] if engine.engine == "llama.cpp" else spec.batch_sizes,
         "options": dict(engine.options),
     }
+    env = None if engine.source is None else {**os.environ, "PYTHONPATH": str(Path(engine.source).resolve())}
     result = subprocess.run(
         [sys.executable, "-m", "leanlm.bench.worker", json.dumps(worker_spec)],
         capture_output=True,
         text=True,
         timeout=timeout_s,
+        env=env,
     )
     lines = result.stdout.strip().splitlines()
     if result.returncode < 0:
