@@ -20,7 +20,7 @@ from leanlm.compress.artifact import hf_config_dict
 from leanlm.compress.config import QuantConfig
 from leanlm.compress.pipelines import prune_to_folder, quantize_to_folder
 from leanlm.compress.prune.config import PruneConfig
-from leanlm.formats.loader import load_checkpoint
+from leanlm.models.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.slow
 

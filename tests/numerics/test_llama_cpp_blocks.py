@@ -52,7 +52,7 @@ def test_every_tensor_loads_as_gguf_dequantizes_it(re_encoded, file_type):
 
 
 def test_a_k_quant_mix_loads_as_a_model(re_encoded):
-    from leanlm.formats.loader import load_checkpoint
+    from leanlm.models.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(re_encoded["Q4_K_M"], torch.float32)
     assert len(set(checkpoint.weight_types.values())) >= 3  # a per-tensor mix, as llama.cpp writes it

@@ -129,7 +129,7 @@ def test_leanlm_engine_serves_no_prompt_token_from_a_cache(default_gguf_path):
 
 @pytest.mark.slow
 def test_real_prompts_share_no_tokens_across_rows_or_with_the_warm_up(default_gguf_path):
-    from leanlm.formats.loader import load_checkpoint
+    from leanlm.models.checkpoint import load_checkpoint
 
     tokenizer = load_checkpoint(default_gguf_path, weights=False).tokenizer
     prompts = worker.prompt_ids(tokenizer, worker.prompt_text(), 120, 16)
