@@ -81,11 +81,15 @@ class HFFolder:
     weight_types: dict[str, str]
 
 
-def read_hf_folder(path: Path, dtype: torch.dtype, with_weights: bool = True) -> HFFolder:
+def read_hf_config(path: Path) -> dict:
     try:
-        raw_config = json.loads((path / "config.json").read_text())
+        return json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as exc:
         raise ModelFormatError(f"{path / 'config.json'} is not valid JSON ({exc}). Restore the file.") from exc
+
+
+def read_hf_folder(path: Path, dtype: torch.dtype, with_weights: bool = True) -> HFFolder:
+    raw_config = read_hf_config(path)
     raw = _read_hf_weights(path) if with_weights else {}
     if (path / "quantization.json").is_file():  # a leanlm quantized artifact
         from leanlm.formats.quantized_folder import read_quantized_weights

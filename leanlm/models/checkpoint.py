@@ -9,7 +9,7 @@ import torch
 
 from leanlm.formats.gguf import GGUFFile
 from leanlm.formats.gguf_blocks import NATIVE_TYPES
-from leanlm.formats.loader import Checkpoint, locate_checkpoint, read_gguf_tensor, read_hf_folder
+from leanlm.formats.loader import Checkpoint, locate_checkpoint, read_gguf_tensor, read_hf_config, read_hf_folder
 from leanlm.formats.tokenizer import Tokenizer
 from leanlm.models.registry import config_from_hf, family_for_gguf, family_for_model_type
 
@@ -22,8 +22,8 @@ def load_checkpoint(
     when every decoder projection is stored in one of those types (K-quant files are dequantized whole)."""
     kind, path = locate_checkpoint(model)
     if kind == "hf":
+        config = config_from_hf(read_hf_config(path))  # an unknown architecture is named before weights are read
         folder = read_hf_folder(path, dtype, weights)
-        config = config_from_hf(folder.raw_config)
         tokenizer = folder.tokenizer
         if tokenizer.chat_template is None:
             tokenizer.chat_template = family_for_model_type(config.model_type).chat_template
