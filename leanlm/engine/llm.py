@@ -17,7 +17,7 @@ from leanlm.engine.engine import LLMEngine
 from leanlm.engine.outputs import RequestOutput, StreamChunk
 from leanlm.errors import InvalidRequestError
 from leanlm.layers.quantized_tensor import QuantizedTensor
-from leanlm.models.checkpoint import load_checkpoint
+from leanlm.models.checkpoint import holds_quantized_weights, load_checkpoint
 from leanlm.models.registry import build_model
 from leanlm.plan import resolve_device, resolve_dtype, resolve_plan  # noqa: F401  (resolve_*: public here too)
 from leanlm.sampling_params import SamplingParams
@@ -50,8 +50,10 @@ class LLM:
         self.threads = threads
         started = time.perf_counter()
         plan = resolve_plan(device, dtype, kernels, attention, kv_cache, dequantize)
-        # Quantized GGUF blocks on leanlm's kernels compute in float32, so dense tensors load in float32 too.
-        load_dtype = torch.float32 if plan.native_quant and plan.leanlm_kernels else plan.dtype
+        # Quantized layers on leanlm's kernels compute in float32, so their dense tensors load in float32 too; a
+        # dense checkpoint loads straight in its dtype (a 1.5B model would otherwise pass through 6 GB of float32).
+        quantized = plan.native_quant and holds_quantized_weights(model)
+        load_dtype = torch.float32 if quantized and plan.leanlm_kernels else plan.dtype
         checkpoint = load_checkpoint(model, load_dtype, native_quant=plan.native_quant)
         if dequantize:  # a leanlm quantized folder holds QuantizedTensors whatever native_quant says
             checkpoint.weights = _dequantized(checkpoint.weights, load_dtype)

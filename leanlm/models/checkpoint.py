@@ -31,6 +31,21 @@ def load_checkpoint(
     return _load_gguf(path, dtype, weights, native_quant)
 
 
+def holds_quantized_weights(model: str | Path | None) -> bool:
+    """Whether the checkpoint loads as quantized layers: a leanlm quantized folder, or a GGUF whose decoder
+    projections are all in block types leanlm's kernels run (a dense/quantized mix would run at dense speed)."""
+    kind, path = locate_checkpoint(model)
+    if kind == "hf":
+        return (path / "quantization.json").is_file()
+    return _native_projections(GGUFFile(path))
+
+
+def _native_projections(gguf_file: GGUFFile) -> bool:
+    family = family_for_gguf(gguf_file.metadata.get("general.architecture"))
+    projections = [n for n in gguf_file.tensors if (family.hf_name_from_gguf(n) or "").endswith("proj.weight")]
+    return all(gguf_file.tensor_type_name(n) in NATIVE_TYPES for n in projections)
+
+
 def _load_gguf(path: Path, dtype: torch.dtype, with_weights: bool, native_quant: bool) -> Checkpoint:
     gguf_file = GGUFFile(path)
     arch = gguf_file.metadata.get("general.architecture")
@@ -38,9 +53,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, with_weights: bool, native_quant:
     config = family.config_from_gguf(gguf_file.metadata)
     if "output.weight" not in gguf_file.tensors:
         config = config.replace(tie_word_embeddings=True)
-    if native_quant:  # all decoder projections native, or none: a dense/quantized mix runs at dense speed anyway
-        projections = [n for n in gguf_file.tensors if (family.hf_name_from_gguf(n) or "").endswith("proj.weight")]
-        native_quant = all(gguf_file.tensor_type_name(n) in NATIVE_TYPES for n in projections)
+    native_quant = native_quant and _native_projections(gguf_file)
     weights, types = {}, {}
     for name in gguf_file.tensors:
         hf_name = family.hf_name_from_gguf(name)
