@@ -7,6 +7,7 @@ files dequantized to bfloat16 (it has no K-quant kernels yet), so its roofline f
 Writes JSON with every sample.
 
     python benchmarks/bench_families.py [--models gemma3-270m,qwen2.5-coder-1.5b] [--repetitions 3]
+    python benchmarks/bench_families.py --models smollm2-135m,out/smol-26L    # a leanlm artifact beside its source
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ def main() -> int:
     args = parser.parse_args()
     reports = {}
     for name in args.models.split(","):
-        path = str(fetch_known_model(name))
-        engines = [EngineSpec("leanlm", "auto", path, label=name)]
-        if importlib.util.find_spec("llama_cpp") is not None:
+        folder = Path(name).is_dir()  # a leanlm artifact (quantized or pruned folder): llama.cpp cannot read it
+        path = name if folder else str(fetch_known_model(name))
+        engines = [EngineSpec("leanlm", "auto", path, label=Path(name).name)]
+        if importlib.util.find_spec("llama_cpp") is not None and not folder:
             engines.append(EngineSpec("llama.cpp", "auto", path, label=name))
         spec = BenchSpec(model=path, threads=args.threads, repetitions=args.repetitions, engines=engines)
 
