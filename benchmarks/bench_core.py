@@ -16,7 +16,7 @@ import argparse
 import importlib.util
 import sys
 
-from leanlm.bench.report import format_table, save_plot
+from leanlm.bench.report import format_table, print_sample, save_plot
 from leanlm.bench.runner import BenchSpec, EngineSpec, add_ratios, run_benchmark, save_json
 from leanlm.cli.bench import gguf_for_llama_cpp
 from leanlm.formats.assets import default_model_path
@@ -46,17 +46,7 @@ def main() -> int:
         engines += [EngineSpec("llama.cpp", "auto", str(path)) for path in files.values()]
     spec = BenchSpec(model=model, threads=args.threads, repetitions=args.repetitions, engines=engines)
 
-    def progress(repetition, engine, sample):
-        print(
-            f"  run {repetition + 1}: {engine.engine} {engine.label or sample['precision']} "
-            f"decode {sample['runs'][0]['decode_tok_s']:.1f} tok/s",
-            file=sys.stderr,
-            flush=True,
-        )
-        for note in sample.get("notes", []):
-            print(f"  note: {engine.engine} {engine.label or sample['precision']}: {note}", file=sys.stderr, flush=True)
-
-    report = run_benchmark(spec, progress)
+    report = run_benchmark(spec, print_sample)
     add_ratios(report, ("transformers", "float32"))
     print(format_table(report))
     if args.json:

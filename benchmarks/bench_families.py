@@ -17,7 +17,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
-from leanlm.bench.report import format_table
+from leanlm.bench.report import format_table, print_sample
 from leanlm.bench.runner import BenchSpec, EngineSpec, run_benchmark, save_json
 from leanlm.formats.assets import fetch_known_model
 
@@ -38,18 +38,7 @@ def main() -> int:
             engines.append(EngineSpec("llama.cpp", "auto", path, label=name))
         spec = BenchSpec(model=path, threads=args.threads, repetitions=args.repetitions, engines=engines)
 
-        def progress(repetition, engine, sample):
-            run = sample["runs"][0]
-            print(
-                f"  run {repetition + 1}: {engine.engine} {engine.label} decode {run['decode_tok_s']:.1f} tok/s, "
-                f"prefill {run['prefill_tok_s']:.0f} tok/s",
-                file=sys.stderr,
-                flush=True,
-            )
-            for note in sample.get("notes", []):
-                print(f"  note: {engine.engine} {engine.label}: {note}", file=sys.stderr, flush=True)
-
-        report = run_benchmark(spec, progress)
+        report = run_benchmark(spec, print_sample)
         add_ratios(report)
         print(format_table(report), flush=True)
         reports[name] = report

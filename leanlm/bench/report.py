@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from leanlm.errors import InvalidRequestError
@@ -98,3 +99,17 @@ def save_plot(report: dict, path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def print_sample(repetition: int, engine, sample: dict) -> None:
+    """One progress line per finished sample (and its notes, e.g. a llama.cpp fallback), on stderr."""
+    name = f"{engine.engine} {engine.label or sample['precision']}"
+    run = sample["runs"][0]
+    print(
+        f"  run {repetition + 1}: {name} decode {run['decode_tok_s']:.1f} tok/s, "
+        f"prefill {run['prefill_tok_s']:.0f} tok/s",
+        file=sys.stderr,
+        flush=True,
+    )
+    for note in sample.get("notes", []):
+        print(f"  note: {name}: {note}", file=sys.stderr, flush=True)
