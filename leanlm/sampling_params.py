@@ -21,6 +21,10 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False  # keep going past end-of-sequence tokens (benchmarks)
     logprobs: int | None = None  # top log-probabilities to return per generated token (0..20); None = none
+    # Log-probabilities of the prompt's own tokens (each given the ones before it) plus this many top alternatives
+    # (0..20), as vLLM's prompt_logprobs: what scoring (lm-evaluation-harness loglikelihood) needs. Such a request
+    # computes its whole prompt (no prefix-cache reuse), and may set max_tokens=0 to only score.
+    prompt_logprobs: int | None = None
     # Structured output (at most one; needs llguidance): the output matches a JSON schema (a dict or its JSON text),
     # a regular expression, or a Lark grammar (sampling/grammar.py). Checked when the engine adds the request.
     json_schema: str | None = None
@@ -40,9 +44,11 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        least = 0 if self.prompt_logprobs is not None else 1  # scoring a prompt needs no generated token
         _check(
-            isinstance(self.max_tokens, int) and self.max_tokens >= 1,
-            f"max_tokens must be an integer >= 1, got {self.max_tokens!r}",
+            isinstance(self.max_tokens, int) and not isinstance(self.max_tokens, bool) and self.max_tokens >= least,
+            f"max_tokens must be an integer >= {least}, got {self.max_tokens!r}"
+            + ("" if least == 0 else " (0 only with prompt_logprobs)"),
         )
         _check(self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         _check(
@@ -54,11 +60,12 @@ class SamplingParams:
         _check(self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings")
         _check(self.seed is None or isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
-        _check(
-            self.logprobs is None
-            or (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool) and 0 <= self.logprobs <= 20),
-            f"logprobs must be an integer in 0..20 (or None), got {self.logprobs!r}",
-        )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(
+                value is None or (isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 20),
+                f"{name} must be an integer in 0..20 (or None), got {value!r}",
+            )
 
     @property
     def greedy(self) -> bool:

@@ -18,7 +18,7 @@ from leanlm.cache.block_manager import BlockManager
 from leanlm.cache.kv_cache import default_cache_dtype
 from leanlm.cache.paged_kv import PAGED_KV_CACHE_TYPES
 from leanlm.config import EngineConfig
-from leanlm.engine.model_runner import ModelRunner, SampledToken
+from leanlm.engine.model_runner import ModelRunner, RunnerOutput, SampledToken, ScoredPrompt
 from leanlm.engine.outputs import RequestMetrics, RequestOutput, TokenLogprobs
 from leanlm.engine.request import Request
 from leanlm.engine.scheduler import Scheduler, SchedulerOutput
@@ -62,6 +62,12 @@ class _Progress:
     text: str = ""  # decoded text without any stop string
     shown: int = 0  # characters of text already sent in new_text
     logprobs: list[TokenLogprobs] | None = field(default=None)
+    prompt_logprobs: list[TokenLogprobs | None] | None = field(default=None)  # first entry None: nothing before it
+
+    def add_scores(self, scored: ScoredPrompt) -> None:
+        """Keep the prompt tokens' log-probabilities in order; a preempted request recomputes ones already kept."""
+        if self.prompt_logprobs is not None and scored.first_position == len(self.prompt_logprobs):
+            self.prompt_logprobs += [TokenLogprobs(t.token_id, t.logprob, dict(t.top)) for t in scored.tokens]
 
 
 class LLMEngine:
@@ -154,6 +160,7 @@ class LLMEngine:
             StopStrings(params.stop),
             metrics,
             logprobs=[] if params.logprobs is not None else None,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
         self.runner.add_request(request_id, params, request.prompt_token_ids, constraint)
         self.scheduler.add(request)
@@ -182,17 +189,25 @@ class LLMEngine:
         """One output per request that produced a token or finished in this step."""
         schedule = self.scheduler.schedule()
         with scoped_threads(self.threads):
-            sampled = self.runner.run(schedule)
-        return self._process_outputs(schedule, sampled)
+            ran = self.runner.run(schedule)
+        return self._process_outputs(schedule, ran)
 
-    def _process_outputs(self, schedule: SchedulerOutput, sampled: dict[str, SampledToken]) -> list[RequestOutput]:
+    def _process_outputs(self, schedule: SchedulerOutput, ran: RunnerOutput) -> list[RequestOutput]:
         self.scheduler.update(schedule)
         outputs, self._aborted = self._aborted, []
         now = time.perf_counter()
         for entry in schedule.scheduled:
             request_id = entry.request.request_id
-            if request_id in sampled:
-                outputs.append(self._append_token(self._progress[request_id], sampled[request_id], now))
+            if request_id in ran.scored:
+                self._progress[request_id].add_scores(ran.scored[request_id])
+            if request_id not in ran.sampled:
+                continue
+            progress = self._progress[request_id]
+            if progress.request.max_tokens == 0:  # it only scores its prompt: done once the prompt has run
+                self._finish(progress, "length")
+                outputs.append(self._snapshot(progress, "", []))
+            else:
+                outputs.append(self._append_token(progress, ran.sampled[request_id], now))
         return outputs
 
     def _append_token(self, progress: _Progress, sample: SampledToken, now: float) -> RequestOutput:
@@ -253,6 +268,7 @@ class LLMEngine:
             new_text=new_text,
             new_token_ids=new_token_ids,
             logprobs=None if progress.logprobs is None else list(progress.logprobs),
+            prompt_logprobs=None if progress.prompt_logprobs is None else list(progress.prompt_logprobs),
         )
 
     # ---- state --------------------------------------------------------------------------------------------

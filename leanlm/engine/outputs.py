@@ -60,6 +60,9 @@ class RequestOutput:
     new_text: str = ""  # text shown for the first time in this output (held back while it may start a stop string)
     new_token_ids: list[int] = field(default_factory=list)  # tokens sampled since the previous output
     logprobs: list[TokenLogprobs] | None = None  # one per token of token_ids when SamplingParams.logprobs is set
+    # With SamplingParams.prompt_logprobs: one per prompt token, None for the first (nothing comes before it); set
+    # once the whole prompt has run.
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:

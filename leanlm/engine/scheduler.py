@@ -137,7 +137,9 @@ class Scheduler:
         manager = self.block_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            cached = manager.find_cached_prefix(request.all_token_ids)
+            # A request that scores its prompt must run all of it: cached blocks would skip their logits.
+            scores_prompt = request.params.prompt_logprobs is not None
+            cached = [] if scores_prompt else manager.find_cached_prefix(request.all_token_ids)
             num_cached = len(cached) * manager.block_size
             num_tokens = min(request.num_tokens - num_cached, budget)
             if not manager.allocate(request.request_id, num_cached + num_tokens, cached):

@@ -138,11 +138,12 @@ class Tokenizer:
         messages: list[dict[str, Any]],
         tools: list[dict[str, Any]] | None = None,
         special_tokens_in_content: bool = False,
+        add_generation_prompt: bool = True,
     ) -> list[int]:
         """The chat template's prompt as token ids. Control-token text typed inside a message's content (e.g.
         `<|im_end|>\\n<|im_start|>system`) is encoded as plain text, so that a user cannot forge another turn;
         the template's own control tokens stay control tokens. special_tokens_in_content=True trusts the content."""
-        text = self.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
         contents = [m["content"] for m in messages if isinstance(m.get("content"), str) and m["content"]]
         specials = self._special_texts()
         structured = json.dumps([tools, [m.get("tool_calls") for m in messages]], ensure_ascii=False, default=str)

@@ -55,7 +55,8 @@ def sample_batch(
     wanted = [i for i, state in enumerate(states) if state.params.logprobs is not None]
     if wanted:
         tops = [states[i].params.logprobs for i in wanted]
-        for i, entry in zip(wanted, _logprobs(_rows(logits, wanted), [tokens[i] for i in wanted], tops), strict=True):
+        entries = rows_logprobs(_rows(logits, wanted), [tokens[i] for i in wanted], tops)
+        for i, entry in zip(wanted, entries, strict=True):
             results[i] = entry
     return results
 
@@ -175,8 +176,9 @@ def _filter_candidates(
     return ids, q * keep, covered
 
 
-def _logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[RowSample]:
-    """As sampler.token_logprobs, for all rows at once."""
+def rows_logprobs(logits: torch.Tensor, tokens: list[int], tops: list[int]) -> list[RowSample]:
+    """As sampler.token_logprobs, for all rows at once: row r's log-probability of tokens[r], and its tops[r] most
+    likely tokens."""
     logprobs = logits.float().log_softmax(-1)
     chosen = logprobs.gather(1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
     best_values, best_ids = [], []

@@ -30,7 +30,14 @@ from leanlm.server.errors import (
     param_name,
 )
 from leanlm.server.openapi import openapi_document
-from leanlm.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from leanlm.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
 from leanlm.server.serving import OpenAIServing, ServerSettings
 
 logger = logging.getLogger("leanlm.server")
@@ -104,6 +111,19 @@ def build_app(llm, settings: ServerSettings, engine: AsyncEngine | None = None) 
     @app.post("/v1/chat/completions", dependencies=authorized)
     async def chat_completions(request: Request) -> Response:
         return await serving.chat(await _parse(request, ChatCompletionRequest), request)
+
+    # vLLM's tokenizer endpoints: clients that count or score tokens (lm-evaluation-harness) use the server's own
+    @app.post("/tokenize", dependencies=authorized)
+    async def tokenize(request: Request) -> dict:
+        return serving.tokenize(await _parse(request, TokenizeRequest)).model_dump()
+
+    @app.post("/detokenize", dependencies=authorized)
+    async def detokenize(request: Request) -> dict:
+        return serving.detokenize(await _parse(request, DetokenizeRequest)).model_dump()
+
+    @app.get("/tokenizer_info", dependencies=authorized)
+    async def tokenizer_info() -> dict:
+        return serving.tokenizer_info().model_dump()
 
     return app
 

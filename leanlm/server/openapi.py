@@ -16,9 +16,14 @@ from leanlm.server.protocol import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
 )
 
 
@@ -35,18 +40,20 @@ def openapi_document(model_name: str, max_tokens: int = 4096) -> dict[str, Any]:
         error = {"content": {"application/json": {"schema": ref(ErrorResponse, "serialization")}}}
         return {str(status): {"description": _REASONS[status], **error} for status in statuses}
 
-    def post(summary: str, body: type[BaseModel], answer: type[BaseModel], chunk: type[BaseModel]) -> dict:
+    def post(summary: str, body: type[BaseModel], answer: type[BaseModel], chunk: type[BaseModel] | None) -> dict:
+        content = {"application/json": {"schema": ref(answer, "serialization")}}
+        description = "the answer"
+        if chunk is not None:
+            content["text/event-stream"] = {"schema": ref(chunk, "serialization")}
+            description += ", or with stream: true a text/event-stream of chunks"
         return {
             "post": {
                 "summary": summary,
                 "requestBody": {"required": True, "content": {"application/json": {"schema": ref(body)}}},
                 "responses": {
                     "200": {
-                        "description": "the answer, or with stream: true a text/event-stream of chunks",
-                        "content": {
-                            "application/json": {"schema": ref(answer, "serialization")},
-                            "text/event-stream": {"schema": ref(chunk, "serialization")},
-                        },
+                        "description": description,
+                        "content": content,
                     },
                     **errors(400, 401, 404, 413, 415, 429, 500, 503),
                 },
@@ -73,14 +80,18 @@ def openapi_document(model_name: str, max_tokens: int = 4096) -> dict[str, Any]:
         "/v1/models/{model}": get("One model", ModelCard, 401, 404),
         "/health": get("Whether the engine runs", None, 503),
         "/metrics": get("Prometheus metrics", None, 401, text=True),
+        "/tokenize": post("Token ids of a prompt or a conversation", TokenizeRequest, TokenizeResponse, None),
+        "/detokenize": post("Text of token ids", DetokenizeRequest, DetokenizeResponse, None),
+        "/tokenizer_info": get("The tokenizer's special tokens and chat template", TokenizerInfo, 401),
     }
     for name in ("CompletionRequest", "ChatCompletionRequest"):  # what this server accepts, not just the types
         properties = components[name]["properties"]
         properties["model"] = {"type": "string", "enum": [model_name]}
         for field in ("max_tokens", "max_completion_tokens"):
             if field in properties:
+                least = 0 if name == "CompletionRequest" else 1  # completions: 0 with echo scores the prompt
                 properties[field] = {
-                    "anyOf": [{"type": "integer", "minimum": 1, "maximum": max_tokens}, {"type": "null"}]
+                    "anyOf": [{"type": "integer", "minimum": least, "maximum": max_tokens}, {"type": "null"}]
                 }
     components["CompletionRequest"]["properties"]["prompt"] = {
         "anyOf": [

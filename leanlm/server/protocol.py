@@ -134,12 +134,22 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: Annotated[Any, PlainValidator(_prompt)]
+    # 0 only with echo: the answer is the prompt with its log-probabilities (scoring, as vLLM and OpenAI's old API)
+    max_tokens: int | None = Field(None, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    # the answer starts with the prompt; with logprobs, the prompt tokens' log-probabilities too
+    echo: bool = Field(False, validate_default=True)
     best_of: int | None = None
     suffix: str | None = None
 
-    _unsupported_completion = field_validator("echo", "suffix")(_neutral)
+    _unsupported_completion = field_validator("suffix")(_neutral)
+
+    @field_validator("echo")
+    @classmethod
+    def _zero_tokens_need_echo(cls, value: bool, info: ValidationInfo) -> bool:
+        if info.data.get("max_tokens") == 0 and not value:
+            raise ValueError("max_tokens 0 needs echo: true (the answer is only the prompt, with its logprobs)")
+        return value
 
     @field_validator("best_of")
     @classmethod
@@ -325,8 +335,9 @@ class Usage(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str] = Field(default_factory=list)
-    token_logprobs: list[float] = Field(default_factory=list)
-    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    # with echo, the prompt's first token has no log-probability (nothing comes before it): null, as OpenAI
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
     text_offset: list[int] = Field(default_factory=list)
 
 
@@ -443,3 +454,48 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ---- tokenizer endpoints (vLLM's /tokenize, /detokenize and /tokenizer_info; lm-evaluation-harness uses them) ----
+
+
+class TokenizeRequest(BaseModel):
+    model_config = STRICT
+
+    model: str | None = None
+    prompt: Text | None = Field(None, max_length=1_000_000)
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    add_special_tokens: bool = True  # prompt: the tokenizer's own BOS/EOS; messages: the chat template's
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = STRICT
+
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=1_000_000)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str = "leanlm"
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    chat_template: str | None = None
+    model_max_length: int

@@ -33,7 +33,12 @@ from leanlm.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     SamplingFields,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
     TokenLogprob,
     ToolCallDelta,
     TopLogprob,
@@ -94,11 +99,14 @@ class OpenAIServing:
         ids = [self._encode(p, "prompt") for p in prompts]
         texts = [p if isinstance(p, str) else None for p in prompts]
         constraint = _constraint(body)
+        if body.echo and (body.logprobs is not None or body.max_tokens == 0):  # scores the prompt tokens too
+            constraint = {**constraint, "prompt_logprobs": body.logprobs or 0}
         job = self._job(
             ids, texts, body, body.max_tokens, self.settings.completion_default_max_tokens, body.logprobs, constraint
         )
         submission = await self._submit(job, "prompt")
         reply = _Reply("cmpl", self.settings.model_name, self._token_text, body.logprobs is not None)
+        reply.echo = self._prompt_text if body.echo else None
         if body.stream:
             return sse.EventStreamResponse(self._stream(submission, reply, reply.completion_chunk, body, job))
         outputs = await _unless_disconnected(request, _collect(submission))
@@ -195,7 +203,7 @@ class OpenAIServing:
             for choice in range(body.n):
                 job.prompts.append(ids)
                 job.texts.append(text)
-                limit = min(max_tokens or default_max_tokens, room)
+                limit = min(default_max_tokens if max_tokens is None else max_tokens, room)
                 job.params.append(self._params(body, limit, choice, logprobs, constraint))
         return job
 
@@ -223,6 +231,52 @@ class OpenAIServing:
     @functools.lru_cache(maxsize=65536)  # noqa: B019 (one serving object per server; the vocabulary bounds it)
     def _token_text(self, token_id: int) -> str:
         return self.llm.tokenizer.decode([token_id], skip_special_tokens=False)
+
+    def _prompt_text(self, output) -> str:
+        """The prompt as echoed: the client's text, or its token ids decoded."""
+        if output.prompt is not None:
+            return output.prompt
+        return self.llm.tokenizer.decode(output.prompt_token_ids, skip_special_tokens=False)
+
+    # ---- tokenizer endpoints ------------------------------------------------------------------------------------
+
+    def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        if body.model is not None:
+            self.check_model(body.model)
+        tokenizer = self.llm.tokenizer
+        if body.prompt is not None:
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            chat = ChatCompletionRequest(model=self.settings.model_name, messages=body.messages)
+            messages, _ = conversation(chat, "tools" in (getattr(tokenizer, "chat_template", None) or ""))
+            try:
+                ids = tokenizer.encode_chat(
+                    messages,
+                    add_generation_prompt=body.add_generation_prompt,
+                    special_tokens_in_content=self.settings.special_tokens_in_content,
+                )
+            except InvalidRequestError as exc:
+                raise BadRequest(str(exc), "messages") from None
+        return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=self.context_length)
+
+    def detokenize(self, body: DetokenizeRequest) -> DetokenizeResponse:
+        if body.model is not None:
+            self.check_model(body.model)
+        vocab = self.llm.config.vocab_size
+        if (bad := next((t for t in body.tokens if t >= vocab), None)) is not None:
+            raise BadRequest(f"Token id {bad} is outside the vocabulary (0..{vocab - 1}).", "tokens")
+        return DetokenizeResponse(prompt=self.llm.tokenizer.decode(body.tokens, skip_special_tokens=False))
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        tokenizer = self.llm.tokenizer
+        special = tokenizer.special_tokens
+        return TokenizerInfo(
+            bos_token=special.get("bos_token"),
+            eos_token=special.get("eos_token"),
+            pad_token=special.get("pad_token"),
+            chat_template=getattr(tokenizer, "chat_template", None),
+            model_max_length=self.context_length,
+        )
 
     # ---- streaming ----------------------------------------------------------------------------------------------
 
@@ -259,41 +313,59 @@ class _Reply:
         self.token_text = token_text
         self.logprobs = logprobs
         self.tools = tools  # parse tool calls out of the text; streamed at the end of each choice
+        self.echo = None  # completions with echo: output -> the prompt's text, put before the completion
 
     # completions
 
     def _completion_logprobs(self, entries: list, offset: int) -> CompletionLogprobs:
+        """entries: TokenLogprobs, or (an echoed prompt's first token) a token id with no log-probability."""
         result = CompletionLogprobs()
         for entry in entries:
-            token = self.token_text(entry.token_id)
+            scored = not isinstance(entry, int)
+            token = self.token_text(entry.token_id if scored else entry)
             result.tokens.append(token)
-            result.token_logprobs.append(_finite(entry.logprob))
-            result.top_logprobs.append({self.token_text(t): _finite(lp) for t, lp in entry.top.items()})
+            result.token_logprobs.append(_finite(entry.logprob) if scored else None)
+            top = {self.token_text(t): _finite(lp) for t, lp in entry.top.items()} if scored else None
+            result.top_logprobs.append(top)
             result.text_offset.append(offset)
             offset += len(token)
         return result
 
+    def _echoed(self, output) -> tuple[str, list]:
+        """With echo: the prompt's text and its logprob entries (with logprobs), put before the completion."""
+        if self.echo is None:
+            return "", []
+        scores = output.prompt_logprobs or []
+        entries = [output.prompt_token_ids[0], *scores[1:]] if self.logprobs and scores else []
+        return self.echo(output), entries
+
     def completion(self, outputs: list, usage: Usage) -> CompletionResponse:
-        choices = [
-            CompletionChoice(
-                index=index,
-                text=out.text,
-                logprobs=self._completion_logprobs(out.logprobs or [], 0) if self.logprobs else None,
-                finish_reason=out.finish_reason,
+        choices = []
+        for index, out in enumerate(outputs):
+            prompt, prompt_entries = self._echoed(out)
+            choices.append(
+                CompletionChoice(
+                    index=index,
+                    text=prompt + out.text,
+                    logprobs=self._completion_logprobs(prompt_entries + (out.logprobs or []), 0)
+                    if self.logprobs
+                    else None,
+                    finish_reason=out.finish_reason,
+                )
             )
-            for index, out in enumerate(outputs)
-        ]
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=choices, usage=usage)
 
     def completion_chunk(self, index: int, output, first: bool) -> CompletionResponse | None:
         entries = (output.new_logprobs or []) if self.logprobs else []
-        if not output.new_text and not entries and output.finish_reason is None:
+        prompt, prompt_entries = self._echoed(output) if first else ("", [])
+        if not prompt and not output.new_text and not entries and output.finish_reason is None:
             return None  # text held back (a possible stop string, an incomplete character)
-        offset = len(output.text) - len(output.new_text)
+        echoed = len(self.echo(output)) if self.echo is not None else 0  # every chunk's offsets count the prompt
+        offset = echoed - len(prompt) + len(output.text) - len(output.new_text)
         choice = CompletionChoice(
             index=index,
-            text=output.new_text,
-            logprobs=self._completion_logprobs(entries, offset) if self.logprobs else None,
+            text=prompt + output.new_text,
+            logprobs=self._completion_logprobs(prompt_entries + entries, offset) if self.logprobs else None,
             finish_reason=output.finish_reason,
         )
         return CompletionResponse(id=self.id, created=self.created, model=self.model, choices=[choice])

@@ -44,7 +44,8 @@ def test_valid_requests_keep_their_values():
     [
         ({"temperature": "1"}, "temperature", "valid number"),
         ({"max_tokens": True}, "max_tokens", "valid integer"),
-        ({"max_tokens": -1}, "max_tokens", "greater than or equal to 1"),
+        ({"max_tokens": -1}, "max_tokens", "greater than or equal to 0"),
+        ({"max_tokens": 0}, "echo", "max_tokens 0 needs echo: true"),
         ({"max_tokens": 2.5}, "max_tokens", "valid integer"),
         ({"top_p": 0}, "top_p", "greater than 0"),
         ({"temperature": float("nan")}, "temperature", "finite"),
@@ -57,7 +58,7 @@ def test_valid_requests_keep_their_values():
         ({"logprobs": 21}, "logprobs", "less than or equal to 20"),
         ({"presence_penalty": 0.5}, "presence_penalty", "repetition_penalty"),
         ({"logit_bias": {"1": 2.0}}, "logit_bias", "not supported"),
-        ({"echo": True}, "echo", "not supported"),
+        ({"suffix": "x"}, "suffix", "not supported"),
         ({"best_of": 3}, "best_of", "not supported"),
         ({"seed": -1}, "seed", "greater than or equal to 0"),
         ({"repetition_penalty": 5e-324}, "repetition_penalty", "greater than or equal to 0.01"),  # schemathesis
