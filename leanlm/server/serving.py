@@ -129,7 +129,8 @@ class OpenAIServing:
         top = (body.top_logprobs or 0) if body.logprobs else None
         job = self._job([ids], [None], body, body.token_limit, self.settings.max_tokens_limit, top, _constraint(body))
         submission = await self._submit(job, "messages")
-        reply = _Reply("chatcmpl", self.settings.model_name, self._token_text, body.logprobs, body.tools_active)
+        tool_names = frozenset(tool.function.name for tool in body.tools or []) if body.tools_active else frozenset()
+        reply = _Reply("chatcmpl", self.settings.model_name, self._token_text, body.logprobs, tool_names)
         if body.stream:
             return sse.EventStreamResponse(self._stream(submission, reply, reply.chat_chunk, body, job))
         outputs = await _unless_disconnected(request, _collect(submission))
@@ -306,13 +307,13 @@ class OpenAIServing:
 class _Reply:
     """Builds the response objects of one request."""
 
-    def __init__(self, prefix: str, model: str, token_text, logprobs: bool, tools: bool = False):
+    def __init__(self, prefix: str, model: str, token_text, logprobs: bool, tools: frozenset[str] = frozenset()):
         self.id = f"{prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.model = model
         self.token_text = token_text
         self.logprobs = logprobs
-        self.tools = tools  # parse tool calls out of the text; streamed at the end of each choice
+        self.tools = tools  # the offered tools' names: parse calls out of the text, streamed at the end of each choice
         self.echo = None  # completions with echo: output -> the prompt's text, put before the completion
 
     # completions
@@ -387,7 +388,7 @@ class _Reply:
     def _message(self, output) -> tuple[AssistantMessage, str | None]:
         if not self.tools:
             return AssistantMessage(content=output.text), output.finish_reason
-        content, calls = parse_tool_calls(output.text)
+        content, calls = parse_tool_calls(output.text, self.tools)
         finish = "tool_calls" if calls and output.finish_reason == "stop" else output.finish_reason
         return AssistantMessage(content=content, tool_calls=calls or None), finish
 

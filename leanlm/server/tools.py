@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from collections.abc import Collection
 from typing import Any
 
 from leanlm.server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, Tool, ToolCall, ToolCallFunction
@@ -19,6 +20,7 @@ from leanlm.server.protocol import ChatCompletionRequest, ChatMessage, NamedTool
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 MAX_PARALLEL_CALLS = 4  # calls one constrained answer may hold (a small model may otherwise repeat calls forever)
 _CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*(?:" + re.escape(CLOSE) + r"|$)", re.DOTALL)
+_BARE = re.compile(r"(?:```(?:json)?\s*)?([\[{].*[\]}])(?:\s*```)?", re.DOTALL)  # a JSON answer, maybe fenced
 
 
 def conversation(body: ChatCompletionRequest, template_renders_tools: bool) -> tuple[list[dict], list[dict] | None]:
@@ -102,26 +104,48 @@ def call_grammar(tools: list[Tool], choice: str | NamedToolChoice, parallel: boo
     return f'start: call{repeat}\ncall: "{OPEN}\\n" args "\\n{CLOSE}"\nargs: %json {json.dumps(schema)}\n'
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
+def parse_tool_calls(text: str, tool_names: Collection[str] = ()) -> tuple[str | None, list[ToolCall]]:
     """(the text outside the calls or None, the calls) from a model's output; a call that does not parse as
-    {"name": ..., "arguments": {...}} stays in the text."""
+    {"name": ..., "arguments": {...}} stays in the text. Without <tool_call> tags, an answer that is nothing but
+    such an object (or a list of them), bare or in a ``` fence, naming one of `tool_names`, is a call too: small
+    models (Qwen2.5-Coder-1.5B) often answer a tool prompt that way."""
     calls: list[ToolCall] = []
     kept: list[str] = []
     position = 0
     for match in _CALL.finditer(text):
-        try:
-            data = json.loads(match.group(1))
-            name, arguments = data["name"], data.get("arguments", data.get("parameters", {}))
-            if not isinstance(name, str):
-                raise TypeError
-        except (json.JSONDecodeError, KeyError, TypeError):
+        call = _call(match.group(1))
+        if call is None:
             continue
         kept.append(text[position : match.start()])
         position = match.end()
-        encoded = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        calls.append(
-            ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=ToolCallFunction(name=name, arguments=encoded))
-        )
+        calls.append(call)
     kept.append(text[position:])
     content = "".join(kept).strip()
+    if not calls and tool_names and (bare := _bare_calls(text, tool_names)):
+        return None, bare
     return (content or None), calls
+
+
+def _call(text: str | dict) -> ToolCall | None:
+    try:
+        data = json.loads(text) if isinstance(text, str) else text
+        name, arguments = data["name"], data.get("arguments", data.get("parameters", {}))
+        if not isinstance(name, str):
+            raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        return None
+    encoded = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function=ToolCallFunction(name=name, arguments=encoded))
+
+
+def _bare_calls(text: str, tool_names: Collection[str]) -> list[ToolCall]:
+    match = _BARE.fullmatch(text.strip())
+    try:
+        data = json.loads(match.group(1)) if match else None
+    except json.JSONDecodeError:
+        return []
+    items = data if isinstance(data, list) else [data]
+    calls = [_call(item) for item in items if isinstance(item, dict) and isinstance(item.get("arguments"), dict)]
+    if not calls or None in calls or len(calls) != len(items):
+        return []
+    return calls if all(call.function.name in tool_names for call in calls) else []

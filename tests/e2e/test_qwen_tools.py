@@ -1,7 +1,7 @@
 """A tool-call round trip on Qwen2.5-Coder-1.5B-Instruct behind the real server, driven by `openai`: with
 tool_choice "auto" the model decides to call the tool in its own syntax (Qwen's <tool_call> tags, rendered by its
-chat template), the server parses it into OpenAI's tool_calls (streamed as deltas too), and after the tool's
-result the model answers in text that uses it."""
+chat template, or in a bare JSON object, which this small model prefers), the server parses it into OpenAI's
+tool_calls (streamed as deltas too), and after the tool's result the model answers in text that uses it."""
 
 import json
 
@@ -66,8 +66,9 @@ def test_the_model_calls_the_tool_and_answers_from_its_result(client):
         choice.message.model_dump(exclude_none=True),
         {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)},
     ]
+    # tool_choice "none": answer now (left to itself, this small model calls the tool again)
     final = client.chat.completions.create(
-        model=MODEL, messages=messages, tools=[WEATHER_TOOL], max_tokens=64, temperature=0
+        model=MODEL, messages=messages, tools=[WEATHER_TOOL], tool_choice="none", max_tokens=64, temperature=0
     )
     answer = final.choices[0]
     assert answer.message.tool_calls is None and answer.finish_reason == "stop"

@@ -5,6 +5,7 @@ their idle count. The full run (64 streams, 20% leaving) is the script."""
 
 import asyncio
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ CLIENTS = 32
 def load_script():
     spec = importlib.util.spec_from_file_location("load_server", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 

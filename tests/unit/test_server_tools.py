@@ -68,6 +68,32 @@ def test_parse_tool_calls():
     assert parse_tool_calls("plain answer") == ("plain answer", [])
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        '```json\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n```',  # Qwen2.5-Coder-1.5B's answer
+        '{"name": "get_weather", "arguments": {"city": "Paris"}}',
+        '[{"name": "get_weather", "arguments": {"city": "Paris"}}]',
+    ],
+)
+def test_an_answer_that_is_only_a_call_to_an_offered_tool_is_a_call(text):
+    content, calls = parse_tool_calls(text, {"get_weather"})
+    assert content is None and [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+    assert parse_tool_calls(text) == (text, [])  # no tools offered: it is text
+    assert parse_tool_calls(text, {"other"}) == (text, [])  # a tool that was not offered: text
+
+
+def test_json_beside_prose_or_without_arguments_stays_text():
+    for text in [
+        'Here: {"name": "get_weather", "arguments": {"city": "Paris"}}',
+        '{"name": "get_weather", "city": "Paris"}',
+        '{"name": "get_weather", "arguments": {"city": "Paris"}} and more',
+    ]:
+        assert parse_tool_calls(text, {"get_weather"}) == (text, [])
+
+
 @pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_forced_call_grammar_compiles(choice):
     body = request(tool_choice=choice)
