@@ -36,11 +36,16 @@ class _Request:
 
 class FakeTokenizer:
     eos_token_ids = frozenset({0})
+    special_tokens = {"eos_token": "<0>"}
+    chat_template = None
 
     def decode(self, ids, skip_special_tokens=True):
         return "".join(f"<{i}>" for i in ids)
 
-    def encode_chat(self, messages, tools=None, special_tokens_in_content=False):
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) for c in text]
+
+    def encode_chat(self, messages, tools=None, special_tokens_in_content=False, add_generation_prompt=True):
         """Each character is one token id; the chat template joins the contents."""
         return [ord(c) for c in "|".join(m.get("content") or "" for m in messages) + ">"]
 
