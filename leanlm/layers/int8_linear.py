@@ -1,0 +1,55 @@
+"""int8 x int8 linear layer with dynamic per-token activation scales (W8A8), for prefill-shaped work (encoders).
+
+Weights: symmetric int8 codes, one scale per output row. Activations: each row (token) is scaled by its own
+max |x| / 127 at run time and rounded to int8, so a token's result never depends on the rest of its batch.
+The product runs in torch's int8 GEMM (`torch._int_mm`, oneDNN with VNNI/AMX where the CPU has them) with
+exact int32 accumulation; `reference_forward` computes the same quantities in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) float -> int8 codes (M, K) and per-row scales (M, 1) with x ~ codes * scale."""
+    scale = x.abs().amax(dim=-1, keepdim=True).float().clamp_(min=1e-12).div_(127.0)
+    return (x.float() * scale.reciprocal()).round_().clamp_(-127, 127).to(torch.int8), scale
+
+
+class Int8DynamicLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        codes, scale = quantize_rows(weight.detach())
+        self.register_buffer("codes_t", codes.t())  # (K, N): the layout _int_mm reads as its second operand
+        self.register_buffer("weight_scale", scale.view(-1))  # (N,)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+        self.kernel = "int_mm"
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8DynamicLinear:
+        return cls(linear.weight.float(), linear.bias)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.codes_t.t().float() * self.weight_scale[:, None]
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same quantized activations and weights, multiplied in float32."""
+        codes, scale = quantize_rows(x.reshape(-1, self.in_features))
+        out = F.linear(codes.float() * scale, self.dequantize(), self.bias)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel == "reference":
+            return self.reference_forward(x)
+        codes, scale = quantize_rows(x.reshape(-1, self.in_features))
+        out = torch._int_mm(codes, self.codes_t).float().mul_(scale).mul_(self.weight_scale)
+        if self.bias is not None:
+            out.add_(self.bias)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, kernel={self.kernel}"
