@@ -29,4 +29,6 @@ def add_embedder_options(parser: argparse.ArgumentParser) -> None:
 def load_embedder(args: argparse.Namespace):
     from leanlm.embed import Embedder
 
-    return Embedder(args.model, precision=args.precision, max_seq_length=args.max_seq_length, batch_size=args.batch_size)
+    return Embedder(
+        args.model, precision=args.precision, max_seq_length=args.max_seq_length, batch_size=args.batch_size
+    )

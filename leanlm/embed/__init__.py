@@ -1,4 +1,4 @@
-"""Semantic understanding with encoder models: embeddings (Embedder), reranking (CrossEncoder), search (SemanticIndex)."""
+"""Semantic understanding with encoder models: embeddings (Embedder), reranking (CrossEncoder), search."""
 
 from leanlm.embed.embedder import DEFAULT_EMBEDDING_MODEL, Embedder
 from leanlm.embed.index import SemanticIndex

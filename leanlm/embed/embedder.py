@@ -42,7 +42,12 @@ class Embedder:
         if batch_size < 1:
             raise InvalidRequestError(f"batch_size must be at least 1, got {batch_size}.")
         loaded = load_encoder_folder(model, precision)
-        self.path, self.config, self.encoder, self.tokenizer = loaded.path, loaded.config, loaded.encoder, loaded.tokenizer
+        self.path, self.config, self.encoder, self.tokenizer = (
+            loaded.path,
+            loaded.config,
+            loaded.encoder,
+            loaded.tokenizer,
+        )
         self.pipeline = read_sentence_pipeline(self.path)
         self.precision, self.batch_size, self.threads = precision, batch_size, threads
         self.name = str(model)
@@ -89,7 +94,9 @@ class Embedder:
                     f"token list {i} has {len(row)} tokens; this model takes 1 to {self.config.max_tokens}."
                 )
             if min(row) < 0 or max(row) >= self.config.vocab_size:
-                raise InvalidRequestError(f"token list {i} holds ids outside the vocabulary (0..{self.config.vocab_size - 1}).")
+                raise InvalidRequestError(
+                    f"token list {i} holds ids outside the vocabulary (0..{self.config.vocab_size - 1})."
+                )
         out = np.zeros((len(token_ids), self.dimension), dtype=np.float32)
         with torch.inference_mode(), scoped_threads(self.threads):
             for batch in length_sorted_batches(token_ids, batch_size or self.batch_size):

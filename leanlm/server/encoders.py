@@ -110,7 +110,9 @@ class EncoderServing:
         if all(isinstance(item, str) for item in items):
             for i, text in enumerate(items):
                 if not text:
-                    raise BadRequest(f"Invalid value for 'input[{i}]': an empty string.", f"input[{i}]", "invalid_value")
+                    raise BadRequest(
+                        f"Invalid value for 'input[{i}]': an empty string.", f"input[{i}]", "invalid_value"
+                    )
                 try:
                     text.encode("utf-8")
                 except UnicodeEncodeError:
@@ -122,7 +124,7 @@ class EncoderServing:
             if first_cut is not None and not body.truncate:
                 raise BadRequest(
                     f"'input[{first_cut}]' is longer than this model's limit of {embedder.max_seq_length} tokens. "
-                    "Shorten it, or send \"truncate\": true to embed its beginning.",
+                    'Shorten it, or send "truncate": true to embed its beginning.',
                     f"input[{first_cut}]",
                     "context_length_exceeded",
                 )
@@ -142,9 +144,7 @@ class EncoderServing:
                     "context_length_exceeded",
                 )
             if min(item) < 0 or max(item) >= vocab:
-                raise BadRequest(
-                    f"Invalid value for 'input[{i}]': token ids must be in 0..{vocab - 1}.", f"input[{i}]"
-                )
+                raise BadRequest(f"Invalid value for 'input[{i}]': token ids must be in 0..{vocab - 1}.", f"input[{i}]")
         return items
 
     async def rerank(self, body: RerankRequest) -> JSONResponse:

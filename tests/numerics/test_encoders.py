@@ -117,8 +117,12 @@ def write_sentence_files(folder, pooling: str, dense_out: int | None, normalize:
         (folder / "2_Dense").mkdir()
         (folder / "2_Dense" / "config.json").write_text(
             json.dumps(
-                {"in_features": 32, "out_features": dense_out, "bias": True,
-                 "activation_function": "torch.nn.modules.activation.Tanh"}
+                {
+                    "in_features": 32,
+                    "out_features": dense_out,
+                    "bias": True,
+                    "activation_function": "torch.nn.modules.activation.Tanh",
+                }
             )
         )
         torch.manual_seed(1)
@@ -131,8 +135,16 @@ def write_sentence_files(folder, pooling: str, dense_out: int | None, normalize:
     (folder / "modules.json").write_text(json.dumps(modules))
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 12, "do_lower_case": False}))
     (folder / "tokenizer_config.json").write_text(
-        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "[PAD]", "cls_token": "[CLS]",
-                    "sep_token": "[SEP]", "unk_token": "[UNK]", "model_max_length": 64})
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "pad_token": "[PAD]",
+                "cls_token": "[CLS]",
+                "sep_token": "[SEP]",
+                "unk_token": "[UNK]",
+                "model_max_length": 64,
+            }
+        )
     )
 
 
@@ -163,7 +175,9 @@ def test_cross_encoder_scores_equal_transformers(tmp_path):
     encodings = tokenizer.encode_batch([("cats", d) for d in documents])
     with torch.no_grad():
         expected = [
-            torch.sigmoid(model(input_ids=torch.tensor([e.ids]), token_type_ids=torch.tensor([e.type_ids])).logits)[0, 0]
+            torch.sigmoid(model(input_ids=torch.tensor([e.ids]), token_type_ids=torch.tensor([e.type_ids])).logits)[
+                0, 0
+            ]
             for e in encodings
         ]
     scores = CrossEncoder(folder, batch_size=2).score("cats", documents)
