@@ -106,11 +106,13 @@ class EncoderLayer(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
         self.reference = False  # True: the attention formula written out (the fast path's reference)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """mask: (B, 1, 1, T) True for real keys, or None when every key is real (SDPA's faster unmasked path)."""
         b, t, h = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, nh, T, d)
-        if self.reference:
-            context = reference_attention(q, k, v, mask)
+        if self.reference:  # the formula reads a missing mask as causal: spell out "every key"
+            full = torch.ones(b, 1, 1, t, dtype=torch.bool, device=x.device)
+            context = reference_attention(q, k, v, full if mask is None else mask)
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         context = context.transpose(1, 2).reshape(b, t, h)
@@ -154,6 +156,8 @@ class TextEncoder(nn.Module):
         )
         x = self.embed_norm(x).to(self.compute_dtype)
         mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): every query sees every real key
+        if bool(mask.all()):
+            mask = None
         for layer in self.layers:
             x = layer(x, mask)
         return x
