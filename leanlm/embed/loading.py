@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer as BackendTokenizer
 
-from leanlm.embed.precision import apply_precision
+from leanlm.embed.precision import apply_precision, calibration_batches
 from leanlm.errors import ModelFormatError
 from leanlm.formats.loader import locate_checkpoint, read_hf_folder
 from leanlm.models.encoder import EncoderConfig, TextEncoder
@@ -35,4 +35,5 @@ def load_encoder_folder(model: str | Path, precision: str = "float32") -> Loaded
     backend = folder.tokenizer.backend
     backend.no_padding()  # tokenizer.json may fix padding and truncation (MiniLM's: 128); we batch and cut ourselves
     backend.no_truncation()
-    return LoadedEncoder(path, config, apply_precision(encoder, precision), backend)
+    calibration = calibration_batches(backend) if precision == "int8" else None
+    return LoadedEncoder(path, config, apply_precision(encoder, precision, calibration), backend)

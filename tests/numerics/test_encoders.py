@@ -77,18 +77,21 @@ def test_sdpa_equals_the_reference_attention_formula():
     torch.testing.assert_close(fast[mask.bool()], reference[mask.bool()], atol=1e-5, rtol=1e-5)
 
 
-def test_int8_linear_equals_its_reference_and_stays_near_float():
+@pytest.mark.parametrize("smoothed", [False, True])
+def test_int8_linear_equals_its_reference_and_stays_near_float(smoothed):
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40)
-    layer = Int8DynamicLinear.from_linear(linear)
     x = torch.randn(5, 7, 96) * torch.logspace(-2, 1, 7)[None, :, None]  # rows of very different scales
+    x[..., 3] *= 30  # an outlier channel, as BERT's LayerNorm outputs have
+    absmax = x.abs().amax(dim=(0, 1)) if smoothed else None
+    layer = Int8DynamicLinear.from_linear(linear, absmax)
     with torch.no_grad():
         fast, reference, exact = layer(x), layer.reference_forward(x), linear(x)
         solo = torch.stack([layer(x[:, t : t + 1])[:, 0] for t in range(7)], dim=1)
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)  # int32 sums are exact; float32 rounding only
     assert torch.equal(fast, solo)  # per-token scales: a row's result does not depend on its batch
     relative = (fast - exact).norm(dim=-1) / exact.norm(dim=-1)
-    assert relative.max() < 0.02, relative.max()
+    assert relative.max() < 0.05, relative.max()  # on a real model, smoothing helps: see test_embeddings.py
 
 
 @pytest.mark.parametrize(("precision", "min_cosine"), [("bf16", 0.999), ("int8", 0.995), ("int4", 0.95)])
