@@ -46,7 +46,10 @@ class Int8DynamicLinear(nn.Module):
         self.register_buffer("codes_t", codes.t())  # (K, N): the layout _int_mm reads as its second operand
         self.register_buffer("weight_scale", scale.view(-1))  # (N,)
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
-        self.kernel = "int_mm"
+        from leanlm.kernels.int8_rows import load_int8_rows
+
+        # "fused": leanlm's one-pass quantize and epilogue around _int_mm; "int_mm": the same steps as torch ops.
+        self.kernel = "fused" if load_int8_rows() else "int_mm"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, input_absmax: torch.Tensor | None = None) -> Int8DynamicLinear:
@@ -71,6 +74,14 @@ class Int8DynamicLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "reference":
             return self.reference_forward(x)
+        if self.kernel == "fused":
+            codes, scale = torch.ops.leanlm_int8.quantize_rows(
+                x.reshape(-1, self.in_features).float().contiguous(), self.inverse_smoothing
+            )
+            out = torch.ops.leanlm_int8.scale_int32(
+                torch._int_mm(codes, self.codes_t), scale, self.weight_scale, self.bias
+            )
+            return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
         codes, scale = quantize_rows(self._smoothed(x))
         out = torch._int_mm(codes, self.codes_t).float().mul_(scale).mul_(self.weight_scale)
         if self.bias is not None:
