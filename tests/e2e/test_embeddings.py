@@ -91,8 +91,9 @@ def test_fast_precisions_keep_retrieval_quality(embedder, precision, min_cosine)
 
 
 def test_cli_embed_writes_jsonl_and_search_reuses_its_index(embedder, tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("LEANLM_HOME", str(tmp_path / "home"))  # a fresh index cache (the model stays where it is)
-    monkeypatch.setattr("leanlm.formats.loader.resolve_model_path", lambda model: fetch_known_model(NAME))
+    folder = fetch_known_model(NAME)
+    monkeypatch.setenv("LEANLM_HOME", str(tmp_path / "home"))  # a fresh index cache; the model stays where it is
+    monkeypatch.setattr("leanlm.formats.loader.resolve_model_path", lambda model: folder)
     assert cli_main(["embed", *SENTENCES[:3]]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["text"] for line in lines] == SENTENCES[:3]
