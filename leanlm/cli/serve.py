@@ -151,13 +151,27 @@ def _load_encoders(args: argparse.Namespace):
     """EncoderServing for --embedding-model / --rerank-model, named as clients send them, or None."""
     if not (args.embedding_model or args.rerank_model):
         return None
+    import threading
+
     from leanlm.embed import CrossEncoder, Embedder
     from leanlm.server.encoders import EncoderServing
 
-    precision = args.embedding_precision
-    embedders = {served_model_name(m): Embedder(m, precision=precision) for m in args.embedding_model}
-    rerankers = {served_model_name(m): CrossEncoder(m, precision=precision) for m in args.rerank_model}
-    return EncoderServing(embedders, rerankers)
+    precision, loaded = args.embedding_precision, {}
+
+    def load() -> None:  # on a passing thread, as the generator (see below): no OpenMP team left behind
+        try:
+            names = served_model_name
+            loaded["embedders"] = {names(m): Embedder(m, precision=precision) for m in args.embedding_model}
+            loaded["rerankers"] = {names(m): CrossEncoder(m, precision=precision) for m in args.rerank_model}
+        except BaseException as exc:
+            loaded["error"] = exc
+
+    thread = threading.Thread(target=load, name="leanlm-load-encoders")
+    thread.start()
+    thread.join()
+    if "error" in loaded:
+        raise loaded["error"]
+    return EncoderServing(loaded["embedders"], loaded["rerankers"])
 
 
 def _load_on_a_passing_thread(args: argparse.Namespace):
