@@ -35,5 +35,8 @@ def load_encoder_folder(model: str | Path, precision: str = "float32") -> Loaded
     backend = folder.tokenizer.backend
     backend.no_padding()  # tokenizer.json may fix padding and truncation (MiniLM's: 128); we batch and cut ourselves
     backend.no_truncation()
-    calibration = calibration_batches(backend) if precision == "int8" else None
+    calibrate = precision == "int8"
+    calibration = (
+        calibration_batches(backend, config.pad_token_id, max_tokens=min(128, config.max_tokens)) if calibrate else None
+    )
     return LoadedEncoder(path, config, apply_precision(encoder, precision, calibration), backend)

@@ -36,14 +36,14 @@ def check_precision(precision: str) -> str:
     return precision
 
 
-def calibration_batches(tokenizer, count: int = 64, max_tokens: int = 128, batch_size: int = 16):
+def calibration_batches(tokenizer, pad_id: int, count: int = 64, max_tokens: int = 128, batch_size: int = 16):
     """(input_ids, attention_mask) batches of c4 text (the calibration corpus) for `tokenizer`."""
     from leanlm.embed.batching import pad_batch
     from leanlm.formats.corpus import calibration_text
 
     lines = [line.strip() for line in calibration_text(quiet=True).splitlines() if len(line.split()) >= 8][:count]
     ids = [encoding.ids[:max_tokens] for encoding in tokenizer.encode_batch(lines)]
-    return [pad_batch(ids[i : i + batch_size], pad_id=0)[:2] for i in range(0, len(ids), batch_size)]
+    return [pad_batch(ids[i : i + batch_size], pad_id)[:2] for i in range(0, len(ids), batch_size)]
 
 
 def input_absmax(encoder: nn.Module, batches) -> dict[nn.Module, torch.Tensor]:

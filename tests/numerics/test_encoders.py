@@ -187,3 +187,11 @@ def test_cross_encoder_scores_equal_transformers(tmp_path):
         ]
     scores = CrossEncoder(folder, batch_size=2).score("cats", documents)
     np.testing.assert_allclose(scores, [float(x) for x in expected], atol=1e-5)
+
+
+def test_int8_calibration_fits_a_short_context_and_xlm_roberta(tmp_path):
+    folder, _ = tiny_folder(tmp_path / "xlmr", "xlm-roberta")  # 64 positions: calibration text must be cut to fit
+    texts = ["the cat sat on the mat", "a dog", "query about cats and dogs"]
+    reference, int8 = Embedder(folder).embed(texts), Embedder(folder, precision="int8").embed(texts)
+    cosine = np.sum(reference * int8, axis=1) / np.linalg.norm(reference, axis=1) / np.linalg.norm(int8, axis=1)
+    assert cosine.min() > 0.99, cosine
