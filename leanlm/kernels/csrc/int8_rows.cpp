@@ -1,0 +1,100 @@
+// Per-token int8 quantization of activation rows and the int32 -> float epilogue of an int8 GEMM (encoders'
+// Int8DynamicLinear). Each does in one pass what the torch reference does in several, with the same float
+// operations in the same order (built with -ffp-contract=off), so the results are the reference's bit for bit.
+// Rows go to threads 64 at a time: a short text (a few rows) stays on one thread.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace leanlm_int8 {
+
+// x (M, K) float32, inverse_smoothing (K) or none -> codes (M, K) int8 and scales (M, 1) float32:
+// v = x * inverse_smoothing; scale = max(max|v|, 1e-12) / 127; code = clamp(round_half_even(v * (1 / scale))).
+std::vector<at::Tensor> quantize_rows(const at::Tensor& x, const c10::optional<at::Tensor>& inverse_smoothing) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be (M, K) float32");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  const float* smooth = nullptr;
+  at::Tensor smoothing;
+  if (inverse_smoothing.has_value()) {
+    smoothing = inverse_smoothing->contiguous();
+    TORCH_CHECK(smoothing.numel() == cols && smoothing.scalar_type() == at::kFloat, "smoothing must be (K) float32");
+    smooth = smoothing.data_ptr<float>();
+  }
+  auto codes = at::empty({rows, cols}, x.options().dtype(at::kChar));
+  auto scales = at::empty({rows, 1}, x.options());
+  const float* in = x.data_ptr<float>();
+  int8_t* out = codes.data_ptr<int8_t>();
+  float* scale_out = scales.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(cols);
+    for (int64_t m = begin; m < end; ++m) {
+      const float* src = in + m * cols;
+      float largest = 0.f;
+      for (int64_t k = 0; k < cols; ++k) {
+        const float v = smooth ? src[k] * smooth[k] : src[k];
+        row[k] = v;
+        largest = std::max(largest, std::fabs(v));
+      }
+      const float scale = std::max(largest, 1e-12f) / 127.0f;
+      const float inverse = 1.0f / scale;
+      int8_t* dst = out + m * cols;
+      for (int64_t k = 0; k < cols; ++k) {
+        const float q = std::nearbyint(row[k] * inverse);
+        dst[k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, q)));
+      }
+      scale_out[m] = scale;
+    }
+  });
+  return {codes, scales};
+}
+
+// acc (M, N) int32, row_scales (M, 1), column_scales (N), bias (N) or none -> (M, N) float32:
+// out = float(acc) * row_scale * column_scale + bias.
+at::Tensor scale_int32(const at::Tensor& acc, const at::Tensor& row_scales, const at::Tensor& column_scales,
+                       const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt, "acc must be (M, N) int32");
+  const int64_t rows = acc.size(0), cols = acc.size(1);
+  auto a = acc.contiguous();
+  auto rs = row_scales.contiguous();
+  auto cs = column_scales.contiguous();
+  at::Tensor b;
+  const float* bp = nullptr;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    bp = b.data_ptr<float>();
+  }
+  auto out = at::empty({rows, cols}, acc.options().dtype(at::kFloat));
+  const int32_t* ap = a.data_ptr<int32_t>();
+  const float* rp = rs.data_ptr<float>();
+  const float* cp = cs.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int32_t* src = ap + m * cols;
+      float* dst = op + m * cols;
+      const float r = rp[m];
+      if (bp) {
+        for (int64_t n = 0; n < cols; ++n) dst[n] = static_cast<float>(src[n]) * r * cp[n] + bp[n];
+      } else {
+        for (int64_t n = 0; n < cols; ++n) dst[n] = static_cast<float>(src[n]) * r * cp[n];
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace leanlm_int8
+
+TORCH_LIBRARY(leanlm_int8, m) {
+  m.def("quantize_rows(Tensor x, Tensor? inverse_smoothing) -> Tensor[]");
+  m.def("scale_int32(Tensor acc, Tensor row_scales, Tensor column_scales, Tensor? bias) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(leanlm_int8, CPU, m) {
+  m.impl("quantize_rows", &leanlm_int8::quantize_rows);
+  m.impl("scale_int32", &leanlm_int8::scale_int32);
+}
