@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -40,13 +42,23 @@ def build_speculator(
                 f"--speculative self:{layers}: the model has {len(model.layers)} layers; a self-draft uses fewer "
                 f"(1..{len(model.layers) - 1})."
             )
-        drafter = ModelDrafter(f"self:{layers}", first_layers(model, layers), cache, blocks, shares_cache=True)
+        shallow = first_layers(model, layers)
+        drafter = ModelDrafter(f"self:{layers}", shallow, first_layers_cache(cache, layers), blocks, shares_cache=True)
     else:
         if draft_model is None:
             draft_model, draft_tokenizer = load_draft_model(arg, model)
             check_same_tokenizer(tokenizer, draft_tokenizer, arg)
         drafter = _separate_drafter(f"draft:{arg}", draft_model, model, blocks)
     return Speculator(drafter, config.num_speculative_tokens, config.speculative_adaptive)
+
+
+def first_layers_cache(cache: PagedKVCache, num_layers: int) -> PagedKVCache:
+    """The same cache seen through its first num_layers layers (views: writes land in the target's cache)."""
+    view = copy.copy(cache)
+    for name in ("keys", "values", "key_scales", "value_scales"):
+        if hasattr(cache, name):
+            setattr(view, name, getattr(cache, name)[:num_layers])
+    return view
 
 
 def _separate_drafter(name: str, draft: nn.Module, target: nn.Module, target_blocks: BlockManager) -> ModelDrafter:
