@@ -165,8 +165,9 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; None = a share of free memory, capped
     enable_prefix_caching: bool = True  # requests sharing a prompt prefix share its KV blocks
     num_kv_blocks: int | None = None  # exact block count, overriding kv_cache_memory (tests, experiments)
-    # Speculative decoding (engine/speculative/): "ngram" (prompt lookup), "self" or "self:N" (the model's first N
-    # layers draft, half by default), "draft:M" (model M, sharing the tokenizer, drafts); None = off.
+    # Speculative decoding (engine/speculative/): "ngram" (prompt lookup); "self:int4" (the model quantized to int4
+    # drafts for itself), "self:N" (its first N layers draft), "self" (int4 for a dense model, else half the
+    # layers); "draft:M" (model M, sharing the tokenizer, drafts); None = off.
     speculative: str | None = None
     num_speculative_tokens: int = 5  # most tokens drafted per step
     speculative_adaptive: bool = True  # each request tunes its draft length, down to none when it does not pay
@@ -191,14 +192,14 @@ class EngineConfig:
             )
 
 
-SPECULATIVE_METHODS = "ngram, self, self:N (N layers) or draft:MODEL"
+SPECULATIVE_METHODS = "ngram, self, self:int4, self:N (N layers) or draft:MODEL"
 
 
 def check_speculative(value: str) -> None:
-    """Raise unless `value` names a speculative method: ngram, self, self:N or draft:MODEL."""
+    """Raise unless `value` names a speculative method: ngram, self, self:int4, self:N or draft:MODEL."""
     kind, colon, arg = str(value).partition(":")
     ok = (kind == "ngram" and not colon) or (kind == "draft" and arg.strip() != "")
-    ok = ok or (kind == "self" and (not colon or (arg.isdigit() and int(arg) > 0)))
+    ok = ok or (kind == "self" and (not colon or arg == "int4" or (arg.isdigit() and int(arg) > 0)))
     if not ok:
         raise InvalidRequestError(f"Unknown speculative method {value!r}. Choose {SPECULATIVE_METHODS}.")
 

@@ -120,7 +120,11 @@ def test_limits_hold_in_the_middle_of_accepted_drafts(model):
     for params in cases:
         expected = run(engine_for(model), PROMPTS[:1], params)[0]
         got = run(engine_for(model, "draft:same", draft_model=model), PROMPTS[:1], params)[0]
-        assert (got.token_ids, got.text, got.finish_reason) == (expected.token_ids, expected.text, expected.finish_reason)
+        assert (got.token_ids, got.text, got.finish_reason) == (
+            expected.token_ids,
+            expected.text,
+            expected.finish_reason,
+        )
         assert got.metrics.num_accepted_tokens > 0
 
 
@@ -346,3 +350,15 @@ def test_bad_speculative_settings_are_refused_with_a_message(model):
         EngineConfig(speculative="ngram", num_speculative_tokens=0)
     with pytest.raises(InvalidRequestError, match="layers"):
         engine_for(model, "self:4")
+
+
+def test_metrics_and_usage_report_acceptance(model):
+    from leanlm.server.metrics import ServerMetrics
+
+    engine = engine_for(model, "draft:same", draft_model=model)
+    out = run(engine, PROMPTS[:1])[0]
+    assert out.metrics.num_accepted_tokens == out.metrics.num_draft_tokens > 0
+    text = ServerMetrics().render(engine.stats(), in_flight=0)
+    drafted = engine.stats().speculative.num_draft_tokens
+    assert f"leanlm_spec_decode_draft_tokens_total {drafted}" in text
+    assert "leanlm_spec_decode_acceptance_rate 1.0" in text

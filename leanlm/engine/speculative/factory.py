@@ -35,6 +35,8 @@ def build_speculator(
     kind, _, arg = method.partition(":")
     if kind == "ngram":
         drafter = NgramDrafter()
+    elif kind == "self" and (arg == "int4" or (not arg and not _quantized(model))):
+        drafter = _separate_drafter("self:int4", quantized_copy(model), model, blocks)
     elif kind == "self":
         layers = int(arg) if arg else max(1, len(model.layers) // 2)
         if not 0 < layers < len(model.layers):
@@ -50,6 +52,31 @@ def build_speculator(
             check_same_tokenizer(tokenizer, draft_tokenizer, arg)
         drafter = _separate_drafter(f"draft:{arg}", draft_model, model, blocks)
     return Speculator(drafter, config.num_speculative_tokens, config.speculative_adaptive)
+
+
+def _quantized(model: nn.Module) -> bool:
+    from leanlm.layers.quantized_linear import QuantizedLinear
+
+    return any(isinstance(m, QuantizedLinear) for m in model.layers.modules())
+
+
+def quantized_copy(model: nn.Module, bits: int = 4, group_size: int = 32) -> nn.Module:
+    """The model with every projection and the head quantized by round-to-nearest (compress/rtn.py), for drafting:
+    new modules around the target's, whose own tensors are left untouched."""
+    from leanlm.compress.config import QuantConfig
+    from leanlm.compress.quantize import install, quantize_weights_rtn, target_linears
+    from leanlm.models.registry import prepare_runtime
+
+    if model.plan is None:
+        raise InvalidRequestError("self:int4 needs a model loaded by LLM(...) (it reuses the model's runtime plan).")
+    config = QuantConfig("int4", bits=bits, group_size=group_size)
+    targets = target_linears(model, config)
+    quantized = quantize_weights_rtn(model, config)
+    # Copy everything except the dense projections (about to be replaced: no need to copy gigabytes of them).
+    draft = copy.deepcopy(model, memo={id(linear): linear for linear in targets.values()})
+    install(draft, quantized)
+    prepare_runtime(draft, model.plan.for_weights(quantized=True))
+    return draft
 
 
 def first_layers_cache(cache: PagedKVCache, num_layers: int) -> PagedKVCache:
