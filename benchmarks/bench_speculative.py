@@ -7,7 +7,7 @@ engine of a model shares the loaded weights (one LLMEngine per method over the s
 and the table gives medians. "same" says whether leanlm's greedy tokens equal plain decoding's (lossless).
 
     python benchmarks/bench_speculative.py [--models default,qwen2.5-coder-1.5b] [--methods ngram,self]
-        [--max-tokens 128] [--repetitions 3] [--threads 2] [--no-llama-cpp]
+        [--tasks "code edit,summarize,story"] [--max-tokens 128] [--repetitions 3] [--threads 2] [--no-llama-cpp]
 """
 
 from __future__ import annotations
@@ -102,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="default,qwen2.5-coder-1.5b")
     parser.add_argument("--methods", default="ngram,self", help="leanlm --speculative methods besides plain")
+    parser.add_argument("--tasks", default=",".join(TASKS), help="comma-separated, among: " + ", ".join(TASKS))
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repetitions", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -117,7 +118,8 @@ def main() -> None:
             config = EngineConfig(speculative=method)
             engines[method] = LLMEngine(llm.model, llm.tokenizer, config, llm.plan.kv_cache, args.threads)
         peers = {} if args.no_llama_cpp else load_llama_cpp(llm.model_path, args.threads)
-        prompts = {task: llm.apply_chat_template([{"role": "user", "content": text}]) for task, text in TASKS.items()}
+        tasks = args.tasks.split(",")
+        prompts = {task: llm.apply_chat_template([{"role": "user", "content": TASKS[task]}]) for task in tasks}
         leanlm_run(llm, engines["plain"], prompts["story"], 4)  # warm-up
         results: dict[tuple[str, str], list[dict]] = {}
         for repetition in range(args.repetitions):

@@ -208,7 +208,7 @@ def test_target_probabilities_match_the_batch_samplers_filters():
 class CorruptingDrafter:
     """Proposes the target's true continuation with a random token replaced at a random place (or none)."""
 
-    name, has_cost = "test", False
+    name = "test"
 
     def __init__(self, truth: list[int], prompt_len: int, rng: random.Random):
         self.truth, self.prompt_len, self.rng = truth, prompt_len, rng

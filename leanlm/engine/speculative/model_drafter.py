@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import time
 from collections.abc import Sequence
 
 import torch
@@ -27,13 +28,15 @@ from leanlm.models.stack import refresh_decoder_stack
 
 
 class ModelDrafter:
-    has_cost = True
 
     def __init__(self, name: str, model: nn.Module, cache: PagedKVCache, blocks: BlockManager, shares_cache: bool):
         """shares_cache: `cache` and `blocks` are the target's (layer skip); else the drafter's own."""
         self.name, self.model, self.cache, self.blocks, self.shares_cache = name, model, cache, blocks, shares_cache
         self.device = cache.keys.device
         self._fed: dict[str, list[int]] = {}  # own cache: the tokens whose keys and values it holds, in order
+        # Seconds per drafted token, measured on passes of one token per request (a pass that catches up on a
+        # prompt or on accepted tokens costs more, once, and would overstate the steady cost).
+        self.seconds_per_token: float | None = None
 
     @torch.inference_mode()
     def propose(self, requests: Sequence[Request], lengths: Sequence[int]) -> dict[str, list[int]]:
@@ -53,7 +56,12 @@ class ModelDrafter:
             if not rows:
                 break
             rows.sort(key=lambda row: len(row[2]) != 1)  # single-token rows first: the decode batch
+            started = time.perf_counter()
             tokens = self._forward(rows)
+            if all(len(fed) == 1 for _, _, fed in rows):
+                per_token = (time.perf_counter() - started) / len(rows)
+                old = self.seconds_per_token
+                self.seconds_per_token = per_token if old is None else 0.8 * old + 0.2 * per_token
             for (rid, start, fed), token in zip(rows, tokens, strict=True):
                 computed[rid] = start + len(fed)
                 if not self.shares_cache:

@@ -29,7 +29,6 @@ class NgramDrafter:
     occurred before."""
 
     name = "ngram"
-    has_cost = False  # drafting costs next to nothing: the tuner only weighs the verify rows
 
     def __init__(self, min_ngram: int = 2, max_ngram: int = 4):
         self.sizes = range(max_ngram, min_ngram - 1, -1)

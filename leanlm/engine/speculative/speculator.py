@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -29,7 +28,7 @@ class Speculator:
         choose, down to nothing."""
         self.drafter, self.max_draft_tokens, self.adaptive = drafter, max_draft_tokens, adaptive
         self.costs = StepCosts()
-        self.draft_seconds_per_token = 0.0  # measured, an average over recent drafting calls
+        self.draft_seconds_per_token = 0.0  # the drafter's measure; prompt lookup costs next to nothing
         self.stats = SpeculativeStats()
         self._tuners: dict[str, DraftTuner] = {}
 
@@ -50,13 +49,10 @@ class Speculator:
                 lengths.append(k)
         if not chosen:
             return
-        started = time.perf_counter()
         drafts = self.drafter.propose(chosen, lengths)
-        drafted = sum(len(d) for d in drafts.values())
-        if drafted and self.drafter.has_cost:
-            per_token = (time.perf_counter() - started) / drafted
-            old = self.draft_seconds_per_token
-            self.draft_seconds_per_token = per_token if not old else 0.8 * old + 0.2 * per_token
+        measured = getattr(self.drafter, "seconds_per_token", None)
+        if measured is not None:
+            self.draft_seconds_per_token = measured
         for request in chosen:
             request.draft_token_ids = drafts.get(request.request_id, [])
 
