@@ -127,7 +127,9 @@ def main() -> None:
                 for engine_name, engine in engines.items():
                     sample = leanlm_run(llm, engine, ids, args.max_tokens)
                     results.setdefault((task, engine_name), []).append(sample)
-                    print(f"  [{repetition}] {name} {task} {engine_name}: {sample['tok_s']:.2f} tok/s", flush=True)
+                    accepted = f", accepted {sample['accepted']}/{sample['drafted']}" if sample["drafted"] else ""
+                    speed = f"{sample['tok_s']:.2f} tok/s"
+                    print(f"  [{repetition}] {name} {task} {engine_name}: {speed}{accepted}", flush=True)
                 for peer_name, peer in peers.items():
                     sample = llama_cpp_run(peer, ids, args.max_tokens)
                     results.setdefault((task, peer_name), []).append(sample)
