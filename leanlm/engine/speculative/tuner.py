@@ -76,7 +76,9 @@ class DraftTuner:
         if plain is not None and plain > 0:
             best_value = (1 + MARGIN) / plain  # what plain decoding gives, plus the margin speculation must beat
             for k in range(1, self.max_tokens + 1):
-                cost = step_cost(k)
+                measured = step_cost(k)
+                # More rows never cost less: on a noisy machine a lucky sample must not switch speculation on.
+                cost = None if measured is None else max(measured, plain)
                 value = expected_tokens(self.acceptance, k) / (cost + k * draft_cost) if cost else 0.0
                 if value > best_value:
                     best, best_value = k, value
