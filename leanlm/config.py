@@ -165,6 +165,12 @@ class EngineConfig:
     kv_cache_memory: int | None = None  # bytes; None = a share of free memory, capped
     enable_prefix_caching: bool = True  # requests sharing a prompt prefix share its KV blocks
     num_kv_blocks: int | None = None  # exact block count, overriding kv_cache_memory (tests, experiments)
+    # Speculative decoding (engine/speculative/): "ngram" (prompt lookup); "self:int4" (the model quantized to int4
+    # drafts for itself), "self:N" (its first N layers draft), "self" (int4 for a dense model, else half the
+    # layers); "draft:M" (model M, sharing the tokenizer, drafts); None = off.
+    speculative: str | None = None
+    num_speculative_tokens: int = 5  # most tokens drafted per step
+    speculative_adaptive: bool = True  # each request tunes its draft length, down to none when it does not pay
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -178,6 +184,24 @@ class EngineConfig:
             )
         if self.num_kv_blocks is not None and (not isinstance(self.num_kv_blocks, int) or self.num_kv_blocks < 1):
             raise InvalidRequestError(f"num_kv_blocks must be an integer >= 1, got {self.num_kv_blocks!r}.")
+        if self.speculative is not None:
+            check_speculative(self.speculative)
+        if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 32:
+            raise InvalidRequestError(
+                f"num_speculative_tokens must be an integer in 1..32, got {self.num_speculative_tokens!r}."
+            )
+
+
+SPECULATIVE_METHODS = "ngram, self, self:int4, self:N (N layers) or draft:MODEL"
+
+
+def check_speculative(value: str) -> None:
+    """Raise unless `value` names a speculative method: ngram, self, self:int4, self:N or draft:MODEL."""
+    kind, colon, arg = str(value).partition(":")
+    ok = (kind == "ngram" and not colon) or (kind == "draft" and arg.strip() != "")
+    ok = ok or (kind == "self" and (not colon or arg == "int4" or (arg.isdigit() and int(arg) > 0)))
+    if not ok:
+        raise InvalidRequestError(f"Unknown speculative method {value!r}. Choose {SPECULATIVE_METHODS}.")
 
 
 _SIZE_UNITS = {

@@ -132,6 +132,21 @@ class BlockManager:
             table.append(self._take_free_block())
         return True
 
+    def truncate(self, request_id: str, num_tokens: int) -> None:
+        """Give back the request's trailing blocks beyond the first num_tokens tokens (speculative tokens that
+        were rejected). Only private, unnamed blocks can be beyond them: a named block is full of computed tokens."""
+        table = self.tables.get(request_id)
+        if table is None:
+            return
+        keep = max(self.blocks_needed(num_tokens), len(table.hashes))
+        while len(table.ids) > keep:
+            block = self.blocks[table.ids.pop()]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._free[block.block_id] = None
+                self._free.move_to_end(block.block_id, last=False)  # holds nothing reusable: reuse it first
+        table.contiguous = all(b == a + 1 for a, b in zip(table.ids, table.ids[1:], strict=False))
+
     def free(self, request_id: str) -> None:
         """Drop the request's references. Its last blocks become the first evicted: a shared prefix lives longer."""
         table = self.tables.pop(request_id, None)

@@ -82,7 +82,12 @@ def run(args: argparse.Namespace) -> int:
             f"[{llm.model_path.name} {llm.precision} | load {llm.load_time_s:.2f} s | "
             f"prompt {m.num_prompt_tokens} tok, {m.prefill_tokens_per_s:.0f} tok/s | "
             f"generated {m.num_generated_tokens} tok, {m.decode_tokens_per_s:.1f} tok/s | "
-            f"finish: {outputs[0].finish_reason}]",
+            + (
+                f"speculative {llm.engine.speculator.name}: {m.num_accepted_tokens}/{m.num_draft_tokens} accepted | "
+                if llm.engine.speculator is not None
+                else ""
+            )
+            + f"finish: {outputs[0].finish_reason}]",
             file=sys.stderr,
         )
     return 0

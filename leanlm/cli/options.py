@@ -67,6 +67,19 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not share the KV blocks of a common prompt prefix between requests",
     )
+    engine.add_argument(
+        "--speculative",
+        default=None,
+        metavar="METHOD",
+        help="speculative decoding, lossless and self-tuning: ngram (prompt lookup), self:N (the model's first N "
+        "layers draft; self = half), or draft:MODEL (a smaller model with the same tokenizer)",
+    )
+    engine.add_argument(
+        "--num-speculative-tokens",
+        type=int,
+        default=5,
+        help="most tokens drafted per step with --speculative (default: %(default)s)",
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -111,6 +124,8 @@ def engine_config_from(args: argparse.Namespace):
         block_size=args.block_size,
         kv_cache_memory=None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory),
         enable_prefix_caching=not args.no_prefix_caching,
+        speculative=getattr(args, "speculative", None),
+        num_speculative_tokens=getattr(args, "num_speculative_tokens", 5),
     )
 
 

@@ -8,6 +8,7 @@ The engine is not thread-safe: one thread owns it (the server runs it in a threa
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,8 @@ from leanlm.engine.model_runner import ModelRunner, RunnerOutput, SampledToken, 
 from leanlm.engine.outputs import RequestMetrics, RequestOutput, TokenLogprobs
 from leanlm.engine.request import Request
 from leanlm.engine.scheduler import Scheduler, SchedulerOutput
+from leanlm.engine.speculative.factory import build_speculator
+from leanlm.engine.speculative.speculator import SpeculativeStats
 from leanlm.engine.stop import StopStrings
 from leanlm.errors import InvalidRequestError, PromptTooLongError
 from leanlm.formats.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -47,6 +50,7 @@ class EngineStats:
     prefix_cache_hits: int  # of which found in the cache
     num_preemptions: int
     total_generated_tokens: int
+    speculative: SpeculativeStats | None = None  # drafted and accepted tokens, with --speculative
 
 
 @dataclass
@@ -78,8 +82,10 @@ class LLMEngine:
         config: EngineConfig | None = None,
         kv_cache: str = "auto",
         threads: int | None = None,
+        draft_model: torch.nn.Module | None = None,
     ):
-        """threads: torch threads for this engine's steps only (kernels/threads.py); None keeps the caller's."""
+        """threads: torch threads for this engine's steps only (kernels/threads.py); None keeps the caller's.
+        draft_model: a built model for config.speculative = "draft:..." (else loaded from the name)."""
         if kv_cache not in PAGED_KV_CACHE_TYPES:
             raise InvalidRequestError(
                 f"Unknown KV cache type '{kv_cache}'. Choose among: {', '.join(PAGED_KV_CACHE_TYPES)}."
@@ -110,6 +116,11 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, self.config.block_size, self.config.enable_prefix_caching)
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.runner = ModelRunner(model, self.cache, self.device)
+        self.speculator = None
+        if self.config.speculative:
+            self.speculator = build_speculator(
+                self.config, model, tokenizer, self.cache, self.block_manager, draft_model
+            )
         self._progress: dict[str, _Progress] = {}
         self._aborted: list[RequestOutput] = []  # returned by the next step
         self.total_generated_tokens = 0
@@ -187,9 +198,14 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """One output per request that produced a token or finished in this step."""
-        schedule = self.scheduler.schedule()
         with scoped_threads(self.threads):
+            if self.speculator is not None:
+                self.speculator.propose(self.scheduler.running)  # drafts: extra rows of the step for verification
+            schedule = self.scheduler.schedule()
+            started = time.perf_counter()
             ran = self.runner.run(schedule)
+            if self.speculator is not None and schedule.scheduled:
+                self.speculator.observe_step(schedule.num_batched_tokens, time.perf_counter() - started)
         return self._process_outputs(schedule, ran)
 
     def _process_outputs(self, schedule: SchedulerOutput, ran: RunnerOutput) -> list[RequestOutput]:
@@ -197,20 +213,40 @@ class LLMEngine:
         outputs, self._aborted = self._aborted, []
         now = time.perf_counter()
         for entry in schedule.scheduled:
-            request_id = entry.request.request_id
-            if request_id in ran.scored:
-                self._progress[request_id].add_scores(ran.scored[request_id])
-            if request_id not in ran.sampled:
+            request = entry.request
+            if request.request_id in ran.scored:
+                self._progress[request.request_id].add_scores(ran.scored[request.request_id])
+            if request.request_id not in ran.sampled:
                 continue
-            progress = self._progress[request_id]
-            if progress.request.max_tokens == 0:  # it only scores its prompt: done once the prompt has run
+            samples = ran.sampled[request.request_id]
+            progress = self._progress[request.request_id]
+            if request.max_tokens == 0:  # it only scores its prompt: done once the prompt has run
                 self._finish(progress, "length")
                 outputs.append(self._snapshot(progress, "", []))
-            else:
-                outputs.append(self._append_token(progress, ran.sampled[request_id], now))
+                continue
+            if entry.num_draft_tokens:
+                accepted = len(samples) - 1
+                progress.metrics.num_draft_tokens += entry.num_draft_tokens
+                progress.metrics.num_accepted_tokens += accepted
+                self.speculator.record(request.request_id, entry.num_draft_tokens, accepted)
+            outputs.append(self._append_tokens(progress, samples, now))
+            if entry.num_draft_tokens:
+                self.scheduler.accept_drafts(request, len(samples) - 1)  # rejected drafts roll back in the KV cache
         return outputs
 
-    def _append_token(self, progress: _Progress, sample: SampledToken, now: float) -> RequestOutput:
+    def _append_tokens(self, progress: _Progress, samples: list[SampledToken], now: float) -> RequestOutput:
+        """Append a step's tokens (one, or accepted drafts and one more) until one of them finishes the request."""
+        appended: list[int] = []
+        new_text = ""
+        for sample in samples:
+            appended.append(sample.token_id)
+            new_text += self._append_token(progress, sample, now)
+            if progress.request.finished:
+                break
+        return self._snapshot(progress, new_text, appended)
+
+    def _append_token(self, progress: _Progress, sample: SampledToken, now: float) -> str:
+        """Append one token; return the text it lets us show."""
         request, token = progress.request, sample.token_id
         params = request.params
         request.append_token(token)
@@ -246,12 +282,14 @@ class LLMEngine:
         show_up_to = len(progress.text) if reason else progress.stops.safe_length(progress.text)
         new_text = progress.text[progress.shown : show_up_to]
         progress.shown = max(progress.shown, show_up_to)
-        return self._snapshot(progress, new_text, [token])
+        return new_text
 
     def _finish(self, progress: _Progress, reason: str) -> None:
         request_id = progress.request.request_id
         self.scheduler.finish(progress.request, reason)
         self.runner.remove_request(request_id)
+        if self.speculator is not None:
+            self.speculator.remove(request_id)
         del self._progress[request_id]
 
     def _snapshot(self, progress: _Progress, new_text: str, new_token_ids: list[int]) -> RequestOutput:
@@ -286,6 +324,7 @@ class LLMEngine:
             prefix_cache_hits=scheduler.prefix_cache_hits,
             num_preemptions=scheduler.num_preemptions,
             total_generated_tokens=self.total_generated_tokens,
+            speculative=None if self.speculator is None else dataclasses.replace(self.speculator.stats),
         )
 
     def _num_blocks(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import threading
 import time
@@ -42,7 +43,11 @@ class LLM:
         kv_cache: str = "auto",
         kernels: str = "auto",
         engine_config: EngineConfig | None = None,
+        speculative: str | None = None,
+        num_speculative_tokens: int | None = None,
     ):
+        """speculative: "ngram" (prompt lookup), "self" / "self:N" (the model's first N layers draft) or "draft:M"
+        (model M, same tokenizer, drafts); lossless, self-tuning per request. Overrides engine_config's setting."""
         if threads is not None and threads < 1:
             raise InvalidRequestError(f"threads must be >= 1, got {threads}.")
         # `threads` holds for this object's engine steps, not for the process: torch's setting is put back after
@@ -63,6 +68,13 @@ class LLM:
         self.model_path = checkpoint.path
         self.weight_types = checkpoint.weight_types
         self.model = build_model(checkpoint.config, checkpoint.weights, self.plan)
+        engine_config = engine_config or EngineConfig()
+        if speculative is not None or num_speculative_tokens is not None:
+            engine_config = dataclasses.replace(
+                engine_config,
+                speculative=speculative if speculative is not None else engine_config.speculative,
+                num_speculative_tokens=num_speculative_tokens or engine_config.num_speculative_tokens,
+            )
         self.engine = LLMEngine(self.model, self.tokenizer, engine_config, self.plan.kv_cache, threads)
         self.load_time_s = time.perf_counter() - started
         self._loaded_on = threading.current_thread()

@@ -1,10 +1,12 @@
-"""One step's schedule -> one forward pass over all its tokens -> one sampled token per request that needs one
+"""One step's schedule -> one forward pass over all its tokens -> the sampled tokens of each request that needs any
 (and the log-probabilities of the prompt tokens that ran, for requests that score their prompt).
 
 The tokens of every scheduled request are laid out in one row (1, N): a 256-token prefill chunk and 15 decode
 tokens make 271 rows for the linear layers, not 16 x 256. Decode requests go first so that their attention runs
 as one padded batch (see paged_attention.py). Logits are computed only for the rows that are sampled, and all of
-them are sampled together.
+them are sampled together. A request with draft tokens (speculative decoding) runs its newest token and its drafts
+as extra rows; every one of those rows gives logits, and sampling/speculative.py keeps the drafts the target agrees
+with plus one token of its own.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from leanlm.engine.paged_attention import SequenceSlice, build_paged_attention
 from leanlm.engine.scheduler import ScheduledRequest, SchedulerOutput
 from leanlm.sampling.batch import rows_logprobs, sample_batch
 from leanlm.sampling.grammar import Constraint, MaskWorker
+from leanlm.sampling.speculative import accept_greedy, accept_sampled
 from leanlm.sampling.state import SamplingState
 from leanlm.sampling_params import SamplingParams
 
@@ -39,7 +42,8 @@ class ScoredPrompt:
 
 @dataclass
 class RunnerOutput:
-    sampled: dict[str, SampledToken]  # by request id: the next token of each request whose newest token ran
+    # by request id: the tokens of each request whose newest token ran (one, or accepted drafts and one more)
+    sampled: dict[str, list[SampledToken]]
     scored: dict[str, ScoredPrompt]  # by request id: prompt tokens scored this step (SamplingParams.prompt_logprobs)
 
 
@@ -59,7 +63,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, schedule: SchedulerOutput) -> RunnerOutput:
-        """Run the scheduled tokens; sample the next token of each request whose newest token ran."""
+        """Run the scheduled tokens; sample the tokens of each request whose newest token ran: one, or for a
+        request with drafts, the accepted drafts and one more."""
         entries = sorted(schedule.scheduled, key=lambda e: e.num_tokens != 1)  # decodes first, order kept
         if not entries:
             return RunnerOutput({}, {})
@@ -68,24 +73,30 @@ class ModelRunner:
         sequences: list[SequenceSlice] = []
         sample_rows: list[int] = []
         sampled: list[ScheduledRequest] = []
+        verified: list[tuple[ScheduledRequest, int]] = []  # (entry, its first logits row) for entries with drafts
         scored: list[tuple[ScheduledRequest, int, int]] = []  # (entry, its first row, rows scored)
         for entry in entries:
             end = entry.start + entry.num_tokens
+            drafts = entry.num_draft_tokens
             if self._states[entry.request.request_id].params.prompt_logprobs is not None:
                 # position p's logits score prompt token p + 1: positions start .. P - 2 of this chunk
                 count = min(end, entry.request.num_prompt_tokens - 1) - entry.start
                 if count > 0:
                     scored.append((entry, len(token_ids), count))
-            token_ids.extend(entry.request.all_token_ids[entry.start : end])
+            token_ids.extend(entry.request.all_token_ids[entry.start : end - drafts])
+            token_ids.extend(entry.request.draft_token_ids[:drafts])
             positions.extend(range(entry.start, end))
             sequences.append(
                 SequenceSlice(entry.start, entry.num_tokens, entry.block_table.ids, entry.block_table.contiguous)
             )
-            if entry.completes:
+            if entry.completes and drafts:
+                verified.append((entry, len(sample_rows)))
+                sample_rows.extend(range(len(token_ids) - 1 - drafts, len(token_ids)))
+            elif entry.completes:
                 sample_rows.append(len(token_ids) - 1)
                 sampled.append(entry)
         request_ids = [e.request.request_id for e in sampled]
-        masks = self._start_masks(request_ids)  # structured-output masks, computed while the forward pass runs
+        masks = self._start_masks(request_ids) if request_ids else None  # computed while the forward pass runs
         attend = build_paged_attention(self.cache, self.model.attention, sequences, self.device)
         score_rows = [first + i for _, first, count in scored for i in range(count)]
         rows = score_rows + sample_rows
@@ -96,9 +107,18 @@ class ModelRunner:
             attend=attend,
             last_only=last_only,
             logits_indices=None if last_only else torch.tensor(rows, dtype=torch.long, device=self.device),
-        )[0]  # (R, V) float32: the scored prompt rows, then one row per sampled request
-        sampled_tokens = self._sample(request_ids, logits[len(score_rows) :], None if masks is None else masks.result())
-        return RunnerOutput(sampled_tokens, self._score(scored, logits[: len(score_rows)]))
+        )[0]  # (R, V) float32: the scored prompt rows, then one row per sampled row
+        scores = self._score(scored, logits[: len(score_rows)])
+        logits = logits[len(score_rows) :]
+        if not verified:
+            return RunnerOutput(self._sample(request_ids, logits, None if masks is None else masks.result()), scores)
+        plain_rows = [row for row in range(len(sample_rows)) if not _in_verified(row, verified)]
+        out = {}
+        if request_ids:
+            plain = logits[torch.tensor(plain_rows, device=logits.device)]
+            out = self._sample(request_ids, plain, None if masks is None else masks.result())
+        out.update(self._verify(verified, logits))
+        return RunnerOutput(out, scores)
 
     def _score(self, scored: list[tuple[ScheduledRequest, int, int]], logits: torch.Tensor) -> dict[str, ScoredPrompt]:
         if not scored:
@@ -113,12 +133,42 @@ class ModelRunner:
             for entry, _, count in scored
         }
 
+    def _verify(
+        self, verified: list[tuple[ScheduledRequest, int]], logits: torch.Tensor
+    ) -> dict[str, list[SampledToken]]:
+        """Accept or reject each request's drafts (sampling/speculative.py); greedy rows share one argmax."""
+        states = [self._states[entry.request.request_id] for entry, _ in verified]
+        greedy = [i for i, state in enumerate(states) if state.params.greedy]
+        argmaxes: dict[int, list[int]] = {}
+        if greedy:
+            spans = [range(verified[i][1], verified[i][1] + verified[i][0].num_draft_tokens + 1) for i in greedy]
+            flat = logits[torch.tensor([row for span in spans for row in span], device=logits.device)].argmax(-1)
+            at = 0
+            for i, span in zip(greedy, spans, strict=True):
+                argmaxes[i], at = flat[at : at + len(span)].tolist(), at + len(span)
+        out = {}
+        for i, ((entry, first), state) in enumerate(zip(verified, states, strict=True)):
+            drafts = entry.request.draft_token_ids[: entry.num_draft_tokens]
+            if i in argmaxes:
+                tokens = accept_greedy(drafts, argmaxes[i])
+            else:
+                rows = logits[first : first + len(drafts) + 1]
+                tokens = accept_sampled(drafts, rows, state.params, state.generator)
+            for token in tokens:
+                state.append(token)
+            out[entry.request.request_id] = [SampledToken(token) for token in tokens]
+        return out
+
     def _start_masks(self, request_ids: list[str]):
         states = [self._states[rid] for rid in request_ids]
         rows = [row for row, state in enumerate(states) if state.constraint is not None]
         return self._masks.start(rows, [states[row].constraint for row in rows])
 
-    def _sample(self, request_ids: list[str], logits: torch.Tensor, masks=None) -> dict[str, SampledToken]:
+    def _sample(self, request_ids: list[str], logits: torch.Tensor, masks=None) -> dict[str, list[SampledToken]]:
         """All sampled rows at once (sampling/batch.py): one op per filter, not one per request."""
         rows = sample_batch(logits, [self._states[rid] for rid in request_ids], masks)
-        return {rid: SampledToken(*row) for rid, row in zip(request_ids, rows, strict=True)}
+        return {rid: [SampledToken(*row)] for rid, row in zip(request_ids, rows, strict=True)}
+
+
+def _in_verified(row: int, verified: list[tuple[ScheduledRequest, int]]) -> bool:
+    return any(first <= row <= first + entry.num_draft_tokens for entry, first in verified)

@@ -27,6 +27,9 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache when first admitted
     num_preemptions: int = 0
+    # Speculative decoding: tokens a drafter proposes after the newest token, verified by the next step
+    # (engine/speculative/). They are not part of all_token_ids until accepted.
+    draft_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
 

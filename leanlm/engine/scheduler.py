@@ -30,11 +30,12 @@ class ScheduledRequest:
     num_tokens: int  # tokens to run this step
     start: int  # position of the first of them (= request.num_computed_tokens when scheduled)
     block_table: BlockTable
+    num_draft_tokens: int = 0  # of num_tokens, speculative tokens after the newest one (request.draft_token_ids)
 
     @property
     def completes(self) -> bool:
         """The step reaches the request's newest token, so its logits give the next token."""
-        return self.start + self.num_tokens == self.request.num_tokens
+        return self.start + self.num_tokens - self.num_draft_tokens == self.request.num_tokens
 
 
 @dataclass
@@ -75,10 +76,11 @@ class Scheduler:
             num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
             if i + 1 < len(self.running) or self._can_admit():  # others want tokens: a long prefill leaves room
                 num_tokens = min(num_tokens, self._prefill_chunk_cap)
+            num_draft = self._fit_drafts(request, budget - num_tokens)
             if not self._allocate_or_preempt(request, num_tokens, out):
                 break  # the request preempted itself: no one after it is left
-            out.scheduled.append(self._entry(request, num_tokens))
-            budget -= num_tokens
+            out.scheduled.append(self._entry(request, num_tokens + num_draft, num_draft))
+            budget -= num_tokens + num_draft
             i += 1
         if not out.preempted:  # memory is short: admitting more would only preempt again
             self._admit(budget, out)
@@ -97,8 +99,19 @@ class Scheduler:
             request = entry.request
             if request.finished:  # aborted while the step ran
                 continue
-            request.num_computed_tokens = entry.start + entry.num_tokens
+            # Draft tokens count once accepted (accept_drafts): only the request's own tokens are named here.
+            request.num_computed_tokens = entry.start + entry.num_tokens - entry.num_draft_tokens
             self.block_manager.cache_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
+
+    def accept_drafts(self, request: Request, num_accepted: int) -> None:
+        """After a verify step appended its tokens: the accepted drafts' keys and values are valid, the rejected
+        ones' are not. Roll the computed count, the prefix-cache names and the block table back to match."""
+        request.draft_token_ids = []
+        if request.finished:  # its blocks are already freed
+            return
+        request.num_computed_tokens = min(request.num_computed_tokens + num_accepted, request.num_tokens - 1)
+        self.block_manager.cache_full_blocks(request.request_id, request.all_token_ids, request.num_computed_tokens)
+        self.block_manager.truncate(request.request_id, request.num_tokens)
 
     def finish(self, request: Request, reason: str) -> None:
         """Remove a request (finished or aborted) wherever it is and free its blocks."""
@@ -111,9 +124,23 @@ class Scheduler:
 
     # ---- internals ------------------------------------------------------------------------------------------
 
-    def _entry(self, request: Request, num_tokens: int) -> ScheduledRequest:
+    def _entry(self, request: Request, num_tokens: int, num_draft: int = 0) -> ScheduledRequest:
         table = self.block_manager.tables[request.request_id]
-        return ScheduledRequest(request, num_tokens, request.num_computed_tokens, table)
+        return ScheduledRequest(request, num_tokens, request.num_computed_tokens, table, num_draft)
+
+    def _fit_drafts(self, request: Request, budget: int) -> int:
+        """How many of a decoding request's draft tokens run this step: what the budget and free blocks allow.
+        Drafts never preempt anyone; those that do not fit are dropped."""
+        drafts = request.draft_token_ids
+        if not drafts:
+            return 0
+        count = min(len(drafts), max(budget, 0))
+        if request.num_computed_tokens != request.num_tokens - 1:  # not decoding (prefill, or just resumed)
+            count = 0
+        if count and not self.block_manager.allocate(request.request_id, request.num_tokens + count):
+            count = 0
+        del drafts[count:]
+        return count
 
     def _allocate_or_preempt(self, request: Request, num_tokens: int, out: SchedulerOutput) -> bool:
         needed = request.num_computed_tokens + num_tokens
@@ -127,6 +154,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.block_manager.free(request.request_id)
+        request.draft_token_ids = []
         request.num_computed_tokens = 0
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1

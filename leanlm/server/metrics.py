@@ -99,6 +99,18 @@ class ServerMetrics:
             counter("leanlm_prefix_cache_hits", "Prompt blocks found in the prefix cache.", stats.prefix_cache_hits)
             counter("leanlm_preemptions", "Requests preempted to free KV blocks.", stats.num_preemptions)
             counter("leanlm_generation_tokens", "Tokens generated.", stats.total_generated_tokens)
+            if (spec := getattr(stats, "speculative", None)) is not None:
+                counter(
+                    "leanlm_spec_decode_draft_tokens", "Speculative tokens drafted and verified.", spec.num_draft_tokens
+                )
+                counter(
+                    "leanlm_spec_decode_accepted_tokens", "Drafted tokens the model accepted.", spec.num_accepted_tokens
+                )
+                gauge(
+                    "leanlm_spec_decode_acceptance_rate",
+                    "Accepted / drafted speculative tokens since the start.",
+                    spec.acceptance_rate,
+                )
         with self._lock:
             counter("leanlm_prompt_tokens", "Prompt tokens of admitted requests.", self.prompt_tokens)
             metric(

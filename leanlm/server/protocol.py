@@ -327,10 +327,17 @@ class ChatCompletionRequest(SamplingFields):
 # ---- responses ------------------------------------------------------------------------------------------------
 
 
+class CompletionTokensDetails(BaseModel):
+    # OpenAI's names (Predicted Outputs); here: speculative tokens the model accepted or rejected
+    accepted_prediction_tokens: int = 0
+    rejected_prediction_tokens: int = 0
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    completion_tokens_details: CompletionTokensDetails | None = None  # with --speculative
 
 
 class CompletionLogprobs(BaseModel):

@@ -33,6 +33,7 @@ from leanlm.server.protocol import (
     CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    CompletionTokensDetails,
     DetokenizeRequest,
     DetokenizeResponse,
     SamplingFields,
@@ -502,10 +503,16 @@ async def _collect(submission: Submission) -> list:
 
 def _usage(job: _Job, outputs: list) -> Usage:
     completion = sum(len(out.token_ids) for out in outputs)
+    drafted = sum(getattr(out.metrics, "num_draft_tokens", 0) for out in outputs)
+    accepted = sum(getattr(out.metrics, "num_accepted_tokens", 0) for out in outputs)
+    details = CompletionTokensDetails(
+        accepted_prediction_tokens=accepted, rejected_prediction_tokens=drafted - accepted
+    )
     return Usage(
         prompt_tokens=job.distinct_prompt_tokens,
         completion_tokens=completion,
         total_tokens=job.distinct_prompt_tokens + completion,
+        completion_tokens_details=details if drafted else None,
     )
 
 
