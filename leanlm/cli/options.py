@@ -47,6 +47,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU threads for torch (default: all cores; decode needs 2+ to use the memory bandwidth)",
     )
+    group.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="shard the model over this many processes (torch.distributed; gloo on CPU, NCCL on CUDA); launch "
+        "with `torchrun --nproc-per-node N -m leanlm.cli.main ...`; only rank 0 prints (default: %(default)s)",
+    )
     engine = parser.add_argument_group("engine (batching and KV cache)")
     engine.add_argument(
         "--kv-cache-memory",
@@ -117,7 +125,8 @@ def engine_config_from(args: argparse.Namespace):
 def load_llm(args: argparse.Namespace):
     from leanlm.engine.llm import LLM
 
-    return LLM(
+    tensor_parallel_size = getattr(args, "tensor_parallel_size", 1)
+    llm = LLM(
         args.model,
         dtype=args.dtype,
         device=args.device,
@@ -127,4 +136,11 @@ def load_llm(args: argparse.Namespace):
         kernels=args.kernels,
         attention=getattr(args, "attention", "sdpa"),
         engine_config=engine_config_from(args),
+        tensor_parallel_size=tensor_parallel_size,
     )
+    if tensor_parallel_size > 1:
+        from leanlm.distributed.report import announce_rank
+
+        announce_rank(llm)  # one line per rank on stderr; ranks other than 0 print nothing more
+        args.quiet = args.quiet or llm.tensor_parallel_rank != 0
+    return llm

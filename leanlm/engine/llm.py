@@ -42,6 +42,7 @@ class LLM:
         kv_cache: str = "auto",
         kernels: str = "auto",
         engine_config: EngineConfig | None = None,
+        tensor_parallel_size: int = 1,
     ):
         if threads is not None and threads < 1:
             raise InvalidRequestError(f"threads must be >= 1, got {threads}.")
@@ -62,8 +63,15 @@ class LLM:
         self.tokenizer = checkpoint.tokenizer
         self.model_path = checkpoint.path
         self.weight_types = checkpoint.weight_types
-        self.model = build_model(checkpoint.config, checkpoint.weights, self.plan)
-        self.engine = LLMEngine(self.model, self.tokenizer, engine_config, self.plan.kv_cache, threads)
+        if tensor_parallel_size == 1:
+            self.model = build_model(checkpoint.config, checkpoint.weights, self.plan)
+            self.engine = LLMEngine(self.model, self.tokenizer, engine_config, self.plan.kv_cache, threads)
+        else:  # this process is one rank of a torchrun launch: it builds and runs its shard (distributed/)
+            from leanlm.distributed.tensor_parallel import build_rank
+
+            self.model, self.engine = build_rank(checkpoint, self.plan, tensor_parallel_size, engine_config, threads)
+        self.tensor_parallel_size = tensor_parallel_size
+        self.tensor_parallel_rank = 0 if tensor_parallel_size == 1 else torch.distributed.get_rank()
         self.load_time_s = time.perf_counter() - started
         self._loaded_on = threading.current_thread()
         self._warned_thread = False
