@@ -83,8 +83,9 @@ def _slice_parts(tensor, parts: list[int], rank: int, size: int):
     if rows != sum(parts):
         raise InvalidRequestError(f"A projection has {rows} rows where the config implies {sum(parts)}.")
     starts = [sum(parts[:i]) for i in range(len(parts))]
-    ranges = [torch.arange(s + rank * n // size, s + (rank + 1) * n // size) for s, n in zip(starts, parts, strict=True)]
-    index = torch.cat(ranges)
+    index = torch.cat(
+        [torch.arange(s + rank * n // size, s + (rank + 1) * n // size) for s, n in zip(starts, parts, strict=True)]
+    )
     if isinstance(tensor, QuantizedTensor):
         return tensor.map_rows(lambda t: t[index].contiguous())
     return tensor[index].contiguous()
