@@ -122,12 +122,10 @@ def engine_config_from(args: argparse.Namespace):
     )
 
 
-def load_llm(args: argparse.Namespace):
-    from leanlm.engine.llm import LLM
-
-    tensor_parallel_size = getattr(args, "tensor_parallel_size", 1)
-    llm = LLM(
-        args.model,
+def llm_options(args: argparse.Namespace) -> dict:
+    """The LLM(...) keyword arguments these options say (serve --replicas sends them to each replica)."""
+    return dict(
+        model=args.model,
         dtype=args.dtype,
         device=args.device,
         threads=args.threads,
@@ -136,11 +134,17 @@ def load_llm(args: argparse.Namespace):
         kernels=args.kernels,
         attention=getattr(args, "attention", "sdpa"),
         engine_config=engine_config_from(args),
-        tensor_parallel_size=tensor_parallel_size,
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
     )
-    if tensor_parallel_size > 1:
+
+
+def load_llm(args: argparse.Namespace):
+    from leanlm.engine.llm import LLM
+
+    llm = LLM(**llm_options(args))
+    if llm.tensor_parallel_size > 1:
         from leanlm.distributed.report import announce_rank
 
         announce_rank(llm)  # one line per rank on stderr; ranks other than 0 print nothing more
-        args.quiet = args.quiet or llm.tensor_parallel_rank != 0
+        args.quiet = getattr(args, "quiet", False) or llm.tensor_parallel_rank != 0
     return llm

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_model import write_tiny_model
 
 from leanlm.compress.config import QuantConfig
 from leanlm.compress.pipelines import quantize_to_folder
@@ -25,53 +26,8 @@ from leanlm.errors import InvalidRequestError
 from leanlm.sampling_params import SamplingParams
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = {  # 4 heads over 2 KV heads: TP=2 gives each rank 2 heads over 1 KV head
-    "model_type": "llama",
-    "architectures": ["LlamaForCausalLM"],
-    "vocab_size": 256,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "max_position_embeddings": 256,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": False,
-}
 PROMPTS = ["w1 w7 w3 w9", "w200 w17", "w5 w5 w5 w60 w61 w62 w63"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-
-
-def write_tiny_model(folder: Path) -> Path:
-    """A random Llama with a word-level tokenizer ("w0".."w255"); weights large enough for clear greedy choices."""
-    from safetensors.torch import save_file
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    folder.mkdir(parents=True, exist_ok=True)
-    c, gen = CONFIG, torch.Generator().manual_seed(0)
-    h, q, kv, m = c["hidden_size"], 4 * 16, 2 * 16, c["intermediate_size"]
-
-    def rand(*shape: int, std: float = 0.15) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen) * std
-
-    weights = {"model.embed_tokens.weight": rand(256, h, std=1.0), "model.norm.weight": 1 + rand(h, std=0.1)}
-    weights["lm_head.weight"] = rand(256, h)
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes = {"q": (q, h), "k": (kv, h), "v": (kv, h), "o": (h, q), "gate": (m, h), "up": (m, h), "down": (h, m)}
-        for name, shape in shapes.items():
-            block = "self_attn" if name in "qkvo" else "mlp"
-            weights[f"{p}{block}.{name}_proj.weight"] = rand(*shape)
-        weights[f"{p}input_layernorm.weight"] = 1 + rand(h, std=0.1)
-        weights[f"{p}post_attention_layernorm.weight"] = 1 + rand(h, std=0.1)
-    save_file(weights, folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(c))
-    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(256)}, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +94,10 @@ def test_shards_put_back_together_are_the_checkpoint():
     assert torch.equal(qkv[1], torch.cat([q[32:], k[16:], v[16:]]))
     o = torch.cat([s["layers.0.self_attn.o_proj.weight"] for s in shards], dim=1)
     assert torch.equal(o, dense["layers.0.self_attn.o_proj.weight"])
-    assert torch.equal(shards[0]["layers.0.mlp.down_proj.bias"] + shards[1]["layers.0.mlp.down_proj.bias"],
-                       dense["layers.0.mlp.down_proj.bias"])  # fmt: skip  (added once, by rank 0)
+    assert torch.equal(
+        shards[0]["layers.0.mlp.down_proj.bias"] + shards[1]["layers.0.mlp.down_proj.bias"],
+        dense["layers.0.mlp.down_proj.bias"],
+    )  # fmt: skip  (added once, by rank 0)
     assert shards[1]["norm.weight"] is dense["norm.weight"]  # replicated
     down = [s["layers.0.mlp.down_proj.weight"] for s in shards]
     assert [d.codes.shape[1] for d in down] == [64, 64] and [d.scale.shape[1] for d in down] == [2, 2]
