@@ -15,7 +15,11 @@ def describe_rank(llm) -> str:
         f"tensor-parallel rank {dist.get_rank()}/{dist.get_world_size()}: {config.num_heads} attention heads, "
         f"{config.num_kv_heads} KV heads, MLP width {config.intermediate_size}; KV cache "
         f"{engine.kv_bytes_per_token} bytes/token in {engine.block_manager.num_blocks} blocks; "
-        f"C++ stack off: {llm.model.decoder_stack_refusal}"
+        + (
+            "C++ stack on, all-reduce after o and down"
+            if llm.model.decoder_stack is not None
+            else f"C++ stack off: {llm.model.decoder_stack_refusal}"
+        )
     )
 
 

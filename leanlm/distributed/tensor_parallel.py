@@ -21,6 +21,7 @@ from torch import nn
 from leanlm.config import ModelConfig
 from leanlm.errors import InvalidRequestError
 from leanlm.layers.quantized_tensor import QuantizedTensor
+from leanlm.models.stack import refresh_decoder_stack
 
 # HF names of the sharded projections: column-parallel (output rows split) and row-parallel (input columns split).
 # A leanlm quantized folder stores the fused qkv_proj and gate_up_proj; they are split back into parts to shard.
@@ -30,8 +31,6 @@ _PROJECTION = re.compile(
 COLUMN_PARALLEL = ("q", "k", "v", "gate", "up", "qkv", "gate_up")
 ROW_PARALLEL = ("o", "down")
 
-# Why the C++ DecoderStack does not run a sharded model (models/stack.py reports it as the stack's refusal).
-STACK_REFUSAL = "tensor parallelism: the C++ stack has no all-reduce point inside a layer yet (the module path runs)"
 
 
 def rank_config(config: ModelConfig, size: int) -> ModelConfig:
@@ -125,14 +124,16 @@ class RowParallel(nn.Module):
 
 
 def parallelize(model: nn.Module, size: int, group=None) -> nn.Module:
-    """Wrap every layer's o_proj and down_proj in an all-reduce, after build_model over this rank's shard."""
+    """Wrap every layer's o_proj and down_proj in an all-reduce, after build_model over this rank's shard, and
+    rebuild the C++ stack (where it runs the model) with the same all-reduce after its o and down products."""
     if size == 1:
         return model
     for layer in model.layers:
         layer.self_attn.o_proj = RowParallel(layer.self_attn.o_proj, group)
         layer.mlp.down_proj = RowParallel(layer.mlp.down_proj, group)
     model.tensor_parallel_size = size
-    model.decoder_stack, model.decoder_stack_refusal = None, STACK_REFUSAL
+    model.all_reduce_group = (group or dist.group.WORLD).group_name
+    refresh_decoder_stack(model)
     return model
 
 
