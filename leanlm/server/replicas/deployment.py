@@ -43,7 +43,7 @@ class Replica:
         context = serve.get_replica_context()
         self.replica_id = context.replica_id.unique_id
         if pin_cores:  # one core per replica (benchmarks: replicas scale with cores, not with shared ones)
-            rank = getattr(context.rank, "rank", context.rank) or 0
+            rank = getattr(context.rank, "local_rank", 0)  # this replica's index among the deployment's on its node
             cores = sorted(os.sched_getaffinity(0))
             os.sched_setaffinity(0, {cores[rank % len(cores)]})
         # Loaded on a thread that then ends: the engine thread keeps the only OpenMP team (see cli/serve.py).
