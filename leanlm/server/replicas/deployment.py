@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hmac
 import json
 import os
 import time
@@ -127,7 +128,8 @@ class Frontend:
                 yield f"data: {json.dumps({'error': error})}\n\n".encode()
 
     def _metrics(self, request: Request) -> Response:
-        if self.api_key is not None and request.headers.get("authorization") != f"Bearer {self.api_key}":
+        given = request.headers.get("authorization", "").encode()
+        if self.api_key is not None and not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
             error = {"message": "Missing or wrong API key.", "type": "invalid_request_error", "code": "invalid_api_key"}
             return JSONResponse({"error": {**error, "param": None}}, status_code=401)
         now = time.monotonic()
