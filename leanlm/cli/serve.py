@@ -136,10 +136,10 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
-    if getattr(args, "tensor_parallel_size", 1) > 1:
+    tensor_parallel = getattr(args, "tensor_parallel_size", 1) > 1
+    if tensor_parallel and (args.replicas is not None or args.ray_address is not None):
         raise InvalidRequestError(
-            "serve does not run tensor parallelism yet; use --replicas N for more traffic, and "
-            "`torchrun ... generate --tensor-parallel-size N` or the LLM API for a sharded model."
+            "serve runs tensor parallelism under torchrun, not with --replicas/--ray-address yet; use one or the other."
         )
     if args.replicas is not None or args.ray_address is not None or args.min_replicas or args.max_replicas:
         return _serve_replicas(args, settings)
@@ -148,10 +148,21 @@ def run(args: argparse.Namespace) -> int:
     from leanlm.server.http_server import Server
 
     llm = _load_on_a_passing_thread(args)
+    if tensor_parallel:  # under torchrun: rank 0 serves, the other ranks follow its engine step by step
+        from leanlm.distributed.lockstep import LockstepEngine, follow
+
+        if llm.tensor_parallel_rank != 0:
+            follow(llm.engine)
+            return 0
+        llm.engine = LockstepEngine(llm.engine)
     if not settings.model_name:
         settings = dataclasses.replace(settings, model_name=served_model_name(llm.model_path))
     print(f"leanlm: serving '{settings.model_name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
-    Server(build_app(llm, settings), args.host, args.port, log_level=args.log_level).run()
+    try:
+        Server(build_app(llm, settings), args.host, args.port, log_level=args.log_level).run()
+    finally:
+        if tensor_parallel:
+            llm.engine.stop_followers()
     return 0
 
 

@@ -3,6 +3,8 @@ environment `torchrun` gives each process (RANK, WORLD_SIZE, MASTER_ADDR, MASTER
 
 from __future__ import annotations
 
+import atexit
+import datetime
 import os
 
 import torch
@@ -36,12 +38,21 @@ def init_tensor_parallel(size: int, device: torch.device) -> tuple[int, int]:
             )
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group(backend_for(device))
+        # A server's follower ranks wait in a collective while rank 0 idles (distributed/lockstep.py): no timeout.
+        dist.init_process_group(backend_for(device), timeout=datetime.timedelta(days=365))
+        # Torn down before the interpreter's own teardown: a group left to it may abort the process (gloo's
+        # threads destroyed while joinable), turning a finished run into a failed one.
+        atexit.register(_destroy)
     if dist.get_world_size() != size:
         raise InvalidRequestError(
             f"The process group has {dist.get_world_size()} ranks but tensor_parallel_size is {size}."
         )
     return dist.get_rank(), size
+
+
+def _destroy() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shared_seed(device: torch.device) -> int:

@@ -122,3 +122,52 @@ def test_tensor_parallel_without_torchrun_says_how_to_launch(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(InvalidRequestError, match="torchrun --nproc-per-node 2"):
         init_tensor_parallel(2, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_a_tensor_parallel_server_answers_concurrent_requests_like_one_process(tiny_models):
+    """`torchrun ... serve --tensor-parallel-size 2`: rank 0 serves HTTP, rank 1 follows its engine step by step;
+    requests arriving together (batched, added between steps) get one process's greedy text."""
+    import concurrent.futures
+    import socket
+    import time
+
+    import httpx
+
+    llm = LLM(str(tiny_models["dense"]), dtype="float32", threads=1)
+    expected = [out.text for out in llm.generate(PROMPTS, GREEDY)]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "leanlm.cli.main", "serve", "--model", str(tiny_models["dense"]), "--dtype", "float32",
+        "--tensor-parallel-size", "2", "--threads", "1", "--kv-cache-memory", "16MiB", "--port", str(port),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    server = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the tensor-parallel server did not start"
+            try:
+                if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+
+        def complete(prompt: str) -> str:
+            body = {"model": "dense", "prompt": prompt, "max_tokens": GREEDY.max_tokens, "temperature": 0,
+                    "ignore_eos": True}  # fmt: skip
+            answer = httpx.post(f"{base}/v1/completions", json=body, timeout=120)
+            assert answer.status_code == 200, answer.text
+            return answer.json()["choices"][0]["text"]
+
+        for _ in range(2):  # twice: the second round runs on prefix-cached blocks on both ranks
+            with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+                assert list(pool.map(complete, PROMPTS)) == expected
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
