@@ -137,10 +137,6 @@ def run(args: argparse.Namespace) -> int:
         )
 
     tensor_parallel = getattr(args, "tensor_parallel_size", 1) > 1
-    if tensor_parallel and (args.replicas is not None or args.ray_address is not None):
-        raise InvalidRequestError(
-            "serve runs tensor parallelism under torchrun, not with --replicas/--ray-address yet; use one or the other."
-        )
     if args.replicas is not None or args.ray_address is not None or args.min_replicas or args.max_replicas:
         return _serve_replicas(args, settings)
 

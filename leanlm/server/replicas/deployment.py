@@ -2,6 +2,8 @@
 
 Replica   one leanlm server (the ordinary app of server/app.py over its own LLM and engine) per Serve replica;
           Serve health-checks it (`check_health`: the engine thread is alive) and replaces one that dies.
+          With tensor_parallel_size N in its LLM options, a replica is rank 0 of N: it starts N - 1 RankFollower
+          actors on its node, which build their shards and follow its engine (distributed/lockstep.py).
 Frontend  the HTTP ingress: forwards each request to a replica chosen by routing.PrefixAffinityRouter, retries on
           another replica when the chosen one dies before anything reached the client, and answers /metrics with
           every live replica's metrics (replicas push theirs every REPORT_EVERY_S).
@@ -14,6 +16,7 @@ import dataclasses
 import hmac
 import json
 import os
+import socket
 import time
 
 import ray
@@ -47,8 +50,13 @@ class Replica:
             rank = getattr(context.rank, "local_rank", 0)  # this replica's index among the deployment's on its node
             cores = sorted(os.sched_getaffinity(0))
             os.sched_setaffinity(0, {cores[rank % len(cores)]})
+        self._followers, self._following = start_followers(llm_options)
         # Loaded on a thread that then ends: the engine thread keeps the only OpenMP team (see cli/serve.py).
         llm = await asyncio.to_thread(LLM, **llm_options)
+        if self._followers:
+            from leanlm.distributed.lockstep import LockstepEngine
+
+            llm.engine = LockstepEngine(llm.engine)
         if not settings.model_name and model_name is not None:
             settings = dataclasses.replace(settings, model_name=model_name(llm.model_path))
         self.app = build_app(llm, settings)
@@ -66,6 +74,16 @@ class Replica:
     async def check_health(self) -> None:
         if not self.engine.healthy:
             raise RuntimeError("the engine thread is not running")
+        ended, _ = ray.wait(self._following, timeout=0) if self._following else ([], None)
+        if ended:  # a tensor-parallel rank is gone: this replica cannot step any more
+            raise RuntimeError("a tensor-parallel rank of this replica stopped")
+
+    def __del__(self) -> None:
+        for follower in getattr(self, "_followers", []):
+            try:
+                ray.kill(follower)
+            except Exception:  # Ray itself shutting down: the actor goes with it
+                pass
 
     async def _report_metrics(self) -> None:
         frontend = serve.get_deployment_handle("Frontend", APP_NAME)
@@ -76,6 +94,45 @@ class Replica:
             except Exception:  # the frontend restarting or not up yet: the next report will do
                 pass
             await asyncio.sleep(REPORT_EVERY_S)
+
+
+@ray.remote
+class RankFollower:
+    """Rank `rank` (> 0) of a replica's tensor-parallel group: builds its shard, then follows rank 0's engine."""
+
+    def __init__(self, llm_options: dict, rank: int, size: int, address: str, port: int):
+        env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": size, "MASTER_ADDR": address, "MASTER_PORT": port}
+        os.environ.update({name: str(value) for name, value in env.items()})
+        self.llm_options = llm_options
+
+    def run(self) -> None:
+        from leanlm.distributed.lockstep import follow
+        from leanlm.engine.llm import LLM
+
+        follow(LLM(**self.llm_options).engine)  # returns when rank 0 stops; raises when it is gone
+
+
+def start_followers(llm_options: dict) -> tuple[list, list]:
+    """For tensor_parallel_size N > 1: the N - 1 follower actors on this node (same CPUs each as the replica) and
+    their running loops; this process becomes rank 0 of the group through torch.distributed's environment."""
+    size = llm_options.get("tensor_parallel_size", 1)
+    if size <= 1:
+        return [], []
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    address = ray.util.get_node_ip_address()
+    with socket.socket() as sock:
+        sock.bind((address, 0))
+        port = sock.getsockname()[1]
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    followers = [
+        RankFollower.options(num_cpus=cpus, scheduling_strategy=here).remote(llm_options, rank, size, address, port)
+        for rank in range(1, size)
+    ]
+    env = {"RANK": 0, "LOCAL_RANK": 0, "WORLD_SIZE": size, "MASTER_ADDR": address, "MASTER_PORT": port}
+    os.environ.update({name: str(value) for name, value in env.items()})
+    return followers, [follower.run.remote() for follower in followers]
 
 
 class Frontend:
