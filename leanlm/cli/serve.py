@@ -137,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
         )
 
     tensor_parallel = getattr(args, "tensor_parallel_size", 1) > 1
-    if args.replicas is not None or args.ray_address is not None or args.min_replicas or args.max_replicas:
+    replica_flags = (args.replicas, args.ray_address, args.min_replicas, args.max_replicas)
+    if any(flag is not None for flag in replica_flags):
         return _serve_replicas(args, settings)
 
     from leanlm.server.app import build_app
