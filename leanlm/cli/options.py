@@ -47,6 +47,14 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="CPU threads for torch (default: all cores; decode needs 2+ to use the memory bandwidth)",
     )
+    group.add_argument(
+        "--tensor-parallel-size",
+        "-tp",
+        type=int,
+        default=1,
+        help="shard the model over this many processes (torch.distributed; gloo on CPU, NCCL on CUDA); launch "
+        "with `torchrun --nproc-per-node N -m leanlm.cli.main ...`; only rank 0 prints (default: %(default)s)",
+    )
     engine = parser.add_argument_group("engine (batching and KV cache)")
     engine.add_argument(
         "--kv-cache-memory",
@@ -129,11 +137,10 @@ def engine_config_from(args: argparse.Namespace):
     )
 
 
-def load_llm(args: argparse.Namespace):
-    from leanlm.engine.llm import LLM
-
-    return LLM(
-        args.model,
+def llm_options(args: argparse.Namespace) -> dict:
+    """The LLM(...) keyword arguments these options say (serve --replicas sends them to each replica)."""
+    return dict(
+        model=args.model,
         dtype=args.dtype,
         device=args.device,
         threads=args.threads,
@@ -142,4 +149,17 @@ def load_llm(args: argparse.Namespace):
         kernels=args.kernels,
         attention=getattr(args, "attention", "sdpa"),
         engine_config=engine_config_from(args),
+        tensor_parallel_size=getattr(args, "tensor_parallel_size", 1),
     )
+
+
+def load_llm(args: argparse.Namespace):
+    from leanlm.engine.llm import LLM
+
+    llm = LLM(**llm_options(args))
+    if llm.tensor_parallel_size > 1:
+        from leanlm.distributed.report import announce_rank
+
+        announce_rank(llm)  # one line per rank on stderr; ranks other than 0 print nothing more
+        args.quiet = getattr(args, "quiet", False) or llm.tensor_parallel_rank != 0
+    return llm

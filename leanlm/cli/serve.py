@@ -95,7 +95,32 @@ def add_parser(subparsers) -> None:
         choices=["float32", "bf16", "int8", "int4"],
         help="precision of the encoders' linear layers (default: %(default)s)",
     )
+    add_replica_options(serve)
     add_model_options(serve)
+
+
+def add_replica_options(serve) -> None:
+    group = serve.add_argument_group("replicas (Ray Serve; pip install leanlm[distributed])")
+    group.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="run N copies of the model on Ray Serve behind this one endpoint, routed by prompt prefix then load "
+        "(default: one process, no Ray)",
+    )
+    group.add_argument("--min-replicas", type=int, default=None, help="autoscaling: fewest replicas")
+    group.add_argument("--max-replicas", type=int, default=None, help="autoscaling: most replicas")
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (e.g. auto, or ray://head:10001) instead of starting a local one",
+    )
+    group.add_argument(
+        "--replica-cpus", type=float, default=1.0, help="CPUs Ray reserves for each replica (default: %(default)s)"
+    )
+    group.add_argument(
+        "--pin-cores", action="store_true", help="pin each replica to one core of its machine (benchmarks)"
+    )
 
 
 def served_model_name(model_path) -> str:
@@ -133,17 +158,70 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
 
+    tensor_parallel = getattr(args, "tensor_parallel_size", 1) > 1
+    replica_flags = (args.replicas, args.ray_address, args.min_replicas, args.max_replicas)
+    if any(flag is not None for flag in replica_flags):
+        return _serve_replicas(args, settings)
+
     from leanlm.server.app import build_app
     from leanlm.server.http_server import Server
 
     llm = _load_on_a_passing_thread(args)
+    if tensor_parallel:  # under torchrun: rank 0 serves, the other ranks follow its engine step by step
+        from leanlm.distributed.lockstep import LockstepEngine, follow
+
+        if llm.tensor_parallel_rank != 0:
+            follow(llm.engine)
+            return 0
+        llm.engine = LockstepEngine(llm.engine)
     if not settings.model_name:
         settings = dataclasses.replace(settings, model_name=served_model_name(llm.model_path))
     encoders = _load_encoders(args)
     print(f"leanlm: serving '{settings.model_name}' on http://{args.host}:{args.port}/v1", file=sys.stderr)
     if encoders:
         print(f"leanlm: and the encoders {', '.join(encoders.names)}", file=sys.stderr)
-    Server(build_app(llm, settings, encoders=encoders), args.host, args.port, log_level=args.log_level).run()
+    try:
+        Server(build_app(llm, settings, encoders=encoders), args.host, args.port, log_level=args.log_level).run()
+    finally:
+        if tensor_parallel:
+            llm.engine.stop_followers()
+    return 0
+
+
+def _serve_replicas(args: argparse.Namespace, settings) -> int:
+    """serve --replicas: the same API from N replicas on Ray Serve; runs until interrupted."""
+    import time
+
+    from leanlm.cli.options import llm_options
+    from leanlm.errors import InvalidRequestError
+
+    counts = {"--replicas": args.replicas, "--min-replicas": args.min_replicas, "--max-replicas": args.max_replicas}
+    for flag, count in counts.items():
+        if count is not None and count < (0 if flag == "--min-replicas" else 1):
+            raise InvalidRequestError(f"{flag} must be >= 1 (0 for --min-replicas), got {count}.")
+    if args.min_replicas is not None and args.max_replicas is not None and args.min_replicas > args.max_replicas:
+        raise InvalidRequestError(f"--min-replicas {args.min_replicas} exceeds --max-replicas {args.max_replicas}.")
+    try:
+        from leanlm.server.replicas.deployment import ReplicaOptions, start_replicas, stop_replicas
+    except ImportError as exc:
+        raise InvalidRequestError(
+            f"serve --replicas runs on Ray Serve, which is not installed ({exc}); pip install 'leanlm[distributed]'."
+        ) from None
+    options = ReplicaOptions(
+        replicas=args.replicas or 1,
+        min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas,
+        cpus_per_replica=args.replica_cpus,
+        max_ongoing_requests=args.max_num_seqs + args.max_queue,
+        pin_cores=args.pin_cores,
+    )
+    start_replicas(llm_options(args), settings, options, args.host, args.port, args.ray_address, served_model_name)
+    print(f"leanlm: serving {options.replicas} replica(s) on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        stop_replicas()
     return 0
 
 

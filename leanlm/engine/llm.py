@@ -45,6 +45,7 @@ class LLM:
         engine_config: EngineConfig | None = None,
         speculative: str | None = None,
         num_speculative_tokens: int | None = None,
+        tensor_parallel_size: int = 1,
     ):
         """speculative: "ngram" (prompt lookup), "self" / "self:N" (the model's first N layers draft) or "draft:M"
         (model M, same tokenizer, drafts); lossless, self-tuning per request. Overrides engine_config's setting."""
@@ -67,7 +68,6 @@ class LLM:
         self.tokenizer = checkpoint.tokenizer
         self.model_path = checkpoint.path
         self.weight_types = checkpoint.weight_types
-        self.model = build_model(checkpoint.config, checkpoint.weights, self.plan)
         engine_config = engine_config or EngineConfig()
         if speculative is not None or num_speculative_tokens is not None:
             engine_config = dataclasses.replace(
@@ -75,7 +75,15 @@ class LLM:
                 speculative=speculative if speculative is not None else engine_config.speculative,
                 num_speculative_tokens=num_speculative_tokens or engine_config.num_speculative_tokens,
             )
-        self.engine = LLMEngine(self.model, self.tokenizer, engine_config, self.plan.kv_cache, threads)
+        if tensor_parallel_size == 1:
+            self.model = build_model(checkpoint.config, checkpoint.weights, self.plan)
+            self.engine = LLMEngine(self.model, self.tokenizer, engine_config, self.plan.kv_cache, threads)
+        else:  # this process is one rank of a torchrun launch: it builds and runs its shard (distributed/)
+            from leanlm.distributed.tensor_parallel import build_rank
+
+            self.model, self.engine = build_rank(checkpoint, self.plan, tensor_parallel_size, engine_config, threads)
+        self.tensor_parallel_size = tensor_parallel_size
+        self.tensor_parallel_rank = 0 if tensor_parallel_size == 1 else torch.distributed.get_rank()
         self.load_time_s = time.perf_counter() - started
         self._loaded_on = threading.current_thread()
         self._warned_thread = False

@@ -51,10 +51,14 @@ def build_decoder_stack(model: nn.Module):
     if reason := stack_refusal(model.spec, config.head_dim):
         return None, reason
     shapes = (config.q_size + 2 * config.kv_size, config.hidden_size, 2 * config.intermediate_size, config.hidden_size)
+    # Tensor parallelism (distributed/) wraps o/down in an all-reduce: the stack runs the layer inside and sums
+    # its output over the ranks of `model.all_reduce_group` itself.
+    group = getattr(model, "all_reduce_group", None)
     projections = [
-        (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
+        (layer.self_attn.qkv_proj, _inner(layer.self_attn.o_proj, group), layer.mlp.gate_up_proj,
+         _inner(layer.mlp.down_proj, group))
         for layer in model.layers
-    ]
+    ]  # fmt: skip
     flat = [p for layer in projections for p in layer]
     if not flat or not all(isinstance(p, QuantizedLinear) and p.kernel.startswith("leanlm") for p in flat):
         return None, "some projections do not run leanlm's quantized kernels"
@@ -69,6 +73,8 @@ def build_decoder_stack(model: nn.Module):
     stack = torch.classes.leanlm.DecoderStack(
         config.num_heads, config.num_kv_heads, config.head_dim, config.rms_norm_eps, config.head_dim**-0.5, *modes
     )
+    if group is not None:
+        stack.set_all_reduce_group(group)
     none = torch.empty(0)
     for (input_norm, post_norm), linears in zip(norms, projections, strict=True):
         tensors = []
@@ -79,3 +85,8 @@ def build_decoder_stack(model: nn.Module):
             tensors += [packed.codes, packed.scales, offsets, bias]
         stack.add_layer(input_norm.detach(), post_norm.detach(), tensors, list(shapes))
     return stack, None
+
+
+def _inner(linear: nn.Module, group: str | None) -> nn.Module:
+    """The layer a row-parallel wrapper (one with `inner`) runs, when the stack does that wrapper's all-reduce."""
+    return linear.inner if group is not None and hasattr(linear, "inner") else linear

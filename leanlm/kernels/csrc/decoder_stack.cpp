@@ -10,8 +10,11 @@
 //   stack.add_layer(input_norm, post_norm, [codes, scales, offsets, bias] x (qkv, o, gate_up, down), rows)
 //   x = stack.forward(x (N, hidden), cos (N, D), sin (N, D), keys, values (L, H_kv, slots, D),
 //                     block_tables (B, W), block_size, row_sequence (N,), row_position (N,))
+//   stack.set_all_reduce_group(name)  tensor parallelism: the o and down outputs of this rank are partial sums,
+//                                     summed over the ranks of torch.distributed group `name` (distributed/)
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 #include <ATen/record_function.h>
 #include <torch/custom_class.h>
@@ -19,6 +22,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "kernels.h"
@@ -61,6 +65,7 @@ struct DecoderStack : torch::CustomClassHolder {
   double eps, scale;
   bool int8_activations;
   std::vector<Layer> layers;
+  std::string all_reduce_group;  // empty: one process holds the whole layer
 
   DecoderStack(int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, double scale, bool int8_activations)
       : heads(heads), kv_heads(kv_heads), head_dim(head_dim), eps(eps), scale(scale),
@@ -76,6 +81,23 @@ struct DecoderStack : torch::CustomClassHolder {
       return PackedLinear(linears[4 * i], linears[4 * i + 1], linears[4 * i + 2], linears[4 * i + 3], rows[i]);
     };
     layers.push_back(Layer{input_norm.contiguous(), post_norm.contiguous(), linear(0), linear(1), linear(2), linear(3)});
+  }
+
+  void set_all_reduce_group(std::string name) { all_reduce_group = std::move(name); }
+
+  // Sum `values` (rows x width) over the ranks, in place, through torch.distributed's own collective (the op the
+  // module path's all_reduce dispatches to), and wait for it.
+  void all_reduce(float* values, int64_t count) const {
+    if (all_reduce_group.empty()) return;
+    static const c10::OperatorHandle reduce =
+        c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::all_reduce_", "");
+    static const c10::OperatorHandle wait =
+        c10::Dispatcher::singleton().findSchemaOrThrow("_c10d_functional::wait_tensor", "");
+    at::Tensor view = at::from_blob(values, {count}, at::kFloat);
+    std::vector<c10::IValue> stack{view, std::string("sum"), all_reduce_group};
+    reduce.callBoxed(&stack);
+    std::vector<c10::IValue> waited{view};
+    wait.callBoxed(&waited);
   }
 
   // One forward pass over N token rows from B sequences of the paged cache (keys, values: (L, H_kv, slots, D)).
@@ -170,6 +192,7 @@ struct DecoderStack : torch::CustomClassHolder {
         });
       }
       layer.o(attended.data(), rows, projected.data(), int8_activations);
+      all_reduce(projected.data(), rows * layer.o.width());
       add_rows(xp, projected.data(), rows, hidden, layer.o.width());
       for (int64_t r = 0; r < rows; ++r)
         leanlm::rms_norm_row(xp + r * hidden, layer.post_norm.data_ptr<float>(), normed.data() + r * hidden, hidden,
@@ -179,6 +202,7 @@ struct DecoderStack : torch::CustomClassHolder {
       for (int64_t r = 0; r < rows; ++r)
         leanlm::silu_mul_row(gate_up.data() + r * layer.gate_up.width(), activated.data() + r * half, half);
       layer.down(activated.data(), rows, projected.data(), int8_activations);
+      all_reduce(projected.data(), rows * layer.down.width());
       add_rows(xp, projected.data(), rows, hidden, layer.down.width());
     }
     return x;
@@ -197,5 +221,6 @@ TORCH_LIBRARY_FRAGMENT(leanlm, m) {
   m.class_<DecoderStack>("DecoderStack")
       .def(torch::init<int64_t, int64_t, int64_t, double, double, bool>())
       .def("add_layer", &DecoderStack::add_layer)
+      .def("set_all_reduce_group", &DecoderStack::set_all_reduce_group)
       .def("forward", &DecoderStack::forward);
 }
