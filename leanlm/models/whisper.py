@@ -319,7 +319,8 @@ def state_dict_from_ct2(variables: dict[str, torch.Tensor], config: WhisperConfi
 
 def config_from_ct2(variables: dict[str, torch.Tensor]) -> WhisperConfig:
     def count(side: str) -> int:
-        return len({name.split("/")[1] for name in variables if name.startswith(f"{side}/layer_")})
+        parts = {name.split("/")[1] for name in variables if name.startswith(f"{side}/layer_")}
+        return sum(1 for part in parts if part.removeprefix("layer_").isdigit())
 
     embeddings = variables["decoder/embeddings/weight"]
     conv1 = variables["encoder/conv1/weight"]
