@@ -15,16 +15,31 @@ def add_parser(subparsers) -> None:
         "conditioning on the previous window's text.",
     )
     cmd.add_argument("audio", nargs="+", help="audio files (several run as one batch)")
-    cmd.add_argument("--model", default="whisper-base", help="a known speech model name or a Whisper folder "
-                     "(CTranslate2 model.bin or transformers)")
-    cmd.add_argument("--task", default="transcribe", choices=["transcribe", "translate"],
-                     help="translate: speech in any language to English text")
+    cmd.add_argument(
+        "--model",
+        default="whisper-base",
+        help="a known speech model name or a Whisper folder (CTranslate2 model.bin or transformers)",
+    )
+    cmd.add_argument(
+        "--task",
+        default="transcribe",
+        choices=["transcribe", "translate"],
+        help="translate: speech in any language to English text",
+    )
     cmd.add_argument("--language", default=None, help="language code of the speech (en, fr, ...); detected if left out")
     cmd.add_argument("--beam-size", type=int, default=5, help="beam width (1: greedy)")
-    cmd.add_argument("--temperature", type=float, nargs="+", default=None,
-                     help="temperatures tried in turn when a window fails the quality checks (default 0 0.2 ... 1.0)")
-    cmd.add_argument("--no-condition-on-previous-text", action="store_true",
-                     help="do not prompt each window with the text of the previous ones")
+    cmd.add_argument(
+        "--temperature",
+        type=float,
+        nargs="+",
+        default=None,
+        help="temperatures tried in turn when a window fails the quality checks (default 0 0.2 ... 1.0)",
+    )
+    cmd.add_argument(
+        "--no-condition-on-previous-text",
+        action="store_true",
+        help="do not prompt each window with the text of the previous ones",
+    )
     cmd.add_argument("--without-timestamps", action="store_true", help="decode without timestamp tokens")
     cmd.add_argument("--initial-prompt", default=None, help="text that conditions the first window (names, style)")
     cmd.add_argument("--format", default="txt", choices=["txt", "srt", "vtt", "json", "verbose_json"])
@@ -53,14 +68,20 @@ def run(args: argparse.Namespace) -> int:
     audios = [load_audio(path) for path in args.audio]  # bad files fail before the model loads
     pipeline = load_pipeline(args.model, dtype=getattr(torch, args.dtype), quiet=args.quiet)
     total = sum(len(a) for a in audios) / 16_000
-    with tqdm(total=round(total, 1), unit="s", desc="transcribing", file=sys.stderr,
-              disable=args.quiet or total <= 30, bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]") as bar:
+    with tqdm(
+        total=round(total, 1),
+        unit="s",
+        desc="transcribing",
+        file=sys.stderr,
+        disable=args.quiet or total <= 30,
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]",
+    ) as bar:
 
         def progress(done: float, _total: float) -> None:
             bar.update(round(done, 1) - bar.n)
 
         results = pipeline.transcribe_batch(audios, options, progress)
-    for path, result in zip(args.audio, results):
+    for path, result in zip(args.audio, results, strict=True):
         if len(results) > 1 and args.format in ("txt", "srt", "vtt"):
             print(f"==> {path} <==")
         print(render(result, args.format), end="" if args.format in ("txt", "srt", "vtt") else "\n")

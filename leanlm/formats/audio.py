@@ -77,8 +77,21 @@ def _decode_ffmpeg(data: bytes, name: str, sample_rate: int) -> tuple[np.ndarray
             f"{name} is not wav, flac or ogg, and decoding other formats (mp3, m4a, webm...) needs the ffmpeg "
             "program, which is not installed (apt-get install ffmpeg, brew install ffmpeg). Or convert it to wav."
         )
-    command = [ffmpeg, "-nostdin", "-loglevel", "error", "-i", "pipe:0", "-f", "f32le", "-ac", "1", "-ar",
-               str(sample_rate), "pipe:1"]
+    command = [
+        ffmpeg,
+        "-nostdin",
+        "-loglevel",
+        "error",
+        "-i",
+        "pipe:0",
+        "-f",
+        "f32le",
+        "-ac",
+        "1",
+        "-ar",
+        str(sample_rate),
+        "pipe:1",
+    ]
     result = subprocess.run(command, input=data, capture_output=True)
     if result.returncode != 0:
         reason = result.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["unknown error"]

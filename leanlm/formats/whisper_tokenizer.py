@@ -41,8 +41,11 @@ class WhisperTokenizer:
         def tid(token: str) -> int | None:
             return backend.token_to_id(token)
 
-        sot, eot, translate, no_ts = tid("<|startoftranscript|>"), tid("<|endoftext|>"), tid("<|translate|>"), tid(
-            "<|notimestamps|>"
+        sot, eot, translate, no_ts = (
+            tid("<|startoftranscript|>"),
+            tid("<|endoftext|>"),
+            tid("<|translate|>"),
+            tid("<|notimestamps|>"),
         )
         if None in (sot, eot, translate, no_ts):
             raise ModelFormatError(f"{path} is not a Whisper tokenizer (no <|startoftranscript|> / <|notimestamps|>).")
@@ -84,7 +87,10 @@ class WhisperTokenizer:
             raise InvalidRequestError(f"task must be 'transcribe' or 'translate', not {task!r}")
         sequence = [self.sot]
         if self.multilingual:
-            sequence += [self.language_token(language or "en"), self.translate if task == "translate" else self.transcribe]
+            sequence += [
+                self.language_token(language or "en"),
+                self.translate if task == "translate" else self.transcribe,
+            ]
         if not timestamps:
             sequence.append(self.no_timestamps)
         return sequence

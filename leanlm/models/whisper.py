@@ -98,8 +98,15 @@ class DecoderCache:
     """Self-attention keys/values of a batch of decoder rows, each row with its own length, plus each row's
     cross-attention keys/values (computed once from its encoder output, never written again)."""
 
-    def __init__(self, cross_kv: list[tuple[torch.Tensor, torch.Tensor]], capacity: int, batch: int, heads: int,
-                 head_dim: int, dtype: torch.dtype):
+    def __init__(
+        self,
+        cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        capacity: int,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+    ):
         self.cross_kv = cross_kv  # per layer: (B, H, S, hd) keys and values
         shape = (batch, heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype) for _ in cross_kv]
@@ -270,7 +277,9 @@ def state_dict_from_hf(hf: dict[str, torch.Tensor], config: WhisperConfig) -> di
             out[dst + "self_attn.qkv_proj.bias"] = _fuse(hf[attn + "q_proj.bias"], zero, hf[attn + "v_proj.bias"])
             if side == "decoder":
                 cross = src + "encoder_attn."
-                out[dst + "encoder_attn.kv_proj.weight"] = _fuse(hf[cross + "k_proj.weight"], hf[cross + "v_proj.weight"])
+                out[dst + "encoder_attn.kv_proj.weight"] = _fuse(
+                    hf[cross + "k_proj.weight"], hf[cross + "v_proj.weight"]
+                )
                 out[dst + "encoder_attn.kv_proj.bias"] = _fuse(zero, hf[cross + "v_proj.bias"])
     return out
 

@@ -89,7 +89,7 @@ class LogitRules:
             # If all timestamps together are likelier than any single text token, a timestamp comes next.
             timestamp_mass = torch.logsumexp(logprobs[:, ts_begin:], dim=-1)
             best_text = logprobs[:, :ts_begin].max(dim=-1).values
-            for row, wins in zip(check_rows, (timestamp_mass > best_text).tolist()):
+            for row, wins in zip(check_rows, (timestamp_mass > best_text).tolist(), strict=True):
                 if wins:
                     logits[row, :ts_begin] = NEG_INF
         return logits
@@ -124,7 +124,7 @@ def decode_windows(
         results = _beam_search(model, tokenizer, cache, first, rules, options, max_new)
     else:
         results = _greedy(model, tokenizer, cache, first, rules, options, max_new, generator)
-    for result, prob in zip(results, no_speech):
+    for result, prob in zip(results, no_speech, strict=True):
         result.no_speech_prob = prob
     return results
 
@@ -237,4 +237,3 @@ def compression_ratio(text: str) -> float:
 def mean_logprob(result: DecodeResult) -> float:
     """faster-whisper's avg_logprob: the summed log-probability over (generated tokens + 1)."""
     return result.sum_logprob / (len(result.tokens) + 1)
-

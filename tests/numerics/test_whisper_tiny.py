@@ -13,10 +13,23 @@ from leanlm.models.whisper import WhisperConfig, build, load_whisper, state_dict
 
 transformers = pytest.importorskip("transformers")
 
-TINY = dict(vocab_size=120, num_mel_bins=16, d_model=32, encoder_layers=2, encoder_attention_heads=4,
-            decoder_layers=2, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
-            max_source_positions=50, max_target_positions=40, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-            decoder_start_token_id=1)
+TINY = dict(
+    vocab_size=120,
+    num_mel_bins=16,
+    d_model=32,
+    encoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_layers=2,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    max_source_positions=50,
+    max_target_positions=40,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    decoder_start_token_id=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -108,5 +121,6 @@ def test_log_mel_matches_faster_whisper_and_transformers():
     np.testing.assert_allclose(mel_filters(80).numpy(), faster_whisper.FeatureExtractor().mel_filters, atol=1e-7)
     hf = transformers.WhisperFeatureExtractor()
     np.testing.assert_allclose(mel_filters(80).numpy(), hf.mel_filters.T, atol=1e-7)
-    np.testing.assert_allclose(mel_filters(128).numpy(), transformers.WhisperFeatureExtractor(feature_size=128).mel_filters.T,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+        mel_filters(128).numpy(), transformers.WhisperFeatureExtractor(feature_size=128).mel_filters.T, atol=1e-7
+    )

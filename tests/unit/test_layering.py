@@ -25,6 +25,7 @@ LEVELS = {
     "leanlm.sampling": 2,
     "leanlm.compress": 3,
     "leanlm.engine": 3,
+    "leanlm.speech": 3,  # Whisper decoding and transcription: a standalone batched loop beside the engine
     "leanlm.compress.measure": 4,  # the manifests' speed and quality figures come from evaluate/
     "leanlm.compress.pipelines": 4,
     "leanlm.evaluate": 4,
