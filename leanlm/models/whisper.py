@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.errors import ModelFormatError
+from leanlm.kernels.threads import scoped_threads
+
+SMALL_STEP_TOKENS = 16  # decoder steps with at most this many tokens run their layers on one thread
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,9 @@ def sinusoids(length: int, channels: int) -> torch.Tensor:
 
 
 class DecoderCache:
-    """Self-attention keys/values of a batch of decoder rows, each row with its own length, plus each row's
-    cross-attention keys/values (computed once from its encoder output, never written again)."""
+    """Self-attention keys/values of a batch of decoder rows, each row with its own length, and each request's
+    cross-attention keys/values (computed once from its encoder output, never written again). Rows come in
+    equal groups per request, request i owning rows i*width .. i*width+width-1 (width: the beam)."""
 
     def __init__(
         self,
@@ -107,22 +111,36 @@ class DecoderCache:
         head_dim: int,
         dtype: torch.dtype,
     ):
-        self.cross_kv = cross_kv  # per layer: (B, H, S, hd) keys and values
+        self.cross_kv = cross_kv  # per layer: (requests, H, S, hd) keys and values
         shape = (batch, heads, capacity, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype) for _ in cross_kv]
         self.values = [torch.zeros(shape, dtype=dtype) for _ in cross_kv]
         self.lengths = torch.zeros(batch, dtype=torch.long)
+        self.width = 1
 
     @property
     def capacity(self) -> int:
         return self.keys[0].shape[2]
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep rows `rows` (beam search: each surviving hypothesis continues its parent's cache)."""
-        self.keys = [k.index_select(0, rows) for k in self.keys]
-        self.values = [v.index_select(0, rows) for v in self.values]
+    def reorder(self, rows: torch.Tensor, requests: torch.Tensor | None = None) -> None:
+        """Continue with rows `rows` of the current ones (beam search: each kept hypothesis takes its parent's
+        cache), and with requests `requests` (None: all of them still run)."""
+        if requests is not None:
+            self.cross_kv = [(k.index_select(0, requests), v.index_select(0, requests)) for k, v in self.cross_kv]
+        count = self.cross_kv[0][0].shape[0]
+        if len(rows) % count:
+            raise ValueError(f"{len(rows)} rows cannot be shared evenly by {count} requests")
+        self.width = len(rows) // count
+        used = int(self.lengths.max()) if len(self.lengths) else 0  # only the written part is copied
+
+        def gather(tensor: torch.Tensor) -> torch.Tensor:
+            fresh = torch.empty((len(rows), *tensor.shape[1:]), dtype=tensor.dtype)
+            fresh[:, :, :used] = tensor[rows, :, :used]
+            return fresh
+
+        self.keys = [gather(k) for k in self.keys]
+        self.values = [gather(v) for v in self.values]
         self.lengths = self.lengths.index_select(0, rows)
-        self.cross_kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.cross_kv]
 
 
 class WhisperModel(nn.Module):
@@ -187,9 +205,28 @@ class WhisperModel(nn.Module):
         )
 
     # ---- decoder ----
-    def decode(self, tokens: torch.Tensor, cache: DecoderCache, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        cache: DecoderCache,
+        rows: torch.Tensor | None = None,
+        head_threads: int | None = None,
+    ) -> torch.Tensor:
         """Append `tokens` (R, T) to cache rows `rows` (all rows when None; every row here advances by T) and
-        return float32 logits (R, T, vocab). Row r's new tokens sit at positions lengths[r] .. lengths[r]+T-1."""
+        return float32 logits (R, T, vocab). Row r's new tokens sit at positions lengths[r] .. lengths[r]+T-1.
+
+        A step of a few tokens runs its layers on one thread: each op is too small to share, and an OpenMP
+        barrier per op costs more than the op once the cores are busy (25 ms an op on a loaded 2-core machine).
+        The vocabulary projection, the one large product, keeps the caller's threads (or `head_threads`)."""
+        if tokens.numel() <= SMALL_STEP_TOKENS:
+            with scoped_threads(1):
+                hidden = self._decode_layers(tokens, cache, rows)
+        else:
+            hidden = self._decode_layers(tokens, cache, rows)
+        with scoped_threads(head_threads):
+            return (hidden @ self.embed_tokens.weight.t()).float()
+
+    def _decode_layers(self, tokens: torch.Tensor, cache: DecoderCache, rows: torch.Tensor | None) -> torch.Tensor:
         if rows is None:
             rows = torch.arange(cache.lengths.shape[0])
         count, steps = tokens.shape
@@ -229,14 +266,25 @@ class WhisperModel(nn.Module):
             cross = layer.encoder_attn
             h = layer.encoder_attn_layer_norm(x)
             cross_k, cross_v = cache.cross_kv[index]
-            if not all_rows:
-                cross_k, cross_v = cross_k[rows], cross_v[rows]
-            out = F.scaled_dot_product_attention(cross.split(cross.q_proj(h)), cross_k, cross_v)
+            q = cross.split(cross.q_proj(h))  # (R, H, T, hd)
+            if not all_rows:  # a few rows (a prompt's prefill): each takes its request's keys and values
+                owners = rows // cache.width
+                out = F.scaled_dot_product_attention(q, cross_k[owners], cross_v[owners])
+            else:  # a request's rows share its keys and values: attend as one longer query block
+                groups, width = cross_k.shape[0], cache.width
+                grouped = (
+                    q.view(groups, width, attn.heads, steps, -1)
+                    .transpose(1, 2)
+                    .reshape(groups, attn.heads, width * steps, -1)
+                )
+                out = F.scaled_dot_product_attention(grouped, cross_k, cross_v)
+                out = (
+                    out.view(groups, attn.heads, width, steps, -1).transpose(1, 2).reshape(count, attn.heads, steps, -1)
+                )
             x = x + cross.out_proj(cross.merge(out))
             x = x + layer.mlp(x)
         cache.lengths[rows] = starts + steps
-        x = self.decoder_norm(x)
-        return (x @ self.embed_tokens.weight.t()).float()
+        return self.decoder_norm(x)
 
 
 # ---- loading ----
@@ -388,3 +436,53 @@ def load_whisper(path: str | Path, dtype: torch.dtype = torch.float32) -> Whispe
         hf.update(load_file(str(file)))
     config = WhisperConfig.from_hf_dict(raw)
     return build(config, state_dict_from_hf(hf, config), dtype)
+
+
+def state_dict_to_hf(model: WhisperModel) -> dict[str, torch.Tensor]:
+    """transformers' WhisperForConditionalGeneration names from ours (q/k/v unfused; the key bias dropped)."""
+    ours, config = model.state_dict(), model.config
+    dim = config.d_model
+    out = {"proj_out.weight": ours["embed_tokens.weight"]}
+    for hf_name, name in (
+        ("encoder.conv1", "conv1"),
+        ("encoder.conv2", "conv2"),
+        ("encoder.layer_norm", "encoder_norm"),
+        ("decoder.layer_norm", "decoder_norm"),
+    ):
+        out[f"model.{hf_name}.weight"], out[f"model.{hf_name}.bias"] = ours[f"{name}.weight"], ours[f"{name}.bias"]
+    out["model.encoder.embed_positions.weight"] = ours["encoder_positions"]
+    out["model.decoder.embed_tokens.weight"] = ours["embed_tokens.weight"]
+    out["model.decoder.embed_positions.weight"] = ours["embed_positions"]
+    for side, count in (("encoder", config.encoder_layers), ("decoder", config.decoder_layers)):
+        for i in range(count):
+            src, dst = f"{side}_layers.{i}.", f"model.{side}.layers.{i}."
+            names = ["self_attn_layer_norm", "final_layer_norm", "fc1", "fc2", "self_attn.out_proj"]
+            if side == "decoder":
+                names += ["encoder_attn_layer_norm", "encoder_attn.out_proj", "encoder_attn.q_proj"]
+            for name in names:
+                out[dst + name + ".weight"], out[dst + name + ".bias"] = (
+                    ours[src + name + ".weight"],
+                    ours[src + name + ".bias"],
+                )
+            q, k, v = ours[src + "self_attn.qkv_proj.weight"].split(dim)
+            qb, _, vb = ours[src + "self_attn.qkv_proj.bias"].split(dim)
+            out.update(
+                {
+                    dst + "self_attn.q_proj.weight": q,
+                    dst + "self_attn.k_proj.weight": k,
+                    dst + "self_attn.v_proj.weight": v,
+                    dst + "self_attn.q_proj.bias": qb,
+                    dst + "self_attn.v_proj.bias": vb,
+                }
+            )
+            if side == "decoder":
+                k, v = ours[src + "encoder_attn.kv_proj.weight"].split(dim)
+                _, vb = ours[src + "encoder_attn.kv_proj.bias"].split(dim)
+                out.update(
+                    {
+                        dst + "encoder_attn.k_proj.weight": k,
+                        dst + "encoder_attn.v_proj.weight": v,
+                        dst + "encoder_attn.v_proj.bias": vb,
+                    }
+                )
+    return out

@@ -124,3 +124,13 @@ def test_log_mel_matches_faster_whisper_and_transformers():
     np.testing.assert_allclose(
         mel_filters(128).numpy(), transformers.WhisperFeatureExtractor(feature_size=128).mel_filters.T, atol=1e-7
     )
+
+
+def test_hf_names_round_trip(hf_model):
+    from leanlm.models.whisper import state_dict_to_hf
+
+    exported = state_dict_to_hf(ours_from(hf_model))
+    reference = hf_model.state_dict()
+    assert set(exported) == set(reference)
+    for name, tensor in reference.items():
+        torch.testing.assert_close(exported[name], tensor, atol=0, rtol=0, msg=name)
