@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,3 +110,17 @@ def test_single_timestamp_ending_consumes_the_window():
 def test_no_pair_gives_one_segment_up_to_the_last_timestamp():
     pieces, seek = split_by_timestamps([B, 1, 2, B + 75], B, seek=0, size=500, time_offset=0.0)
     assert pieces == [(0.0, 1.5, [B, 1, 2, B + 75])] and seek == 500
+
+
+def test_mp3_decodes_through_ffmpeg(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("ffmpeg") is None:
+        pytest.skip("ffmpeg is not installed")
+    clip = Path(__file__).resolve().parents[1] / "fixtures" / "audio" / "en.wav"
+    mp3 = tmp_path / "en.mp3"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(clip), str(mp3)], check=True)
+    wav, decoded = load_audio(clip), load_audio(mp3.read_bytes())
+    assert abs(len(decoded) - len(wav)) < 2000  # mp3 frames pad the end
+    assert np.abs(decoded).max() > 0.05
