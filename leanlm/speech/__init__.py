@@ -1,0 +1,1 @@
+"""Speech recognition and speech translation with Whisper: decoding, long-audio windows, subtitle formats."""
