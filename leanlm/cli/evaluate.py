@@ -135,10 +135,14 @@ def run_card_check(args: argparse.Namespace) -> int:
     check = check_card(args.card, max_tokens=max_tokens, progress=not args.quiet)
     q, card = check["quality"], check["card"]
     print(f"card:       {card['name']} ({card['format']['name']}), budget {card['budget_text']}")
-    print(f"carded:     KL {card['quality']['kl_mean']:.4f}, top-1 {100 * card['quality']['top1_agreement']:.1f}%, "
-          f"perplexity x{card['quality']['ppl_ratio']:.4f} (search text)")
-    print(f"measured:   KL {q['kl_mean']:.4f}, top-1 {100 * q['top1_agreement']:.1f}%, perplexity x{q['ppl_ratio']:.4f} "
-          f"on {q['eval_tokens']} held-out tokens")
+    print(
+        f"carded:     KL {card['quality']['kl_mean']:.4f}, top-1 {100 * card['quality']['top1_agreement']:.1f}%, "
+        f"perplexity x{card['quality']['ppl_ratio']:.4f} (search text)"
+    )
+    print(
+        f"measured:   KL {q['kl_mean']:.4f}, top-1 {100 * q['top1_agreement']:.1f}%, perplexity x{q['ppl_ratio']:.4f} "
+        f"on {q['eval_tokens']} held-out tokens"
+    )
     if args.json:
         payload = json.dumps({k: v for k, v in check.items() if k != "card"}, indent=2)
         print(payload) if args.json == "-" else Path(args.json).write_text(payload + "\n")

@@ -21,7 +21,7 @@ def add_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "optimize",
         help="search formats, methods and runtime settings for the best configuration under a quality budget",
-        description="Predict every candidate (as `leanlm plan` does), then measure the promising ones on this machine:\n"
+        description="Predict every candidate (as `leanlm plan` does), then measure the promising ones here:\n"
         "quality against the original on wiki text (never the calibration text), speed and memory with the bench\n"
         "engine in fresh processes. Writes the chosen artifact with its quality card (README.md, card.json), the\n"
         "Pareto front (front.png) and report.html. Measurements are cached in the work folder: rerun to resume.",
@@ -36,8 +36,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--output", "-o", required=True, help="folder for the chosen artifact (written atomically)")
     p.add_argument("--work", help="folder for candidates and cached measurements (default: OUTPUT.work)")
     p.add_argument("--formats", help=f"comma-separated formats to consider (default: all of {', '.join(FORMATS)})")
-    p.add_argument("--kv-cache", default="auto", help=f"comma-separated KV cache types among {', '.join(KV_CACHE_TYPES)}")
-    p.add_argument("--threads", "-t", dest="thread_list", default="2", help="comma-separated thread counts to try (default: 2)")
+    p.add_argument(
+        "--kv-cache", default="auto", help=f"comma-separated KV cache types among {', '.join(KV_CACHE_TYPES)}"
+    )
+    p.add_argument(
+        "--threads", "-t", dest="thread_list", default="2", help="comma-separated thread counts to try (default: 2)"
+    )
     p.add_argument("--eval-tokens", type=int, default=1024, help="wiki tokens scored per candidate (default 1024)")
     p.add_argument("--speed-runs", type=int, default=2, help="fresh-process speed runs per candidate (median)")
     p.add_argument("--max-measured", type=int, help="measure at most this many new candidates in this run")
@@ -83,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     held = summary["card"]["held_out_quality"]
     print(
-        f"chosen: {summary['best']['key']} -> {summary['output']} (card: README.md, card.json; report.html, front.png)\n"
+        f"chosen: {summary['best']['key']} -> {summary['output']} "
+        "(card: README.md, card.json; report.html, front.png)\n"
         f"held-out text: KL {held['kl_mean']:.4f}, top-1 {100 * held['top1_agreement']:.1f}%, "
         f"{'meets' if held['meets_budget'] else 'DOES NOT meet'} the budget"
     )

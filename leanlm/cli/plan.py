@@ -48,8 +48,10 @@ def run(args: argparse.Namespace) -> int:
     predictions = [predict(config, FORMATS[name], workload, bandwidth) for name in names]
     if args.json != "-":
         print(f"{checkpoint.path.name}: {config.num_parameters() / 1e6:.0f}M parameters, {config.num_layers} layers")
-        print(f"{cpu_model()}, {args.threads} threads, {bandwidth:.1f} GB/s probed; context {args.context} x batch "
-              f"{args.batch}, KV cache {args.kv_cache}, prefill of {args.prompt_tokens} tokens")
+        print(
+            f"{cpu_model()}, {args.threads} threads, {bandwidth:.1f} GB/s probed; context {args.context} x batch "
+            f"{args.batch}, KV cache {args.kv_cache}, prefill of {args.prompt_tokens} tokens"
+        )
         print(format_table(predictions))
         kv = predictions[0]
         print(f"KV cache: run with --kv-cache-memory {kv.kv_cache_memory} (the engine adds one null block).")
@@ -64,8 +66,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def format_table(predictions) -> str:
-    header = (f"{'format':<12} {'bits/w':>6} {'weights':>9} {'KV cache':>9} {'activ.':>8} {'peak':>9} "
-              f"{'decode tok/s':>12} {'prefill tok/s':>13}")
+    header = (
+        f"{'format':<12} {'bits/w':>6} {'weights':>9} {'KV cache':>9} {'activ.':>8} {'peak':>9} "
+        f"{'decode tok/s':>12} {'prefill tok/s':>13}"
+    )
     lines = [header, "-" * len(header)]
     for p in predictions:
         lines.append(

@@ -53,16 +53,19 @@ def model_card_markdown(card: dict) -> str:
         "",
         f"- format: `{card['format']['name']}`: {card['format']['note']}",
         f"- run it: `{card['command']}`",
-        f"- check it: `leanlm eval --card {card['name']}` re-measures quality and says whether it still meets this card",
+        f"- check it: `leanlm eval --card {card['name']}` re-measures quality and says whether it still meets "
+        "this card",
         "",
         "## Quality against the original",
         "",
         f"KL(original || this) in nats per token, top-1 agreement and perplexity ratio on wiki text "
-        f"({card['eval']['context']}-token windows every {card['eval']['stride']}); GPTQ/AWQ calibrate on c4, never on it.",
+        f"({card['eval']['context']}-token windows every {card['eval']['stride']}); GPTQ/AWQ calibrate on c4, "
+        "never on it.",
         "",
         "| text | tokens | KL | top-1 | perplexity ratio |",
         "|---|---|---|---|---|",
-        f"| search half | {q['eval_tokens']} | {q['kl_mean']:.4f} | {100 * q['top1_agreement']:.1f}% | {q['ppl_ratio']:.4f} |",
+        f"| search half | {q['eval_tokens']} | {q['kl_mean']:.4f} | {100 * q['top1_agreement']:.1f}% | "
+        f"{q['ppl_ratio']:.4f} |",
     ]
     if held_out:
         lines.append(

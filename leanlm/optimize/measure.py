@@ -13,6 +13,7 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+from leanlm.bench.machine import memory_bandwidth_gbs
 from leanlm.optimize.formats import FORMATS, Candidate, FormatSpec
 from leanlm.optimize.predict import Prediction, Workload, predict
 
@@ -40,7 +41,11 @@ def source_layout(model: Path) -> FormatSpec:
         return FORMATS["bf16"]
     if model.is_dir():
         manifest = json.loads((model / "quantization.json").read_text())
-        match = [f for f in FORMATS.values() if f.quantized and (f.bits, f.group_size) == (manifest["bits"], manifest["group_size"])]
+        match = [
+            f
+            for f in FORMATS.values()
+            if f.quantized and (f.bits, f.group_size) == (manifest["bits"], manifest["group_size"])
+        ]
         return match[0] if match else FORMATS["rtn4-g32"]
     from leanlm.formats.gguf import GGUFFile
 
@@ -71,6 +76,7 @@ class EngineMeasurer:
         self.config = load_checkpoint(self.model, weights=False).config
         self._baseline = None
         self._predictions: dict[str, Prediction] = {}
+        self._bandwidth: dict[int, float] = {}
 
     # ---- the cheap proxy -------------------------------------------------------------------------------
 
@@ -83,7 +89,9 @@ class EngineMeasurer:
                 threads=candidate.threads,
             )
             spec = source_layout(Path(self.model)) if candidate.spec.method == "source" else candidate.spec
-            self._predictions[candidate.key] = predict(self.config, spec, workload)
+            if candidate.threads not in self._bandwidth:  # probed once per thread count
+                self._bandwidth[candidate.threads] = memory_bandwidth_gbs(candidate.threads, size_mib=256, repeats=5)
+            self._predictions[candidate.key] = predict(self.config, spec, workload, self._bandwidth[candidate.threads])
         return self._predictions[candidate.key]
 
     def predict(self, candidate: Candidate) -> dict:
@@ -130,7 +138,9 @@ class EngineMeasurer:
         from leanlm.evaluate import evaluate
 
         path = self.artifact(candidate)
-        llm = LLM(path, device="cpu", threads=candidate.threads, kv_cache=candidate.kv_cache, **self.load_options(candidate))
+        llm = LLM(
+            path, device="cpu", threads=candidate.threads, kv_cache=candidate.kv_cache, **self.load_options(candidate)
+        )
         result = evaluate(
             llm,
             self.text,

@@ -59,7 +59,9 @@ def kv_cache_plan(config, context: int, batch: int, kv_cache: str, block_size: i
 def engine_kv_bytes(engine) -> int:
     """Bytes of the engine's KV cache tensors (keys, values, and the int8 cache's scales)."""
     cache = engine.cache
-    tensors = [cache.keys, cache.values] + [getattr(cache, n) for n in ("key_scales", "value_scales") if hasattr(cache, n)]
+    tensors = [cache.keys, cache.values] + [
+        getattr(cache, n) for n in ("key_scales", "value_scales") if hasattr(cache, n)
+    ]
     return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -24,7 +24,7 @@ from leanlm.compress.rtn import quantize_rtn
 from leanlm.kernels.threads import scoped_threads
 from leanlm.layers.quantized_linear import QuantizedLinear
 from leanlm.optimize.formats import FormatSpec
-from leanlm.optimize.memory import activation_bytes, allocated_weight_bytes, kv_cache_plan, module_tensors
+from leanlm.optimize.memory import activation_bytes, kv_cache_plan, module_tensors
 from leanlm.plan import RuntimePlan, resolve_plan
 
 BYTES_PROBE_ROWS = 64  # bytes of a layer are linear in rows (multiples of the kernels' 8/16-row tiles)
@@ -122,12 +122,13 @@ def layer_seconds(spec: FormatSpec, rows: int, cols: int, bias: bool, plan: Runt
     probe = min(rows, TIME_PROBE_ROWS)
     layer = layer_for(spec, probe, cols, bias, plan)
     read = layer.runtime_bytes() if isinstance(layer, QuantizedLinear) else layer.weight.numel() * 2
-    layers = [layer] + [copy.deepcopy(layer) for _ in range(min(COLD_MAX_COPIES, -(-COLD_BYTES // read)) - 1)]
+    copies = min(COLD_MAX_COPIES, -(-COLD_BYTES // read)) if tokens <= 8 else 2  # a prefill is compute-bound
+    layers = [layer] + [copy.deepcopy(layer) for _ in range(copies - 1)]
     x = torch.randn(tokens, cols).to(plan.compute_dtype)
     for each in layers:  # warm-up: first-call allocations, pages touched
         each(x)
     best = [float("inf")] * len(layers)  # per copy, its fastest call
-    for _ in range(max(3, 40 // len(layers)) if tokens <= 8 else 2):
+    for _ in range(max(3, 40 // len(layers))):
         for index, each in enumerate(layers):
             started = time.perf_counter()
             each(x)
@@ -140,7 +141,11 @@ def layer_read_bytes(spec: FormatSpec, rows: int, cols: int, bias: bool, plan: R
     """Bytes the layer's kernel reads per call (its runtime layout), scaled by rows like layer_bytes."""
     probe = BYTES_PROBE_ROWS if rows % BYTES_PROBE_ROWS == 0 and rows > BYTES_PROBE_ROWS else rows
     layer = layer_for(spec, probe, cols, bias, plan)
-    read = layer.runtime_bytes() if isinstance(layer, QuantizedLinear) else layer.weight.numel() * layer.weight.element_size()
+    read = (
+        layer.runtime_bytes()
+        if isinstance(layer, QuantizedLinear)
+        else layer.weight.numel() * layer.weight.element_size()
+    )
     return read * rows // probe
 
 

@@ -88,12 +88,20 @@ def write_artifact(result: SearchResult, measurer: EngineMeasurer, request: Opti
     _, held_out = split_text(corpus_text(EVAL_CORPUS, quiet=True))
     llm = LLM(source, device="cpu", threads=candidate.threads, **measurer.load_options(candidate))
     check = evaluate(
-        llm, held_out, corpus="wiki (held-out half)", context=EVAL_CONTEXT, stride=EVAL_STRIDE,
-        max_tokens=request.eval_tokens, baseline=measurer.baseline(),
+        llm,
+        held_out,
+        corpus="wiki (held-out half)",
+        context=EVAL_CONTEXT,
+        stride=EVAL_STRIDE,
+        max_tokens=request.eval_tokens,
+        baseline=measurer.baseline(),
     )
     held_out_quality = {
-        "kl_mean": check.kl_mean, "ppl_ratio": check.ppl_ratio, "top1_agreement": check.top1_agreement,
-        "eval_tokens": check.num_tokens, "meets_budget": None,
+        "kl_mean": check.kl_mean,
+        "ppl_ratio": check.ppl_ratio,
+        "top1_agreement": check.top1_agreement,
+        "eval_tokens": check.num_tokens,
+        "meets_budget": None,
     }
     held_out_quality["meets_budget"] = request.budget.meets(held_out_quality)
     output = Path(request.output)
@@ -112,15 +120,24 @@ def write_artifact(result: SearchResult, measurer: EngineMeasurer, request: Opti
         "quality": {k: best[k] for k in ("kl_mean", "ppl_ratio", "top1_agreement", "eval_tokens")},
         "held_out_quality": held_out_quality,
         "speed": {
-            "decode_tok_s": best["decode_tok_s"], "prefill_tok_s": best["prefill_tok_s"],
-            "peak_rss_mib": best["peak_rss_mib"], "prompt_tokens": measurer.prompt_tokens,
-            "gen_tokens": measurer.gen_tokens, "threads": candidate.threads, "samples": best.get("speed_samples"),
+            "decode_tok_s": best["decode_tok_s"],
+            "prefill_tok_s": best["prefill_tok_s"],
+            "peak_rss_mib": best["peak_rss_mib"],
+            "prompt_tokens": measurer.prompt_tokens,
+            "gen_tokens": measurer.gen_tokens,
+            "threads": candidate.threads,
+            "samples": best.get("speed_samples"),
         },
         "disk_bytes": best["disk_bytes"],
-        "eval": {"corpus": EVAL_CORPUS, "context": EVAL_CONTEXT, "stride": EVAL_STRIDE,
-                 "search_tokens": best["eval_tokens"], "held_out_tokens": request.eval_tokens},
+        "eval": {
+            "corpus": EVAL_CORPUS,
+            "context": EVAL_CONTEXT,
+            "stride": EVAL_STRIDE,
+            "search_tokens": best["eval_tokens"],
+            "held_out_tokens": request.eval_tokens,
+        },
         "load": {"path": load_path, "options": options},
-        "command": f"leanlm generate --model {output / load_path if load_path != '.' else output}{flags} \"Hello\"",
+        "command": f'leanlm generate --model {output / load_path if load_path != "." else output}{flags} "Hello"',
         "machine": {**describe(candidate.threads), "load_average": load_average()},
         "search": {"command": request.command, "front": [e["key"] for e in result.front]},
     }

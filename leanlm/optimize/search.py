@@ -153,7 +153,11 @@ def rtn_sibling_failure(candidate: Candidate, entries: dict[str, dict], budget: 
             spec.bits,
             spec.group_size,
         )
-        if same_layout and entry.get("kl_mean") is not None and entry["kl_mean"] > CALIBRATION_GAIN_BOUND * budget.max_kl:
+        if (
+            same_layout
+            and entry.get("kl_mean") is not None
+            and entry["kl_mean"] > CALIBRATION_GAIN_BOUND * budget.max_kl
+        ):
             return f"round-to-nearest at the same bits and groups measured KL {entry['kl_mean']:.3f}"
     return None
 
@@ -184,7 +188,9 @@ def search(
     measured_now = 0
     for index, candidate in enumerate(ordered):
         cached = cache.get(candidate)
-        if cached is None and (coarser := next((f for f in failed if f.spec.at_least_as_fine_as(candidate.spec)), None)):
+        if cached is None and (
+            coarser := next((f for f in failed if f.spec.at_least_as_fine_as(candidate.spec)), None)
+        ):
             entry = {"key": candidate.key, "candidate": candidate.to_dict(), "skipped": f"{coarser.format} failed"}
             entries[candidate.key] = {**entry, "predicted": predicted[candidate.key]}
             say(f"[{index + 1}/{len(ordered)}] {candidate.key}: skipped ({coarser.format}, at least as fine, failed)")

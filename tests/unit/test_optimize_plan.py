@@ -70,7 +70,9 @@ def test_planned_kv_cache_is_what_the_engine_allocates_and_holds_the_workload(kv
     config, spec = tiny_config(True), FORMATS["bf16"]
     model = build_model(config, checkpoint(config, spec), runtime_plan(spec))
     kv = kv_cache_plan(config, context, batch, kv_cache)
-    engine = LLMEngine(model, tokenizer=None, config=EngineConfig(kv_cache_memory=kv["kv_cache_memory"]), kv_cache=kv_cache)
+    engine = LLMEngine(
+        model, tokenizer=None, config=EngineConfig(kv_cache_memory=kv["kv_cache_memory"]), kv_cache=kv_cache
+    )
     assert engine_kv_bytes(engine) == kv["allocated_bytes"]
     assert engine.max_cached_tokens >= context * batch
     assert engine.max_cached_tokens < (context + 16) * batch  # no more than a block of slack per sequence

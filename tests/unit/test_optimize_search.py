@@ -41,7 +41,10 @@ class FakeMeasurer:
         return {"decode_tok_s": self.truth[candidate.format][1], "prefill_tok_s": 500.0, "peak_rss_mib": 300.0}
 
 
-def run(measurer, tmp_path, budget=Budget(max_kl=0.05), formats=tuple(TRUTH)):
+DEFAULT_BUDGET = Budget(max_kl=0.05)
+
+
+def run(measurer, tmp_path, budget=DEFAULT_BUDGET, formats=tuple(TRUTH)):
     cache = MeasurementCache(tmp_path / "measurements.jsonl")
     return search([Candidate(f) for f in formats], measurer, budget, "decode", cache, progress=lambda _: None)
 
@@ -112,3 +115,17 @@ def test_budgets():
         Budget()
     with pytest.raises(InvalidRequestError, match="percentage"):
         parse_percent("two")
+
+
+def test_a_calibrated_format_is_skipped_when_its_round_to_nearest_sibling_is_far_over_the_budget(tmp_path):
+    # rtn4-g128 measures 0.20 > 4 x 0.04: GPTQ at g128 is not built (the expensive step); at g32 RTN is 0.06, so
+    # GPTQ g32 is still worth measuring
+    measurer = FakeMeasurer()
+    result = run(
+        measurer, tmp_path, budget=Budget(max_kl=0.04), formats=("gptq4-g128", "gptq4-g32", "rtn4-g128", "rtn4-g32")
+    )
+    assert measurer.measured[:2] == ["rtn4-g128", "rtn4-g32"]  # the cheap ones first
+    assert measurer.measured[2:] == ["gptq4-g32"]
+    skipped = {e["candidate"]["format"]: e["skipped"] for e in result.entries if "skipped" in e}
+    assert skipped == {"gptq4-g128": "round-to-nearest at the same bits and groups measured KL 0.200"}
+    assert result.best["candidate"]["format"] == "gptq4-g32"
