@@ -197,8 +197,11 @@ def matmul_flops_per_s(dtype: torch.dtype, size: int = 256) -> float:
     return _FLOPS[key]
 
 
-def predict(config, spec: FormatSpec, workload: Workload, bandwidth_gbs: float | None = None) -> Prediction:
-    """Memory and speed of `spec` for a model of `config` under `workload` on this machine."""
+def predict(
+    config, spec: FormatSpec, workload: Workload, bandwidth_gbs: float | None = None, speed: bool = True
+) -> Prediction:
+    """Memory and speed of `spec` for a model of `config` under `workload` on this machine (speed=False: memory
+    only, no timing probes; the speeds are then nan)."""
     plan = runtime_plan(spec)
     model = meta_model(config)
     tied = bool(config.tie_word_embeddings)
@@ -206,12 +209,14 @@ def predict(config, spec: FormatSpec, workload: Workload, bandwidth_gbs: float |
     with scoped_threads(workload.threads):
         linear_bytes = sum(n * layer_bytes(spec, o, i, b, plan) for (o, i, b), n in shapes.items())
         read_bytes = sum(n * layer_read_bytes(spec, o, i, b, plan) for (o, i, b), n in shapes.items())
-        decode_s = sum(n * layer_seconds(spec, o, i, b, plan, workload.batch) for (o, i, b), n in shapes.items())
-        prefill_s = sum(
-            n * layer_seconds(spec, o, i, b, plan, workload.prompt_tokens) for (o, i, b), n in shapes.items()
-        )
-        prefill_s += attention_flops(config, workload.prompt_tokens) / matmul_flops_per_s(plan.compute_dtype)
-        bandwidth = bandwidth_gbs or memory_bandwidth_gbs(workload.threads, size_mib=256, repeats=5)
+        decode_s, prefill_s, bandwidth = float("nan"), float("nan"), float("nan")
+        if speed:
+            decode_s = sum(n * layer_seconds(spec, o, i, b, plan, workload.batch) for (o, i, b), n in shapes.items())
+            prefill_s = sum(
+                n * layer_seconds(spec, o, i, b, plan, workload.prompt_tokens) for (o, i, b), n in shapes.items()
+            )
+            prefill_s += attention_flops(config, workload.prompt_tokens) / matmul_flops_per_s(plan.compute_dtype)
+            bandwidth = bandwidth_gbs or memory_bandwidth_gbs(workload.threads, size_mib=256, repeats=5)
     weights = linear_bytes + other_bytes(model, plan.compute_dtype)
     kv = kv_cache_plan(config, workload.context, workload.batch, workload.kv_cache)
     # decode reads, per step, the KV cache of every sequence at its current length (half the context on average)
