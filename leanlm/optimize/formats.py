@@ -14,15 +14,18 @@ from leanlm.errors import InvalidRequestError
 @dataclass(frozen=True)
 class FormatSpec:
     name: str
-    method: str  # "source" (the checkpoint as given), "dense" (dequantized, at `dtype`), or a QuantConfig method
+    method: str  # "source" (the checkpoint as given), "dense" (dequantized, at `dtype`), "layers" (layers
+    # dropped from the source, which keeps its own precision) or a QuantConfig method
     bits: int = 16
     group_size: int = -1
     dtype: str = "bfloat16"  # dense tensors (and activations for dense formats)
     note: str = ""
+    drop_layers: int = 0  # method "layers": decoder layers removed
 
     @property
     def quantized(self) -> bool:
-        return self.method not in ("source", "dense")
+        """Built by `leanlm quantize` (a QuantConfig method)."""
+        return self.method not in ("source", "dense", "layers")
 
     @property
     def calibrated(self) -> bool:
@@ -38,6 +41,8 @@ class FormatSpec:
     def at_least_as_fine_as(self, other: FormatSpec) -> bool:
         """Same method with as many bits and groups as small or smaller: expected no worse in quality. The search
         skips `other` when a format at least as fine already failed the budget."""
+        if self.method == other.method == "layers":
+            return self.drop_layers <= other.drop_layers
         if not (self.quantized and other.quantized) or self.method != other.method:
             return False
         mine = self.group_size if self.group_size > 0 else 1 << 30
@@ -61,6 +66,7 @@ FORMATS: dict[str, FormatSpec] = {
         FormatSpec("awq4-g32", "awq", 4, 32, note="AWQ on c4 text, 4 bits, groups of 32"),
         FormatSpec("awq4-g128", "awq", 4, 128, note="AWQ on c4 text, 4 bits, groups of 128"),
         FormatSpec("gptq3-g32", "gptq", 3, 32, note="GPTQ on c4 text, 3 bits (4-bit kernel), groups of 32"),
+        FormatSpec("drop2", "layers", note="the 2 least useful decoder layers removed (scored on c4)", drop_layers=2),
     )
 }
 KV_CACHE_TYPES = ("auto", "int8")

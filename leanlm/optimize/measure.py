@@ -88,10 +88,13 @@ class EngineMeasurer:
                 kv_cache=candidate.kv_cache,
                 threads=candidate.threads,
             )
-            spec = source_layout(Path(self.model)) if candidate.spec.method == "source" else candidate.spec
+            spec, config = candidate.spec, self.config
+            if spec.method in ("source", "layers"):  # runs like the source (fewer layers for "layers")
+                spec = source_layout(Path(self.model))
+                config = config.replace(num_layers=config.num_layers - candidate.spec.drop_layers)
             if candidate.threads not in self._bandwidth:  # probed once per thread count
                 self._bandwidth[candidate.threads] = memory_bandwidth_gbs(candidate.threads, size_mib=256, repeats=5)
-            self._predictions[candidate.key] = predict(self.config, spec, workload, self._bandwidth[candidate.threads])
+            self._predictions[candidate.key] = predict(config, spec, workload, self._bandwidth[candidate.threads])
         return self._predictions[candidate.key]
 
     def predict(self, candidate: Candidate) -> dict:
@@ -108,6 +111,8 @@ class EngineMeasurer:
     def artifact(self, candidate: Candidate) -> Path:
         """The candidate's weights on disk: the source itself, or a quantized folder built once and reused."""
         spec = candidate.spec
+        if spec.method == "layers":
+            return self.pruned_artifact(candidate)
         if not spec.quantized:
             return Path(self.model)
         folder = self.work / "candidates" / spec.name
@@ -117,6 +122,16 @@ class EngineMeasurer:
             quantize_to_folder(
                 self.model, spec.quant_config(), folder, threads=candidate.threads, eval_tokens=0, progress=False
             )
+        return folder
+
+    def pruned_artifact(self, candidate: Candidate) -> Path:
+        folder = self.work / "candidates" / candidate.spec.name
+        if not (folder / "compression.json").is_file():
+            from leanlm.compress.pipelines import prune_to_folder
+            from leanlm.compress.prune.config import PruneConfig
+
+            config = PruneConfig("layers", drop_layers=candidate.spec.drop_layers)
+            prune_to_folder(self.model, config, folder, threads=candidate.threads, eval_tokens=0, progress=False)
         return folder
 
     def load_options(self, candidate: Candidate) -> dict:

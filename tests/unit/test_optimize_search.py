@@ -129,3 +129,14 @@ def test_a_calibrated_format_is_skipped_when_its_round_to_nearest_sibling_is_far
     skipped = {e["candidate"]["format"]: e["skipped"] for e in result.entries if "skipped" in e}
     assert skipped == {"gptq4-g128": "round-to-nearest at the same bits and groups measured KL 0.200"}
     assert result.best["candidate"]["format"] == "gptq4-g32"
+
+
+def test_fineness_order_of_the_format_table():
+    from leanlm.optimize.formats import FORMATS, FormatSpec
+
+    assert FORMATS["gptq4-g32"].at_least_as_fine_as(FORMATS["gptq4-g128"])
+    assert FORMATS["gptq4-g32"].at_least_as_fine_as(FORMATS["gptq3-g32"])
+    assert not FORMATS["gptq4-g128"].at_least_as_fine_as(FORMATS["gptq4-g32"])
+    assert not FORMATS["rtn4-g32"].at_least_as_fine_as(FORMATS["gptq4-g128"])  # another method: no claim
+    assert FormatSpec("drop1", "layers", drop_layers=1).at_least_as_fine_as(FORMATS["drop2"])
+    assert not FORMATS["source"].at_least_as_fine_as(FORMATS["bf16"])
