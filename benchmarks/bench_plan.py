@@ -3,9 +3,12 @@ tok/s (the bench engine, a fresh process per run, formats interleaved A B C, A B
 against measured peak RSS, on the default model (or --model), 2 threads.
 
 Candidates are the folders `leanlm optimize` built (pass its --work folder to reuse them) or are built here.
+`--from-search WORK/search.json` prints the same table from an optimize run's own predictions and measurements
+instead of running anything.
 
     python benchmarks/bench_plan.py [--model M] [--work runs/x.work] [--formats source,int8,rtn4-g32]
         [--repetitions 3] [--json out/bench_plan.json]
+    python benchmarks/bench_plan.py --from-search runs/x.work/search.json
 """
 
 from __future__ import annotations
@@ -35,7 +38,11 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
+    parser.add_argument("--from-search", default=None, help="an optimize run's search.json: print its table only")
     args = parser.parse_args()
+    if args.from_search:
+        print_from_search(Path(args.from_search))
+        return
 
     model = resolve_model_path(args.model).resolve()
     measurer = EngineMeasurer(
@@ -101,6 +108,30 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows, "samples": samples}, indent=2))
+
+
+def print_from_search(path: Path) -> None:
+    search = json.loads(path.read_text())
+    m = search["machine"]
+    print(
+        f"{Path(search['model']).name}; {m['cpu']}, {m['threads']} threads, load average {m['load_average']} "
+        "(at the end); each candidate's measurement: the bench engine in fresh processes, median\n"
+    )
+    print(
+        "| candidate | decode predicted | decode measured | error | prefill predicted | prefill measured | error "
+        "| peak predicted | peak RSS measured |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for e in search["entries"]:
+        if e.get("decode_tok_s") is None:
+            continue
+        p = e["predicted"]
+        print(
+            f"| {e['key']} | {p['decode_tok_s']:.1f} | {e['decode_tok_s']:.1f} | "
+            f"{_error(p['decode_tok_s'], e['decode_tok_s'])} | {p['prefill_tok_s']:.0f} | {e['prefill_tok_s']:.0f} | "
+            f"{_error(p['prefill_tok_s'], e['prefill_tok_s'])} | {p['peak_rss_mib']:.0f} MiB | "
+            f"{e['peak_rss_mib']:.0f} MiB |"
+        )
 
 
 def _error(predicted: float, measured: float) -> str:

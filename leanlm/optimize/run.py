@@ -64,6 +64,7 @@ def optimize(request: OptimizeRequest) -> dict:
     cache = MeasurementCache(work / "measurements.jsonl")
     result = search(space, measurer, request.budget, request.objective, cache, request.max_measured)
     summary = {"model": str(model), "work": str(work), "best": result.best, "front": result.front}
+    save_search(result, work / "search.json", request, model)
     if result.best is None:
         summary["report"] = str(write_report(result, work, request, model))
         return summary
@@ -71,6 +72,24 @@ def optimize(request: OptimizeRequest) -> dict:
     summary["output"] = str(output)
     summary["card"] = json.loads((output / "card.json").read_text())
     return summary
+
+
+def save_search(result: SearchResult, path: Path, request: OptimizeRequest, model: Path) -> None:
+    """Every candidate with its prediction and measurements, the front and the choice, as JSON."""
+    from leanlm.bench.machine import describe
+    from leanlm.bench.worker import load_average
+
+    payload = {
+        "model": str(model),
+        "objective": result.objective,
+        "budget": request.budget.to_dict(),
+        "command": request.command,
+        "machine": {**describe(request.threads[0]), "load_average": load_average()},
+        "entries": result.entries,
+        "front": [e["key"] for e in result.front],
+        "best": None if result.best is None else result.best["key"],
+    }
+    path.write_text(json.dumps(payload, indent=2))
 
 
 def write_artifact(result: SearchResult, measurer: EngineMeasurer, request: OptimizeRequest, model: Path) -> Path:
