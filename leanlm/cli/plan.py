@@ -52,9 +52,14 @@ def run(args: argparse.Namespace) -> int:
             f"{cpu_model()}, {args.threads} threads, {bandwidth:.1f} GB/s probed; context {args.context} x batch "
             f"{args.batch}, KV cache {args.kv_cache}, prefill of {args.prompt_tokens} tokens"
         )
-        print(format_table(predictions))
+        available = available_memory()
+        print(format_table(predictions, available, args.batch, config.context_length))
         kv = predictions[0]
-        print(f"KV cache: run with --kv-cache-memory {kv.kv_cache_memory} (the engine adds one null block).")
+        print(
+            f"KV cache: run with --kv-cache-memory {kv.kv_cache_memory} (the engine adds one null block). "
+            f"'longest context': tokens per sequence that fit in the {available / 2**30:.1f} GiB available now "
+            f"at batch {args.batch} (capped at the model's {config.context_length})."
+        )
     if args.json:
         payload = json.dumps([p.to_dict() for p in predictions], indent=2)
         if args.json == "-":
@@ -65,16 +70,24 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_table(predictions) -> str:
+def available_memory() -> int:
+    """MemAvailable: what the engine itself sizes its default KV cache from."""
+    from leanlm.engine.engine import _available_cpu_memory
+
+    return _available_cpu_memory()
+
+
+def format_table(predictions, available: int, batch: int, context_limit: int) -> str:
     header = (
         f"{'format':<12} {'bits/w':>6} {'weights':>9} {'KV cache':>9} {'activ.':>8} {'peak':>9} "
-        f"{'decode tok/s':>12} {'prefill tok/s':>13}"
+        f"{'decode tok/s':>12} {'prefill tok/s':>13} {'longest context':>15}"
     )
     lines = [header, "-" * len(header)]
     for p in predictions:
         lines.append(
             f"{p.format:<12} {p.bits_per_weight:>6.2f} {_mib(p.weights_bytes):>9} {_mib(p.kv_cache_bytes):>9} "
-            f"{_mib(p.activation_bytes):>8} {_mib(p.peak_bytes):>9} {p.decode_tok_s:>12.1f} {p.prefill_tok_s:>13.1f}"
+            f"{_mib(p.activation_bytes):>8} {_mib(p.peak_bytes):>9} {p.decode_tok_s:>12.1f} "
+            f"{p.prefill_tok_s:>13.1f} {min(context_limit, p.longest_context(available, batch)):>15}"
         )
     return "\n".join(lines)
 

@@ -51,10 +51,18 @@ class Prediction:
     decode_tok_s: float
     prefill_tok_s: float
     bits_per_weight: float  # of the linear layers, as their kernels read them per token
+    kv_bytes_per_token: int = 0
 
     @property
     def peak_bytes(self) -> int:
         return self.weights_bytes + self.kv_cache_bytes + self.activation_bytes
+
+    def longest_context(self, memory_bytes: int, batch: int, block_size: int = 16) -> int:
+        """The most tokens per sequence whose KV cache (whole blocks, plus the null block) fits, for `batch`
+        sequences, in `memory_bytes` beside the weights and activations."""
+        spare = memory_bytes - self.weights_bytes - self.activation_bytes
+        blocks = spare // (block_size * self.kv_bytes_per_token) - 1
+        return max(0, int(blocks // batch) * block_size)
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "peak_bytes": self.peak_bytes}
@@ -231,4 +239,5 @@ def predict(
         decode_tok_s=workload.batch / decode_s,
         prefill_tok_s=workload.prompt_tokens / prefill_s,
         bits_per_weight=8 * read_bytes / weights_in_linears,
+        kv_bytes_per_token=kv["bytes_per_token"],
     )

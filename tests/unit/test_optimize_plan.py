@@ -76,3 +76,13 @@ def test_planned_kv_cache_is_what_the_engine_allocates_and_holds_the_workload(kv
     assert engine_kv_bytes(engine) == kv["allocated_bytes"]
     assert engine.max_cached_tokens >= context * batch
     assert engine.max_cached_tokens < (context + 16) * batch  # no more than a block of slack per sequence
+
+
+def test_longest_context_is_the_most_whole_blocks_that_fit_beside_weights_and_activations():
+    config, spec = tiny_config(True), FORMATS["int8"]
+    p = predict(config, spec, Workload(context=64, batch=2, prompt_tokens=16), speed=False)
+    block = 16 * p.kv_bytes_per_token
+    memory = p.weights_bytes + p.activation_bytes + (2 * 10 + 1) * block  # 10 blocks per sequence + the null block
+    assert p.longest_context(memory, batch=2) == 160
+    assert p.longest_context(memory - 1, batch=2) == 144
+    assert p.longest_context(p.weights_bytes, batch=2) == 0
