@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--repetitions", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", default=None)
+    parser.add_argument(
+        "--quality-only", action="store_true", help="score quality (cached in the work folder), no timing"
+    )
     args = parser.parse_args()
 
     work = Path(args.work)
@@ -61,8 +64,11 @@ def main() -> None:
 
     _, held_out = split_text(corpus_text("wiki", quiet=True))
     baseline = LLM(model, dtype="bfloat16", device="cpu", dequantize=True, threads=args.threads)
-    rows = {}
+    cache_path = work / f"vs_llama_cpp.quality.{args.eval_tokens}.json"  # a rerun scores only what is new
+    rows = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     for label, (engine, path, _, dequantize) in configs.items():
+        if label in rows:
+            continue
         print(f"quality of {label}...", file=sys.stderr, flush=True)
         # leanlm reads llama.cpp's files (K-quants dequantized whole): the quality is the file's own
         llm = LLM(
@@ -78,8 +84,13 @@ def main() -> None:
             baseline=baseline,
         )
         rows[label] = {"kl_mean": q.kl_mean, "top1_agreement": q.top1_agreement, "disk_mib": folder_bytes(path) / 2**20}
+        cache_path.write_text(json.dumps(rows, indent=2))
         del llm
     del baseline
+    rows = {label: rows[label] for label in configs}
+    if args.quality_only:
+        print(json.dumps(rows, indent=2))
+        return
     engines = {
         label: EngineSpec(engine, dtype, str(path), (("dequantize", True),) if dequantize else (), label=label)
         for label, (engine, path, dtype, dequantize) in configs.items()
