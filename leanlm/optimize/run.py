@@ -176,6 +176,8 @@ def write_report(result: SearchResult, folder: Path, request: OptimizeRequest, m
     from leanlm.optimize.report import html_report, save_front_png
 
     png = save_front_png(result, folder / "front.png")
+    if png is None:
+        print("leanlm: no front.png (matplotlib missing): `pip install 'leanlm[bench]'`.", file=sys.stderr)
     commands = [request.command] if request.command else []
     if result.best is not None:
         commands.append(f"leanlm eval --card {request.output}")
