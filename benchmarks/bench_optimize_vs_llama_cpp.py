@@ -4,7 +4,8 @@ llama.cpp's Q4_0, Q4_K_M and Q6_K files are made by `llama_model_quantize` (llam
 export of the source. Each file and each artifact on leanlm's front (from `leanlm optimize`'s work folder) is
 scored on the held-out half of the wiki text (the search never saw it): KL against the source dequantized to
 bfloat16, top-1 agreement, size on disk; and timed (decode tok/s, batch 1, a fresh process per run, all engines
-interleaved, median): llama.cpp's files by llama.cpp, leanlm's artifacts by leanlm.
+interleaved, median): llama.cpp's files by llama.cpp, leanlm's artifacts by leanlm. Quality and speed are cached
+in the work folder per configuration, so a rerun after the front grew measures only the new points.
 
     python benchmarks/bench_optimize_vs_llama_cpp.py --work runs/smollm2-kl005.work [--eval-tokens 1024]
         [--repetitions 2] [--json out/vs_llama_cpp.json]
@@ -97,14 +98,20 @@ def main() -> None:
     }
     spec = BenchSpec(str(model), list(engines.values()), args.threads, "cpu", 64, 32)
     load_before = load_average()
-    samples = {label: [] for label in engines}
+    speed_path = work / "vs_llama_cpp.speed.json"  # timed configurations are kept: a rerun times only new ones
+    speeds = json.loads(speed_path.read_text()) if speed_path.is_file() else {}
+    todo = {label: engine for label, engine in engines.items() if label not in speeds}
+    samples = {label: [] for label in todo}
     for repetition in range(args.repetitions):
-        for label, engine in engines.items():
+        for label, engine in todo.items():
             sample = run_sample(spec, engine)
             samples[label].append(sample)
             print_sample(repetition, engine, sample)
     for label, runs in samples.items():
-        rows[label]["decode_tok_s"] = statistics.median(s["runs"][0]["decode_tok_s"] for s in runs)
+        speeds[label] = statistics.median(s["runs"][0]["decode_tok_s"] for s in runs)
+        speed_path.write_text(json.dumps(speeds, indent=2))
+    for label in rows:
+        rows[label]["decode_tok_s"] = speeds[label]
     machine = {**describe(args.threads), "load_average": [load_before, load_average()]}
     print(
         f"\n{model.name}; {machine['cpu']}, {args.threads} threads, load average {machine['load_average']}; KL on "
