@@ -129,7 +129,7 @@ def write_artifact(result: SearchResult, measurer: EngineMeasurer, request: Opti
     flags = f" --dtype {options['dtype']}" + (" --dequantize" if options["dequantize"] else "")
     flags += f" --kv-cache {candidate.kv_cache} --threads {candidate.threads}"
     card = {
-        "name": output.name,
+        "name": str(output),
         "source": str(model),
         "format": candidate.spec.to_dict(),
         "candidate": candidate.to_dict(),
@@ -157,7 +157,7 @@ def write_artifact(result: SearchResult, measurer: EngineMeasurer, request: Opti
         },
         "load": {"path": load_path, "options": options},
         "command": f'leanlm generate --model {output / load_path if load_path != "." else output}{flags} "Hello"',
-        "machine": {**describe(candidate.threads), "load_average": load_average()},
+        "machine": {**describe(candidate.threads), "load_average": round(load_average() or 0, 1)},
         "search": {"command": request.command, "front": [e["key"] for e in result.front]},
     }
     with atomic_folder(output) as scratch:
