@@ -62,7 +62,7 @@ def save_front_png(result: SearchResult, path: str | Path, references: list[dict
             label="chosen",
         )
     ax.set_xscale("symlog", linthresh=1e-3)
-    ax.set_xlabel("KL(original || candidate), nats/token (held-out wiki text)")
+    ax.set_xlabel("KL(original || candidate), nats/token (wiki text, search half)")
     ax.set_ylabel(LABELS[metric])
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
