@@ -52,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
             f"{cpu_model()}, {args.threads} threads, {bandwidth:.1f} GB/s probed; context {args.context} x batch "
             f"{args.batch}, KV cache {args.kv_cache}, prefill of {args.prompt_tokens} tokens"
         )
+        from leanlm.optimize.memory import available_memory
+
         available = available_memory()
         print(format_table(predictions, available, args.batch, config.context_length))
         kv = predictions[0]
@@ -68,13 +70,6 @@ def run(args: argparse.Namespace) -> int:
             with open(args.json, "w") as handle:
                 handle.write(payload + "\n")
     return 0
-
-
-def available_memory() -> int:
-    """MemAvailable: what the engine itself sizes its default KV cache from."""
-    from leanlm.engine.engine import _available_cpu_memory
-
-    return _available_cpu_memory()
 
 
 def format_table(predictions, available: int, batch: int, context_limit: int) -> str:

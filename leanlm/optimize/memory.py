@@ -72,3 +72,17 @@ def activation_bytes(config, tokens: int, batch: int) -> int:
     per_token = 4 * (2 * config.hidden_size + widest + config.intermediate_size)
     scores = 4 * config.num_heads * tokens * tokens
     return per_token * tokens + scores + 4 * batch * config.vocab_size
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (what the engine sizes its default KV cache from), else free pages."""
+    import os
+
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
