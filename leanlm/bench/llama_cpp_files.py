@@ -14,7 +14,17 @@ from pathlib import Path
 from leanlm.errors import InvalidRequestError, LeanLMError
 
 # llama.cpp's file types (enum llama_ftype) that take an F16 file as input.
-FILE_TYPES = {"Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_M": 12, "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "BF16": 32}
+FILE_TYPES = {
+    "Q4_0": 2,
+    "Q5_0": 8,
+    "Q5_1": 9,
+    "Q2_K": 10,
+    "Q3_K_M": 12,
+    "Q4_K_M": 15,
+    "Q5_K_M": 17,
+    "Q6_K": 18,
+    "BF16": 32,
+}
 
 
 def quantize_with_llama_cpp(f16_file: str | Path, file_type: str, target: str | Path, threads: int = 2) -> Path:

@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   leanlm eval                                           # the default model on the default corpus (wiki)
   leanlm eval --model M --text-file book.txt --context 512 --stride 256
   leanlm eval --model M2 --baseline M --json result.json
+  leanlm eval --card optimized/                         # an optimized artifact still meets its card? (exit 1 if not)
 """
 
 
@@ -61,6 +62,12 @@ def add_parser(subparsers) -> None:
         choices=["auto", "bfloat16", "float32", "float16"],
         help="the baseline's precision (default: the same as --dtype)",
     )
+    ev.add_argument(
+        "--card",
+        metavar="ARTIFACT",
+        help="re-measure an artifact written by `leanlm optimize` on its card's held-out text against its original; "
+        "exit status 1 when it no longer meets the card's quality budget",
+    )
     ev.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH ('-' = stdout)")
     ev.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     add_model_options(ev)
@@ -93,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
     from leanlm.evaluate import evaluate
 
     check_options(args)  # before the (slower) model loads and downloads
+    if args.card is not None:
+        return run_card_check(args)
     text, corpus, path = read_text(args)
     llm = load_llm(args)
     baseline = None
@@ -115,6 +124,33 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(result, args.json)
     return 0
+
+
+def run_card_check(args: argparse.Namespace) -> int:
+    from leanlm.optimize.card import check_card
+
+    if args.model is not None or args.baseline is not None:
+        raise InvalidRequestError("--card names the artifact and its original; do not pass --model or --baseline.")
+    max_tokens = None if args.max_tokens == DEFAULT_MAX_TOKENS else args.max_tokens
+    check = check_card(args.card, max_tokens=max_tokens, progress=not args.quiet)
+    q, card = check["quality"], check["card"]
+    print(f"card:       {card['name']} ({card['format']['name']}), budget {card['budget_text']}")
+    print(
+        f"carded:     KL {card['quality']['kl_mean']:.4f}, top-1 {100 * card['quality']['top1_agreement']:.1f}%, "
+        f"perplexity x{card['quality']['ppl_ratio']:.4f} (search text)"
+    )
+    print(
+        f"measured:   KL {q['kl_mean']:.4f}, top-1 {100 * q['top1_agreement']:.1f}%, perplexity x{q['ppl_ratio']:.4f} "
+        f"on {q['eval_tokens']} held-out tokens"
+    )
+    if args.json:
+        payload = json.dumps({k: v for k, v in check.items() if k != "card"}, indent=2)
+        print(payload) if args.json == "-" else Path(args.json).write_text(payload + "\n")
+    if check["meets"]:
+        print("result:     meets its card")
+        return 0
+    print(f"result:     DOES NOT meet its card: {'; '.join(check['violations'])}")
+    return 1
 
 
 def format_table(result: EvalResult) -> str:

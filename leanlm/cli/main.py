@@ -33,6 +33,8 @@ COMMANDS = {
     "bench": "leanlm.cli.bench",
     "quantize": "leanlm.cli.quantize",
     "prune": "leanlm.cli.prune",
+    "plan": "leanlm.cli.plan",
+    "optimize": "leanlm.cli.optimize",
     "serve": "leanlm.cli.serve",
     "models": "leanlm.cli.models",
     "embed": "leanlm.cli.embed",

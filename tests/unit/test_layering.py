@@ -32,6 +32,7 @@ LEVELS = {
     "leanlm.compress.pipelines": 4,
     "leanlm.evaluate": 4,
     "leanlm.bench": 4,
+    "leanlm.optimize": 5,  # decisions: searches over compress/, evaluate/ and bench/ measurements
     "leanlm.server": 5,
     "leanlm.cli": 5,
     "leanlm": 5,  # the package itself: `from leanlm import LLM` is for users and the edges
