@@ -2,7 +2,8 @@
 
 Rows are taken 8 at a time (padded with zero rows) and interleaved 4 inputs at a time, so that one 32-byte load
 holds 4 inputs of 8 rows; scales and offsets are stored 8 per block (one per row), as float16 when that is
-exact (GGUF blocks always are) and float32 otherwise.
+exact (GGUF's legacy blocks always are) and float32 otherwise (K-quant scales d * sc, leanlm's own).
+A q8 weight with groups of 16 (GGUF's Q6_K) stores two scales per block: 8 for inputs 0-15, then 8 for 16-31.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ ROWS = 8
 @dataclass
 class KernelWeight:
     codes: torch.Tensor  # (groups, blocks, 128) for q4, (groups, blocks, 256) for q8; uint8
-    scales: torch.Tensor  # (groups, blocks, 8) float16, or float32 when float16 would round them
-    offsets: torch.Tensor | None
+    scales: torch.Tensor  # (groups, blocks, 8) float16, or float32 when float16 would round them; (.., 16): sub16
+    offsets: torch.Tensor | None  # (groups, blocks, 8), in the scales' dtype
     rows: int
     q4: bool
 
@@ -32,15 +33,24 @@ class KernelWeight:
 
 
 def kernel_format(weight: QuantizedTensor) -> str | None:
-    """'q4' or 'q8' when the kernels can run this weight, else None (the caller keeps the torch path)."""
+    """'q4' or 'q8' when the kernels can run this weight, else None (the caller keeps the torch path).
+    q4: unsigned codes of up to 4 bits; q8: int8 codes (GGUF's 5- and 6-bit codes too), with or without offsets,
+    groups of 32 or more, or of 16 (two scales per block) when each pair of groups shares its offset."""
     columns = weight.codes.shape[1]
-    if columns % BLOCK or weight.group_size % BLOCK:
+    if columns % BLOCK or not (weight.group_size % BLOCK == 0 or _sub16(weight)):
         return None
-    if weight.bits <= 4 and weight.codes.dtype == torch.uint8:
+    if weight.bits <= 4 and weight.codes.dtype == torch.uint8 and weight.group_size % BLOCK == 0:
         return "q4"
-    if weight.bits == 8 and weight.codes.dtype == torch.int8 and weight.offset is None:
+    if weight.bits <= 8 and weight.codes.dtype == torch.int8:
         return "q8"
     return None
+
+
+def _sub16(weight: QuantizedTensor) -> bool:
+    """Groups of 16 whose offsets (if any) are equal in each block of 32: the kernels' two-scale blocks."""
+    if weight.group_size != 16:
+        return False
+    return weight.offset is None or bool(torch.equal(weight.offset[:, 0::2], weight.offset[:, 1::2]))
 
 
 def fits_float16(params: torch.Tensor) -> bool:
@@ -63,11 +73,16 @@ def pack(weight: QuantizedTensor) -> KernelWeight:
         slabs = codes.view(torch.uint8).reshape(groups, blocks, ROWS, 8, 4).transpose(2, 3)
     packed = slabs.reshape(groups, blocks, -1).contiguous()
 
-    def per_row(params: torch.Tensor) -> torch.Tensor:
-        per_block = weight.per_column(params, BLOCK)  # (N, blocks)
-        return F.pad(per_block, (0, 0, 0, pad)).view(groups, ROWS, blocks).transpose(1, 2).contiguous().to(dtype)
+    def per_row(per_group: torch.Tensor) -> torch.Tensor:
+        """(N, blocks * halves) parameters -> (groups, blocks, halves * 8): a block's 8 rows, half after half."""
+        halves = per_group.shape[1] // blocks
+        padded = F.pad(per_group, (0, 0, 0, pad)).view(groups, ROWS, blocks, halves)
+        return padded.permute(0, 2, 3, 1).reshape(groups, blocks, halves * ROWS).contiguous().to(dtype)
 
     params = [weight.scale] + ([weight.offset] if weight.offset is not None else [])
     dtype = torch.float16 if all(fits_float16(p) for p in params) else torch.float32
-    offsets = per_row(weight.offset) if weight.offset is not None else None
-    return KernelWeight(packed, per_row(weight.scale), offsets, rows, kind == "q4")
+    if weight.group_size == 16:  # sub16: one offset per block (equal over its two groups: kernel_format checks)
+        offsets = per_row(weight.offset[:, 0::2]) if weight.offset is not None else None
+        return KernelWeight(packed, per_row(weight.scale), offsets, rows, False)
+    offsets = per_row(weight.per_column(weight.offset, BLOCK)) if weight.offset is not None else None
+    return KernelWeight(packed, per_row(weight.per_column(weight.scale, BLOCK)), offsets, rows, kind == "q4")

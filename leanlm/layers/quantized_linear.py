@@ -125,7 +125,9 @@ class QuantizedLinear(nn.Module):
             )
         if self.kernel == "leanlm-q8":
             p = self._packed
-            return torch.ops.leanlm.q8_linear(x, p.codes, p.scales, self.bias, p.rows, self._int8_activations)
+            return torch.ops.leanlm.q8_linear(
+                x, p.codes, p.scales, p.offsets, self.bias, p.rows, self._int8_activations
+            )
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
         if self.kernel == "int4pack":

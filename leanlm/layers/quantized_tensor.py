@@ -49,7 +49,11 @@ class QuantizedTensor:
 
     @staticmethod
     def cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
-        """Stack row blocks (q, k, v into qkv); all parts must share bits, group size and symmetry."""
+        """Stack row blocks (q, k, v into qkv). Parts stored differently (a GGUF Q4_K_M file's Q4_K and Q6_K) are
+        first re-expressed exactly in one form (common_form); ValueError when there is none."""
+        parts = QuantizedTensor.common_form(parts)
+        if parts is None:
+            raise ValueError("these quantized tensors have no common exact form; dequantize them to stack them")
         first = parts[0]
         offsets = None if first.offset is None else torch.cat([p.offset for p in parts])
         return QuantizedTensor(
@@ -59,3 +63,32 @@ class QuantizedTensor:
             first.bits,
             first.group_size,
         )
+
+    @staticmethod
+    def common_form(parts: list[QuantizedTensor]) -> list[QuantizedTensor] | None:
+        """The parts with the same code dtype, bits, group size and offsets, representing the same values exactly:
+        groups split to the smallest (parameters repeated), unsigned codes widened to int8 when some part is signed
+        or has more than 4 bits, zero offsets where a part has none. None when no such form exists (groups that do
+        not divide each other, unsigned codes above 127 beside signed ones)."""
+        forms = {(p.codes.dtype, p.bits, p.group_size, p.offset is not None) for p in parts}
+        if len(forms) == 1:
+            return parts
+        group = min(p.group_size for p in parts)
+        columns = parts[0].codes.shape[1]
+        if any(p.group_size % group or p.codes.shape[1] != columns for p in parts) or columns % group:
+            return None
+        unsigned = all(p.codes.dtype == torch.uint8 and p.bits <= 4 for p in parts)
+        if not unsigned and any(p.codes.dtype == torch.uint8 and p.bits > 7 for p in parts):
+            return None
+        bits = max(p.bits for p in parts) if not unsigned else 4
+        with_offsets = any(p.offset is not None for p in parts)
+        common = []
+        for p in parts:
+            scale = p.per_column(p.scale, group)
+            if p.offset is not None:
+                offset = p.per_column(p.offset, group)
+            else:
+                offset = torch.zeros_like(scale) if with_offsets else None
+            codes = p.codes if unsigned else p.codes.to(torch.int8)
+            common.append(QuantizedTensor(codes, scale, offset, bits, group))
+        return common

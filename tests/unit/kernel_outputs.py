@@ -45,7 +45,7 @@ def kernel_outputs() -> dict[str, torch.Tensor]:
                 if p.q4:
                     out = torch.ops.leanlm.q4_linear(x, p.codes, p.scales, p.offsets, None, p.rows, int8_activations)
                 else:
-                    out = torch.ops.leanlm.q8_linear(x, p.codes, p.scales, None, p.rows, int8_activations)
+                    out = torch.ops.leanlm.q8_linear(x, p.codes, p.scales, p.offsets, None, p.rows, int8_activations)
                 outputs[key] = out
             outputs[f"{kind} {rows}x{columns} dequantize"] = torch.ops.leanlm.dequantize(
                 p.codes, p.scales, p.offsets, p.rows

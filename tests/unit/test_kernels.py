@@ -40,7 +40,7 @@ def run_kernel(weight, x: torch.Tensor, int8_activations: bool):
     p = pack(weight)
     if p.q4:
         return torch.ops.leanlm.q4_linear(x, p.codes, p.scales, p.offsets, None, p.rows, int8_activations)
-    return torch.ops.leanlm.q8_linear(x, p.codes, p.scales, None, p.rows, int8_activations)
+    return torch.ops.leanlm.q8_linear(x, p.codes, p.scales, p.offsets, None, p.rows, int8_activations)
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:

@@ -14,10 +14,11 @@ constexpr int64_t kRows = 8;  // rows interleaved per group = lanes of a float v
 // A packed weight (leanlm/kernels/layout.py), as raw pointers into its tensors.
 struct Weights {
   const uint8_t* codes;  // (groups, blocks, 128 or 256)
-  const void* scales;    // (groups, blocks, 8) float16 or float32
-  const void* offsets;   // like scales, or nullptr
+  const void* scales;    // (groups, blocks, 8) float16 or float32; (groups, blocks, 16) when sub16
+  const void* offsets;   // (groups, blocks, 8) like scales, or nullptr
   int64_t rows, cols, groups, blocks;
   bool q4, half_params;
+  bool sub16;  // q8 only: two scales per block, for inputs 0-15 then 16-31 (GGUF Q6_K's sub-blocks); one offset
   int64_t block_bytes() const { return q4 ? 128 : 256; }
   // the 8 rows' parameters of block `at` (= group * blocks + block)
   __m256 params(const void* base, int64_t at) const {
@@ -27,7 +28,8 @@ struct Weights {
     }
     return _mm256_loadu_ps(static_cast<const float*>(base) + at * 8);
   }
-  __m256 scales_at(int64_t at) const { return params(scales, at); }
+  // half: 0 for inputs 0-15, 1 for 16-31 (the same scales unless sub16)
+  __m256 scales_at(int64_t at, int half = 0) const { return params(scales, sub16 ? 2 * at + half : at); }
   __m256 offsets_at(int64_t at) const { return offsets ? params(offsets, at) : _mm256_setzero_ps(); }
 };
 
@@ -42,7 +44,8 @@ at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Ten
                      const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias, int64_t rows,
                      bool int8_activations);
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                     const c10::optional<at::Tensor>& bias, int64_t rows, bool int8_activations);
+                     const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias, int64_t rows,
+                     bool int8_activations);
 at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
                       int64_t rows);
 
