@@ -81,7 +81,7 @@ def assign_weights(model: nn.Module, weights: dict, dtype: torch.dtype) -> dict:
     fused = fuse_projections(weights)
     quantized = {name.removesuffix(".weight"): t for name, t in fused.items() if isinstance(t, QuantizedTensor)}
     for module_name, weight in quantized.items():
-        bias = fused.pop(f"{module_name}.bias", None)
+        bias = fused.get(f"{module_name}.bias")  # stays in `fused`: the layer's bias is a parameter checked below
         model.set_submodule(module_name, QuantizedLinear(weight, bias))
         del fused[f"{module_name}.weight"]
     expected = dict(model.named_parameters())

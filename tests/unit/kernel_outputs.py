@@ -38,7 +38,14 @@ def kernel_outputs() -> dict[str, torch.Tensor]:
         q8 = QuantizedTensor(
             torch.randint(-127, 128, (rows, columns), dtype=torch.int8, generator=generator), scale, None, 8, 32
         )
-        for kind, weight in (("q4", q4), ("q8", q8)):
+        sub16 = QuantizedTensor(  # GGUF Q6_K's form: 6-bit codes, a scale per 16 inputs, here with offsets per 32
+            torch.randint(-32, 32, (rows, columns), dtype=torch.int8, generator=generator),
+            (torch.rand(rows, 2 * groups, generator=generator) * 0.02 + 1e-3),
+            (torch.randn(rows, groups, generator=generator) * 0.05).repeat_interleave(2, dim=1),
+            6,
+            16,
+        )
+        for kind, weight in (("q4", q4), ("q8", q8), ("q8-sub16", sub16)):
             p = pack(weight)
             for int8_activations in (True, False):
                 key = f"{kind} {rows}x{columns} batch {batch} {'int8' if int8_activations else 'float'} act."

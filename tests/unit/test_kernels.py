@@ -23,17 +23,30 @@ EXACT_TOLERANCE = 1e-5
 INT8_ACTIVATION_TOLERANCE = 2e-2
 
 
+# q4: unsigned 4-bit codes with offsets (Q4_0/Q4_1/Q4_K); q8: int8 codes (Q8_0, leanlm's int8); q8-offset: 5-bit
+# codes with offsets (Q5_1/Q5_K); q8-sub16: 6-bit codes with a scale per 16 inputs (Q6_K), the group argument
+# ignored; q8-sub16-offset: a Q4_K beside a Q6_K in their common form (scales per 16, offsets per 32).
+KINDS = ["q4", "q8", "q8-offset", "q8-sub16", "q8-sub16-offset"]
+
+
 def random_weight(rows: int, columns: int, kind: str, group: int, seed: int) -> QuantizedTensor:
     generator = torch.Generator().manual_seed(seed)
+    group = 16 if "sub16" in kind else group
     groups = -(-columns // group)
     # float16-representable scales, as every stored checkpoint has (GGUF blocks, leanlm artifacts)
     scale = (torch.rand(rows, groups, generator=generator) * 0.02 + 1e-3).half().float()
+    offset = (torch.randn(rows, groups, generator=generator) * 0.05).half().float()
     if kind == "q4":
         codes = torch.randint(0, 16, (rows, columns), dtype=torch.uint8, generator=generator)
-        offset = (torch.randn(rows, groups, generator=generator) * 0.05).half().float()
         return QuantizedTensor(codes, scale, offset, 4, group)
-    codes = torch.randint(-127, 128, (rows, columns), dtype=torch.int8, generator=generator)
-    return QuantizedTensor(codes, scale, None, 8, group)
+    if kind == "q8":
+        codes = torch.randint(-127, 128, (rows, columns), dtype=torch.int8, generator=generator)
+        return QuantizedTensor(codes, scale, None, 8, group)
+    low, high = (0, 32) if kind == "q8-offset" else (-32, 32)
+    codes = torch.randint(low, high, (rows, columns), dtype=torch.int8, generator=generator)
+    if kind == "q8-sub16-offset":
+        offset = offset[:, 0::2].repeat_interleave(2, dim=1)[:, :groups]  # one offset per block of 32
+    return QuantizedTensor(codes, scale, offset if kind.endswith("offset") else None, 6, group)
 
 
 def run_kernel(weight, x: torch.Tensor, int8_activations: bool):
@@ -52,7 +65,7 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
 SHAPES = [(1, 1, 32, 32), (5, 3, 96, 32), (13, 4, 64, 64), (577, 1, 576, 128), (64, 9, 1536, 32), (200, 6, 160, 32)]
 
 
-@pytest.mark.parametrize("kind", ["q4", "q8"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rows,batch,columns,group", SHAPES)
 def test_matvec_kernels_match_reference(kind, rows, batch, columns, group):
     weight = random_weight(rows, columns, kind, group, seed=rows * batch + columns)
@@ -62,7 +75,7 @@ def test_matvec_kernels_match_reference(kind, rows, batch, columns, group):
     assert relative_error(run_kernel(weight, x, int8_activations=True), reference) < INT8_ACTIVATION_TOLERANCE
 
 
-@pytest.mark.parametrize("kind", ["q4", "q8"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("int8_activations", [False, True])
 def test_a_rows_result_does_not_depend_on_the_batch(kind, int8_activations):
     """Bit for bit: the engine's greedy outputs must be the same alone and batched (prefill, decode, mixed)."""
@@ -76,7 +89,7 @@ def test_a_rows_result_does_not_depend_on_the_batch(kind, int8_activations):
     assert torch.equal(run_kernel(weight, rows[:3], int8_activations), batched.reshape(-1, 70)[:3])
 
 
-@pytest.mark.parametrize("kind", ["q4", "q8"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("float16_params", [True, False])
 def test_dequantize_is_exact(kind, float16_params):
     weight = random_weight(21, 128, kind, 64, seed=5)
@@ -108,6 +121,9 @@ def test_quantized_linear_modes_match_reference_forward(mode, kernel):
 def test_layouts_the_kernels_cannot_read_keep_the_torch_path():
     odd_width = random_weight(8, 48, "q8", 48, seed=1)  # 48 inputs: not a whole number of 32-blocks
     assert kernel_format(odd_width) is None
+    sub16 = random_weight(8, 64, "q8-sub16-offset", 16, seed=1)
+    sub16.offset[:, 1] += 1  # offsets per 16: the kernels hold one per block of 32
+    assert kernel_format(sub16) is None
     layer = QuantizedLinear(odd_width)
     assert layer.prepare_runtime(torch.float32, torch.device("cpu"), "auto") == "int8pack"  # torch's per-row kernel
     with pytest.raises(ValueError, match="kernel mode"):
@@ -130,6 +146,11 @@ def test_ops_pass_torch_library_checks():
     p = pack(random_weight(24, 64, "q4", 32, seed=2))
     torch.library.opcheck(
         torch.ops.leanlm.q4_linear.default, (torch.randn(2, 64), p.codes, p.scales, p.offsets, None, p.rows, True)
+    )
+    p = pack(random_weight(24, 64, "q8-sub16-offset", 16, seed=2))
+    assert p.scales.shape == (3, 2, 16) and p.offsets.shape == (3, 2, 8)
+    torch.library.opcheck(
+        torch.ops.leanlm.q8_linear.default, (torch.randn(2, 64), p.codes, p.scales, p.offsets, None, p.rows, True)
     )
     torch.library.opcheck(torch.ops.leanlm.silu_mul.default, (torch.randn(3, 8),))
 
