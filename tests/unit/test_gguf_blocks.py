@@ -1,9 +1,10 @@
 """Every GGUF block type a model may carry loads exactly as the `gguf` package dequantizes it.
 
-Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K load natively (codes, scales and offsets as
-stored: blocks_to_quantized); every other type is dequantized at load (GGUFFile.load_tensor). The tensors
-are written into a real GGUF file: quantized by `gguf.quants.quantize` where the package can (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16, BF16), and as random blocks
-with sane float16 scales where it cannot (the K-quants), which exercises every bit of their codes and scales.
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K load natively (codes, scales and offsets as stored:
+blocks_to_quantized); every other type is dequantized at load (GGUFFile.load_tensor). The tensors are written
+into a real GGUF file: quantized by `gguf.quants.quantize` where the package can (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+F16, BF16), and as random blocks with sane float16 scales where it cannot (the K-quants), which exercises every
+bit of their codes and scales.
 """
 
 from __future__ import annotations
