@@ -65,17 +65,18 @@ def _k_quant(blocks: np.ndarray, type_name: str, rows: int, cols: int) -> Quanti
         codes = torch.from_numpy((q - 32).astype(np.int8)).reshape(rows, cols)
         sub_scales = torch.from_numpy(blocks[..., 192:208].copy().view(np.int8)).float()  # (rows, supers, 16)
         d = _halves(torch.from_numpy(blocks[..., 208:210].copy()))[..., None]
-        return QuantizedTensor(codes, (d * sub_scales).reshape(rows, -1), None, 6, 16)
+        return QuantizedTensor(codes, (d * sub_scales).reshape(rows, -1), None, 6, 16, d.reshape(rows, -1))
     d, dmin = (_halves(torch.from_numpy(blocks[..., i : i + 2].copy()))[..., None] for i in (0, 2))
     sc, m = _scales_and_mins(blocks[..., 4:16])  # (rows, supers, 8) each
     scale, offset = (d * sc).reshape(rows, -1), -(dmin * m).reshape(rows, -1)
+    bases = (d.reshape(rows, -1), -dmin.reshape(rows, -1))
     if type_name == "Q4_K":
         codes = torch.from_numpy(_nibble_pairs(blocks[..., 16:144], 32)).reshape(rows, cols)
-        return QuantizedTensor(codes, scale, offset, 4, BLOCK)
+        return QuantizedTensor(codes, scale, offset, 4, BLOCK, *bases)
     high = _bits(blocks[..., 16:48], 1, 8).reshape(*blocks.shape[:2], SUPER)  # bit i of byte j: element 32 i + j
     low = _nibble_pairs(blocks[..., 48:176], 32)
     codes = torch.from_numpy((low | (high << 4)).view(np.int8)).reshape(rows, cols)
-    return QuantizedTensor(codes, scale, offset, 5, BLOCK)
+    return QuantizedTensor(codes, scale, offset, 5, BLOCK, *bases)
 
 
 def _halves(raw: torch.Tensor) -> torch.Tensor:

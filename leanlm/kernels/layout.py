@@ -4,6 +4,8 @@ Rows are taken 8 at a time (padded with zero rows) and interleaved 4 inputs at a
 holds 4 inputs of 8 rows; scales and offsets are stored 8 per block (one per row), as float16 when that is
 exact (GGUF's legacy blocks always are) and float32 otherwise (K-quant scales d * sc, leanlm's own).
 A q8 weight with groups of 16 (GGUF's Q6_K) stores two scales per block: 8 for inputs 0-15, then 8 for 16-31.
+K-quant weights (QuantizedTensor.scale_base set) store int8 multipliers instead, and one float16 base per 256
+inputs per row, as the GGUF file does: about 4.6 bits per Q4_K weight where float32 parameters take 6.
 """
 
 from __future__ import annotations
@@ -26,10 +28,15 @@ class KernelWeight:
     offsets: torch.Tensor | None  # (groups, blocks, 8), in the scales' dtype
     rows: int
     q4: bool
+    scale_base: torch.Tensor | None = None  # (groups, blocks / 8, 8) float16: scales are int8 multipliers of it
+    offset_base: torch.Tensor | None = None  # likewise for the offsets
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        """codes, scales, offsets, scale_base, offset_base: what the ops take after the activations."""
+        return [self.codes, self.scales, self.offsets, self.scale_base, self.offset_base]
 
     def nbytes(self) -> int:
-        tensors = [self.codes, self.scales] + ([self.offsets] if self.offsets is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
 
 
 def kernel_format(weight: QuantizedTensor) -> str | None:
@@ -73,16 +80,55 @@ def pack(weight: QuantizedTensor) -> KernelWeight:
         slabs = codes.view(torch.uint8).reshape(groups, blocks, ROWS, 8, 4).transpose(2, 3)
     packed = slabs.reshape(groups, blocks, -1).contiguous()
 
-    def per_row(per_group: torch.Tensor) -> torch.Tensor:
+    def per_row(per_group: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(N, blocks * halves) parameters -> (groups, blocks, halves * 8): a block's 8 rows, half after half."""
         halves = per_group.shape[1] // blocks
         padded = F.pad(per_group, (0, 0, 0, pad)).view(groups, ROWS, blocks, halves)
         return padded.permute(0, 2, 3, 1).reshape(groups, blocks, halves * ROWS).contiguous().to(dtype)
 
-    params = [weight.scale] + ([weight.offset] if weight.offset is not None else [])
-    dtype = torch.float16 if all(fits_float16(p) for p in params) else torch.float32
-    if weight.group_size == 16:  # sub16: one offset per block (equal over its two groups: kernel_format checks)
-        offsets = per_row(weight.offset[:, 0::2]) if weight.offset is not None else None
-        return KernelWeight(packed, per_row(weight.scale), offsets, rows, False)
-    offsets = per_row(weight.per_column(weight.offset, BLOCK)) if weight.offset is not None else None
-    return KernelWeight(packed, per_row(weight.per_column(weight.scale, BLOCK)), offsets, rows, kind == "q4")
+    # per block (or per half block for sub16 scales); a sub16 weight's offsets are equal over each block's halves
+    scale = weight.scale if weight.group_size == 16 else weight.per_column(weight.scale, BLOCK)
+    offset = None
+    if weight.offset is not None:
+        offset = weight.offset[:, 0::2] if weight.group_size == 16 else weight.per_column(weight.offset, BLOCK)
+    if (factors := _super_block_factors(weight, scale, offset)) is not None:
+        (scale_m, scale_base), (offset_m, offset_base) = factors
+        base = [None if b is None else _rows_last(F.pad(b, (0, 0, 0, pad))) for b in (scale_base, offset_base)]
+        offsets = None if offset_m is None else per_row(offset_m, torch.int8)
+        return KernelWeight(packed, per_row(scale_m, torch.int8), offsets, rows, kind == "q4", *base)
+    dtype = torch.float16 if all(fits_float16(p) for p in (scale, offset) if p is not None) else torch.float32
+    offsets = None if offset is None else per_row(offset, dtype)
+    return KernelWeight(packed, per_row(scale, dtype), offsets, rows, kind == "q4")
+
+
+SUPER_BLOCK = 256
+
+
+def _rows_last(per_super_block: torch.Tensor) -> torch.Tensor:
+    """(groups * 8, super-blocks) -> (groups, super-blocks, 8) float16: one group's 8 rows side by side."""
+    rows, supers = per_super_block.shape
+    return per_super_block.view(rows // ROWS, ROWS, supers).transpose(1, 2).contiguous().to(torch.float16)
+
+
+def _super_block_factors(weight: QuantizedTensor, scale: torch.Tensor, offset: torch.Tensor | None):
+    """((scale multipliers, bases), (offset multipliers, bases)) with params == multiplier * base exactly, int8
+    multipliers and float16 bases, one per 256 inputs (GGUF K-quants); None when the weight is not so made."""
+    if weight.scale_base is None or weight.codes.shape[1] % SUPER_BLOCK:
+        return None
+    if offset is not None and weight.offset_base is None:
+        return None
+
+    def factor(params: torch.Tensor, base: torch.Tensor):
+        if not fits_float16(base):
+            return None
+        per_group = base.repeat_interleave(params.shape[1] // base.shape[1], dim=1)
+        multiplier = torch.where(per_group == 0, 0.0, params / per_group).round()
+        if multiplier.min() < -128 or multiplier.max() > 127 or not torch.equal(multiplier * per_group, params):
+            return None
+        return multiplier.to(torch.int8), base
+
+    scales = factor(scale, weight.scale_base)
+    offsets = (None, None) if offset is None else factor(offset, weight.offset_base)
+    if scales is None or offsets is None:
+        return None
+    return scales, offsets

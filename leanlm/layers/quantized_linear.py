@@ -44,12 +44,16 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("codes", weight.codes)
         self.register_buffer("scale", weight.scale)
         self.register_buffer("offset", weight.offset)
+        self.register_buffer("scale_base", weight.scale_base)  # GGUF K-quants only (QuantizedTensor)
+        self.register_buffer("offset_base", weight.offset_base)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.kernel = "reference"
 
     @property
     def weight_q(self) -> QuantizedTensor:
-        return QuantizedTensor(self.codes, self.scale, self.offset, self.bits, self.group_size)
+        return QuantizedTensor(
+            self.codes, self.scale, self.offset, self.bits, self.group_size, self.scale_base, self.offset_base
+        )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight_q.dequantize(dtype)
@@ -121,12 +125,12 @@ class QuantizedLinear(nn.Module):
         if self.kernel == "leanlm-q4":
             p = self._packed
             return torch.ops.leanlm.q4_linear(
-                x, p.codes, p.scales, p.offsets, self.bias, p.rows, self._int8_activations
+                x, p.codes, p.scales, p.offsets, self.bias, p.rows, self._int8_activations, p.scale_base, p.offset_base
             )
         if self.kernel == "leanlm-q8":
             p = self._packed
             return torch.ops.leanlm.q8_linear(
-                x, p.codes, p.scales, p.offsets, self.bias, p.rows, self._int8_activations
+                x, p.codes, p.scales, p.offsets, self.bias, p.rows, self._int8_activations, p.scale_base, p.offset_base
             )
         shape = x.shape
         flat = x.reshape(-1, self.in_features)

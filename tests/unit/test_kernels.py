@@ -75,6 +75,64 @@ def test_matvec_kernels_match_reference(kind, rows, batch, columns, group):
     assert relative_error(run_kernel(weight, x, int8_activations=True), reference) < INT8_ACTIVATION_TOLERANCE
 
 
+def k_quant_weight(rows: int, columns: int, kind: str, seed: int) -> QuantizedTensor:
+    """GGUF K-quant form: parameters = int8 multiplier * float16 base per 256 inputs (Q4_K: per-32 scales 0..63
+    and offsets, Q6_K: per-16 scales -128..127, no offset)."""
+    generator = torch.Generator().manual_seed(seed)
+    supers = columns // 256
+
+    def base(sign: float = 1.0) -> torch.Tensor:
+        return (sign * (torch.rand(rows, supers, generator=generator) * 1e-3 + 1e-4)).half().float()
+
+    if kind == "q4-k":
+        codes = torch.randint(0, 16, (rows, columns), dtype=torch.uint8, generator=generator)
+        scale_base, offset_base = base(), base(-1.0)
+        multipliers = [torch.randint(0, 64, (rows, columns // 32), generator=generator).float() for _ in range(2)]
+        scale, offset = (
+            b.repeat_interleave(8, dim=1) * m for b, m in zip((scale_base, offset_base), multipliers, strict=True)
+        )
+        return QuantizedTensor(codes, scale, offset, 4, 32, scale_base, offset_base)
+    codes = torch.randint(-32, 32, (rows, columns), dtype=torch.int8, generator=generator)
+    scale_base = base()
+    scale = scale_base.repeat_interleave(16, dim=1) * torch.randint(
+        -128, 128, (rows, columns // 16), generator=generator
+    )
+    return QuantizedTensor(codes, scale, None, 6, 16, scale_base)
+
+
+def run_packed(p, x: torch.Tensor, int8_activations: bool) -> torch.Tensor:
+    op = torch.ops.leanlm.q4_linear if p.q4 else torch.ops.leanlm.q8_linear
+    return op(x, p.codes, p.scales, p.offsets, None, p.rows, int8_activations, p.scale_base, p.offset_base)
+
+
+@pytest.mark.parametrize("kind", ["q4-k", "q8-sub16-k"])
+@pytest.mark.parametrize("rows,batch,columns", [(13, 1, 256), (70, 3, 512), (200, 4, 768), (577, 9, 1536)])
+def test_k_quant_parameters_give_the_float_parameters_bits(kind, rows, batch, columns):
+    """int8 multipliers of float16 bases (4.6 bits a Q4_K weight) compute base * multiplier exactly in float32, so
+    every kernel gives the same bits as with float32 parameters; both match the reference."""
+    weight = k_quant_weight(rows, columns, kind, seed=rows + columns)
+    compact = pack(weight)
+    assert compact.scales.dtype == torch.int8 and compact.scale_base.dtype == torch.float16
+    plain = pack(QuantizedTensor(weight.codes, weight.scale, weight.offset, weight.bits, weight.group_size))
+    assert plain.scale_base is None and compact.nbytes() < plain.nbytes()
+    x = torch.randn(batch, columns, generator=torch.Generator().manual_seed(batch))
+    reference = x.double() @ weight.dequantize().double().t()
+    for int8_activations in (True, False):
+        out = run_packed(compact, x, int8_activations)
+        assert torch.equal(out, run_packed(plain, x, int8_activations))
+        tolerance = INT8_ACTIVATION_TOLERANCE if int8_activations else EXACT_TOLERANCE
+        assert relative_error(out, reference) < tolerance
+        assert torch.equal(run_packed(compact, x[-1:], int8_activations)[0], out[-1])  # batch invariance
+    dense = torch.ops.leanlm.dequantize(*compact.tensors()[:3], compact.rows, *compact.tensors()[3:])
+    assert torch.equal(dense, weight.dequantize())
+
+
+def test_parameters_that_are_not_multiples_of_their_base_stay_float():
+    weight = k_quant_weight(16, 256, "q4-k", seed=0)
+    weight.scale[3, 2] += 1e-7  # no longer an integer times its base
+    assert pack(weight).scale_base is None and pack(weight).scales.dtype == torch.float32
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("int8_activations", [False, True])
 def test_a_rows_result_does_not_depend_on_the_batch(kind, int8_activations):

@@ -513,7 +513,8 @@ at::Tensor quantized_linear(const at::Tensor& x, const Weights& w, const c10::op
 namespace leanlm {
 
 Weights check_weights(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
-                      int64_t rows, bool q4) {
+                      int64_t rows, bool q4, const c10::optional<at::Tensor>& scale_base,
+                      const c10::optional<at::Tensor>& offset_base) {
   TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() && codes.dim() == 3 && codes.scalar_type() == at::kByte,
               "codes: a contiguous (groups, blocks, bytes) uint8 CPU tensor from leanlm.kernels.layout");
   TORCH_CHECK(codes.size(2) == (q4 ? 128 : 256), "codes: ", q4 ? 128 : 256, " bytes per block of 8 rows");
@@ -521,36 +522,54 @@ Weights check_weights(const at::Tensor& codes, const at::Tensor& scales, const c
   TORCH_CHECK(rows > 0 && rows <= groups * kRows && rows > (groups - 1) * kRows, "rows does not match the layout");
   const bool half_params = scales.scalar_type() == at::kHalf;
   const bool sub16 = scales.dim() == 3 && scales.size(2) == 2 * kRows;
+  const bool compact = scale_base.has_value();  // int8 multipliers of per-256 float16 bases
   TORCH_CHECK(!(sub16 && q4), "scales: a q4 weight has one scale per block of 32 (groups, blocks, 8)");
-  TORCH_CHECK((half_params || scales.scalar_type() == at::kFloat) && scales.is_contiguous() &&
+  TORCH_CHECK((compact ? scales.scalar_type() == at::kChar : half_params || scales.scalar_type() == at::kFloat) &&
+                  scales.is_contiguous() &&
                   scales.sizes() == at::IntArrayRef({groups, blocks, sub16 ? 2 * kRows : kRows}),
-              "scales: contiguous float16 or float32 (groups, blocks, 8), or (groups, blocks, 16) for q8 sub16");
+              "scales: contiguous float16 or float32 (int8 with bases) (groups, blocks, 8), or (groups, blocks, 16) "
+              "for q8 sub16");
+  auto check_base = [&](const at::Tensor& base) {
+    TORCH_CHECK(blocks % 8 == 0 && base.scalar_type() == at::kHalf && base.is_contiguous() &&
+                    base.sizes() == at::IntArrayRef({groups, blocks / 8, kRows}),
+                "bases: contiguous float16 (groups, blocks / 8, 8), blocks a multiple of 8");
+    return base.data_ptr();
+  };
+  const void* scale_base_ptr = compact ? check_base(*scale_base) : nullptr;
   const void* offset_ptr = nullptr;
+  const void* offset_base_ptr = nullptr;
   if (offsets.has_value()) {
     TORCH_CHECK(offsets->scalar_type() == scales.scalar_type() && offsets->is_contiguous() &&
                     offsets->sizes() == at::IntArrayRef({groups, blocks, kRows}),
                 "offsets must be (groups, blocks, 8) in the scales' dtype");
+    TORCH_CHECK(compact == offset_base.has_value(), "offsets need bases exactly when scales have them");
     offset_ptr = offsets->data_ptr();
+    if (compact) offset_base_ptr = check_base(*offset_base);
   }
-  return Weights{codes.data_ptr<uint8_t>(), scales.data_ptr(), offset_ptr, rows, blocks * kBlock, groups,
-                 blocks, q4, half_params, sub16};
+  return Weights{codes.data_ptr<uint8_t>(), scales.data_ptr(), offset_ptr, scale_base_ptr, offset_base_ptr, rows,
+                 blocks * kBlock, groups, blocks, q4, half_params, sub16};
 }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias, int64_t rows,
-                     bool int8_activations) {
-  return quantized_linear(x, check_weights(codes, scales, offsets, rows, true), bias, int8_activations);
+                     bool int8_activations, const c10::optional<at::Tensor>& scale_base,
+                     const c10::optional<at::Tensor>& offset_base) {
+  const Weights w = check_weights(codes, scales, offsets, rows, true, scale_base, offset_base);
+  return quantized_linear(x, w, bias, int8_activations);
 }
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias, int64_t rows,
-                     bool int8_activations) {
-  return quantized_linear(x, check_weights(codes, scales, offsets, rows, false), bias, int8_activations);
+                     bool int8_activations, const c10::optional<at::Tensor>& scale_base,
+                     const c10::optional<at::Tensor>& offset_base) {
+  const Weights w = check_weights(codes, scales, offsets, rows, false, scale_base, offset_base);
+  return quantized_linear(x, w, bias, int8_activations);
 }
 
 at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
-                      int64_t rows) {
-  const Weights w = check_weights(codes, scales, offsets, rows, codes.size(2) == 128);
+                      int64_t rows, const c10::optional<at::Tensor>& scale_base,
+                      const c10::optional<at::Tensor>& offset_base) {
+  const Weights w = check_weights(codes, scales, offsets, rows, codes.size(2) == 128, scale_base, offset_base);
   return dequantize_transposed(w).narrow(1, 0, rows).t().contiguous();
 }
 
@@ -559,11 +578,13 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c
 TORCH_LIBRARY(leanlm, m) {
   m.def(
       "q4_linear(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, Tensor? bias, int rows, "
-      "bool int8_activations) -> Tensor");
+      "bool int8_activations, Tensor? scale_base=None, Tensor? offset_base=None) -> Tensor");
   m.def(
       "q8_linear(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, Tensor? bias, int rows, "
-      "bool int8_activations) -> Tensor");
-  m.def("dequantize(Tensor codes, Tensor scales, Tensor? offsets, int rows) -> Tensor");
+      "bool int8_activations, Tensor? scale_base=None, Tensor? offset_base=None) -> Tensor");
+  m.def(
+      "dequantize(Tensor codes, Tensor scales, Tensor? offsets, int rows, Tensor? scale_base=None, "
+      "Tensor? offset_base=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(leanlm, CPU, m) {
