@@ -132,3 +132,37 @@ def _super_block_factors(weight: QuantizedTensor, scale: torch.Tensor, offset: t
     if scales is None or offsets is None:
         return None
     return scales, offsets
+
+
+def unpack(packed: KernelWeight, bits: int, group_size: int) -> QuantizedTensor:
+    """The QuantizedTensor that `pack` made this layout from, exactly (QuantizedLinear keeps only the layout)."""
+    groups, blocks = packed.codes.shape[:2]
+    if packed.q4:
+        nibbles = packed.codes.view(groups, blocks, 4, ROWS, 4).transpose(2, 3).reshape(groups, blocks, ROWS, 16)
+        codes = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1)  # inputs 0-15 low, 16-31 high
+    else:
+        slabs = packed.codes.view(groups, blocks, 8, ROWS, 4).transpose(2, 3)
+        codes = slabs.reshape(groups, blocks, ROWS, BLOCK).view(torch.int8)
+    codes = codes.transpose(1, 2).reshape(groups * ROWS, blocks * BLOCK)[: packed.rows].contiguous()
+
+    def per_group(params: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        halves = params.shape[2] // ROWS
+        values = params.view(groups, blocks, halves, ROWS).permute(0, 3, 1, 2).reshape(groups * ROWS, -1).float()
+        if base is not None:
+            values = values * _per_row_base(base).repeat_interleave(values.shape[1] // base.shape[1], dim=1)
+        return values[: packed.rows]
+
+    bases = [None if b is None else _per_row_base(b)[: packed.rows] for b in (packed.scale_base, packed.offset_base)]
+    scale = per_group(packed.scales, packed.scale_base)
+    offset = None if packed.offsets is None else per_group(packed.offsets, packed.offset_base)
+    if group_size == 16:
+        offset = None if offset is None else offset.repeat_interleave(2, dim=1)
+    else:  # per block -> per group: the first block of each group (a short last group included)
+        scale = scale[:, :: group_size // BLOCK].contiguous()
+        offset = None if offset is None else offset[:, :: group_size // BLOCK].contiguous()
+    return QuantizedTensor(codes, scale, offset, bits, group_size, *bases)
+
+
+def _per_row_base(base: torch.Tensor) -> torch.Tensor:
+    """(groups, super-blocks, 8) float16 -> (groups * 8, super-blocks) float32."""
+    return base.transpose(1, 2).reshape(-1, base.shape[1]).float()

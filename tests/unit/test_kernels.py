@@ -284,3 +284,31 @@ def test_fused_attention_gives_a_query_the_same_bits_in_any_chunk():
         assert torch.equal(
             fused_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1]), whole[:, :, t : t + 1]
         )
+
+
+@pytest.mark.parametrize(
+    "weight",
+    [
+        random_weight(21, 576, "q4", 128, seed=1),  # a short last group
+        random_weight(13, 96, "q8", 32, seed=2),
+        random_weight(9, 64, "q8-sub16-offset", 16, seed=3),
+        k_quant_weight(11, 512, "q4-k", seed=4),
+        k_quant_weight(11, 512, "q8-sub16-k", seed=5),
+    ],
+    ids=["q4-g128", "q8", "q8-sub16-offset", "q4-k", "q8-sub16-k"],
+)
+def test_a_layer_on_the_kernels_holds_its_weight_once(weight):
+    """The stored form goes once packed; reading it (artifact saving, a later prepare_runtime) unpacks it exactly."""
+    layer = QuantizedLinear(weight)
+    layer.prepare_runtime(torch.float32, torch.device("cpu"), "exact")
+    assert "codes" not in layer._buffers and "scale" not in dict(layer.named_buffers())
+    for name in ("codes", "scale", "offset", "scale_base", "offset_base"):
+        original, restored = getattr(weight, name), getattr(layer, name)
+        assert (original is None and restored is None) or (
+            torch.equal(original, restored) and original.dtype == restored.dtype
+        )
+    x = torch.randn(2, weight.codes.shape[1])
+    fast = layer(x)
+    assert layer.prepare_runtime(torch.float32, torch.device("cpu"), "torch") in ("int4pack", "int8pack", "dense")
+    assert torch.equal(layer.codes, weight.codes)
+    assert relative_error(layer(x), fast.double()) < EXACT_TOLERANCE
