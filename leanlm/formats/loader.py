@@ -62,8 +62,8 @@ def locate_checkpoint(model: str | Path | None) -> tuple[str, Path]:
 
 
 def read_gguf_tensor(gguf_file, name: str, dtype: torch.dtype, native_quant: bool) -> tuple[object, str]:
-    """One tensor and its storage type name. native_quant keeps Q8_0/Q4_0/Q4_1 matrices as QuantizedTensors
-    (bit-exact) instead of dequantizing."""
+    """One tensor and its storage type name. native_quant keeps matrices in gguf_blocks.NATIVE_TYPES as
+    QuantizedTensors (bit-exact) instead of dequantizing."""
     from leanlm.formats.gguf_blocks import NATIVE_TYPES, blocks_to_quantized
 
     type_name = gguf_file.tensor_type_name(name)

@@ -126,11 +126,10 @@ def _load_built(library: Path) -> bool:
 def _register_fake_kernels() -> None:
     """Shape-only versions, so torch.compile can trace through the ops."""
 
-    def linear_shape(x, codes, scales, *args):
-        rows = args[-2]
+    def linear_shape(x, codes, scales, offsets, bias, rows, *rest):
         return x.new_empty(*x.shape[:-1], rows)
 
-    def dequantize_shape(codes, scales, offsets, rows):
+    def dequantize_shape(codes, scales, offsets, rows, *bases):
         return scales.new_empty(rows, codes.shape[1] * 32, dtype=torch.float32)
 
     torch.library.register_fake("leanlm::q4_linear")(linear_shape)

@@ -2,7 +2,10 @@
 
 Rows are taken 8 at a time (padded with zero rows) and interleaved 4 inputs at a time, so that one 32-byte load
 holds 4 inputs of 8 rows; scales and offsets are stored 8 per block (one per row), as float16 when that is
-exact (GGUF blocks always are) and float32 otherwise.
+exact (GGUF's legacy blocks always are) and float32 otherwise (K-quant scales d * sc, leanlm's own).
+A q8 weight with groups of 16 (GGUF's Q6_K) stores two scales per block: 8 for inputs 0-15, then 8 for 16-31.
+K-quant weights (QuantizedTensor.scale_base set) store int8 multipliers instead, and one float16 base per 256
+inputs per row, as the GGUF file does: about 4.6 bits per Q4_K weight where float32 parameters take 6.
 """
 
 from __future__ import annotations
@@ -21,26 +24,40 @@ ROWS = 8
 @dataclass
 class KernelWeight:
     codes: torch.Tensor  # (groups, blocks, 128) for q4, (groups, blocks, 256) for q8; uint8
-    scales: torch.Tensor  # (groups, blocks, 8) float16, or float32 when float16 would round them
-    offsets: torch.Tensor | None
+    scales: torch.Tensor  # (groups, blocks, 8) float16, or float32 when float16 would round them; (.., 16): sub16
+    offsets: torch.Tensor | None  # (groups, blocks, 8), in the scales' dtype
     rows: int
     q4: bool
+    scale_base: torch.Tensor | None = None  # (groups, blocks / 8, 8) float16: scales are int8 multipliers of it
+    offset_base: torch.Tensor | None = None  # likewise for the offsets
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        """codes, scales, offsets, scale_base, offset_base: what the ops take after the activations."""
+        return [self.codes, self.scales, self.offsets, self.scale_base, self.offset_base]
 
     def nbytes(self) -> int:
-        tensors = [self.codes, self.scales] + ([self.offsets] if self.offsets is not None else [])
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
 
 
 def kernel_format(weight: QuantizedTensor) -> str | None:
-    """'q4' or 'q8' when the kernels can run this weight, else None (the caller keeps the torch path)."""
+    """'q4' or 'q8' when the kernels can run this weight, else None (the caller keeps the torch path).
+    q4: unsigned codes of up to 4 bits; q8: int8 codes (GGUF's 5- and 6-bit codes too), with or without offsets,
+    groups of 32 or more, or of 16 (two scales per block) when each pair of groups shares its offset."""
     columns = weight.codes.shape[1]
-    if columns % BLOCK or weight.group_size % BLOCK:
+    if columns % BLOCK or not (weight.group_size % BLOCK == 0 or _sub16(weight)):
         return None
-    if weight.bits <= 4 and weight.codes.dtype == torch.uint8:
+    if weight.bits <= 4 and weight.codes.dtype == torch.uint8 and weight.group_size % BLOCK == 0:
         return "q4"
-    if weight.bits == 8 and weight.codes.dtype == torch.int8 and weight.offset is None:
+    if weight.bits <= 8 and weight.codes.dtype == torch.int8:
         return "q8"
     return None
+
+
+def _sub16(weight: QuantizedTensor) -> bool:
+    """Groups of 16 whose offsets (if any) are equal in each block of 32: the kernels' two-scale blocks."""
+    if weight.group_size != 16:
+        return False
+    return weight.offset is None or bool(torch.equal(weight.offset[:, 0::2], weight.offset[:, 1::2]))
 
 
 def fits_float16(params: torch.Tensor) -> bool:
@@ -63,11 +80,89 @@ def pack(weight: QuantizedTensor) -> KernelWeight:
         slabs = codes.view(torch.uint8).reshape(groups, blocks, ROWS, 8, 4).transpose(2, 3)
     packed = slabs.reshape(groups, blocks, -1).contiguous()
 
-    def per_row(params: torch.Tensor) -> torch.Tensor:
-        per_block = weight.per_column(params, BLOCK)  # (N, blocks)
-        return F.pad(per_block, (0, 0, 0, pad)).view(groups, ROWS, blocks).transpose(1, 2).contiguous().to(dtype)
+    def per_row(per_group: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(N, blocks * halves) parameters -> (groups, blocks, halves * 8): a block's 8 rows, half after half."""
+        halves = per_group.shape[1] // blocks
+        padded = F.pad(per_group, (0, 0, 0, pad)).view(groups, ROWS, blocks, halves)
+        return padded.permute(0, 2, 3, 1).reshape(groups, blocks, halves * ROWS).contiguous().to(dtype)
 
-    params = [weight.scale] + ([weight.offset] if weight.offset is not None else [])
-    dtype = torch.float16 if all(fits_float16(p) for p in params) else torch.float32
-    offsets = per_row(weight.offset) if weight.offset is not None else None
-    return KernelWeight(packed, per_row(weight.scale), offsets, rows, kind == "q4")
+    # per block (or per half block for sub16 scales); a sub16 weight's offsets are equal over each block's halves
+    scale = weight.scale if weight.group_size == 16 else weight.per_column(weight.scale, BLOCK)
+    offset = None
+    if weight.offset is not None:
+        offset = weight.offset[:, 0::2] if weight.group_size == 16 else weight.per_column(weight.offset, BLOCK)
+    if (factors := _super_block_factors(weight, scale, offset)) is not None:
+        (scale_m, scale_base), (offset_m, offset_base) = factors
+        base = [None if b is None else _rows_last(F.pad(b, (0, 0, 0, pad))) for b in (scale_base, offset_base)]
+        offsets = None if offset_m is None else per_row(offset_m, torch.int8)
+        return KernelWeight(packed, per_row(scale_m, torch.int8), offsets, rows, kind == "q4", *base)
+    dtype = torch.float16 if all(fits_float16(p) for p in (scale, offset) if p is not None) else torch.float32
+    offsets = None if offset is None else per_row(offset, dtype)
+    return KernelWeight(packed, per_row(scale, dtype), offsets, rows, kind == "q4")
+
+
+SUPER_BLOCK = 256
+
+
+def _rows_last(per_super_block: torch.Tensor) -> torch.Tensor:
+    """(groups * 8, super-blocks) -> (groups, super-blocks, 8) float16: one group's 8 rows side by side."""
+    rows, supers = per_super_block.shape
+    return per_super_block.view(rows // ROWS, ROWS, supers).transpose(1, 2).contiguous().to(torch.float16)
+
+
+def _super_block_factors(weight: QuantizedTensor, scale: torch.Tensor, offset: torch.Tensor | None):
+    """((scale multipliers, bases), (offset multipliers, bases)) with params == multiplier * base exactly, int8
+    multipliers and float16 bases, one per 256 inputs (GGUF K-quants); None when the weight is not so made."""
+    if weight.scale_base is None or weight.codes.shape[1] % SUPER_BLOCK:
+        return None
+    if offset is not None and weight.offset_base is None:
+        return None
+
+    def factor(params: torch.Tensor, base: torch.Tensor):
+        if not fits_float16(base):
+            return None
+        per_group = base.repeat_interleave(params.shape[1] // base.shape[1], dim=1)
+        multiplier = torch.where(per_group == 0, 0.0, params / per_group).round()
+        if multiplier.min() < -128 or multiplier.max() > 127 or not torch.equal(multiplier * per_group, params):
+            return None
+        return multiplier.to(torch.int8), base
+
+    scales = factor(scale, weight.scale_base)
+    offsets = (None, None) if offset is None else factor(offset, weight.offset_base)
+    if scales is None or offsets is None:
+        return None
+    return scales, offsets
+
+
+def unpack(packed: KernelWeight, bits: int, group_size: int) -> QuantizedTensor:
+    """The QuantizedTensor that `pack` made this layout from, exactly (QuantizedLinear keeps only the layout)."""
+    groups, blocks = packed.codes.shape[:2]
+    if packed.q4:
+        nibbles = packed.codes.view(groups, blocks, 4, ROWS, 4).transpose(2, 3).reshape(groups, blocks, ROWS, 16)
+        codes = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1)  # inputs 0-15 low, 16-31 high
+    else:
+        slabs = packed.codes.view(groups, blocks, 8, ROWS, 4).transpose(2, 3)
+        codes = slabs.reshape(groups, blocks, ROWS, BLOCK).view(torch.int8)
+    codes = codes.transpose(1, 2).reshape(groups * ROWS, blocks * BLOCK)[: packed.rows].contiguous()
+
+    def per_group(params: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+        halves = params.shape[2] // ROWS
+        values = params.view(groups, blocks, halves, ROWS).permute(0, 3, 1, 2).reshape(groups * ROWS, -1).float()
+        if base is not None:
+            values = values * _per_row_base(base).repeat_interleave(values.shape[1] // base.shape[1], dim=1)
+        return values[: packed.rows]
+
+    bases = [None if b is None else _per_row_base(b)[: packed.rows] for b in (packed.scale_base, packed.offset_base)]
+    scale = per_group(packed.scales, packed.scale_base)
+    offset = None if packed.offsets is None else per_group(packed.offsets, packed.offset_base)
+    if group_size == 16:
+        offset = None if offset is None else offset.repeat_interleave(2, dim=1)
+    else:  # per block -> per group: the first block of each group (a short last group included)
+        scale = scale[:, :: group_size // BLOCK].contiguous()
+        offset = None if offset is None else offset[:, :: group_size // BLOCK].contiguous()
+    return QuantizedTensor(codes, scale, offset, bits, group_size, *bases)
+
+
+def _per_row_base(base: torch.Tensor) -> torch.Tensor:
+    """(groups, super-blocks, 8) float16 -> (groups * 8, super-blocks) float32."""
+    return base.transpose(1, 2).reshape(-1, base.shape[1]).float()

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.kernels.layout import kernel_format, pack
+from leanlm.kernels.layout import kernel_format, pack, unpack
 from leanlm.layers.quantized_tensor import QuantizedTensor, expand_groups
 
 __all__ = ["KERNEL_MODES", "QuantizedLinear", "QuantizedTensor", "expand_groups"]  # QuantizedTensor: its old home
@@ -20,6 +20,10 @@ __all__ = ["KERNEL_MODES", "QuantizedLinear", "QuantizedTensor", "expand_groups"
 
 # torch's packed int4 CPU kernel supports these group sizes.
 INT4PACK_GROUP_SIZES = (32, 64, 128, 256)
+
+# The stored form's tensors, which a layer on leanlm's kernels drops once packed: the layout holds the same numbers
+# (layout.unpack gives them back on access), so the weights sit in memory once.
+STORED = ("codes", "scale", "offset", "scale_base", "offset_base")
 
 # How CPU layers run: leanlm's own kernels with int8 activations (fastest), the same kernels with float
 # activations (exact), or torch's kernels only (the fallback when ours cannot be built).
@@ -44,12 +48,23 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("codes", weight.codes)
         self.register_buffer("scale", weight.scale)
         self.register_buffer("offset", weight.offset)
+        self.register_buffer("scale_base", weight.scale_base)  # GGUF K-quants only (QuantizedTensor)
+        self.register_buffer("offset_base", weight.offset_base)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.kernel = "reference"
 
+    def __getattr__(self, name: str):
+        if name in STORED and "_packed" in self.__dict__ and "codes" not in self.__dict__.get("_buffers", {}):
+            return getattr(unpack(self._packed, self.bits, self.group_size), name)
+        return super().__getattr__(name)
+
     @property
     def weight_q(self) -> QuantizedTensor:
-        return QuantizedTensor(self.codes, self.scale, self.offset, self.bits, self.group_size)
+        if "codes" not in self._buffers:  # packed away
+            return unpack(self._packed, self.bits, self.group_size)
+        return QuantizedTensor(
+            self.codes, self.scale, self.offset, self.bits, self.group_size, self.scale_base, self.offset_base
+        )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.weight_q.dequantize(dtype)
@@ -63,12 +78,18 @@ class QuantizedLinear(nn.Module):
         """Build the layout of the fastest kernel for activations of `dtype` on `device`; returns its name."""
         if mode not in KERNEL_MODES:
             raise ValueError(f"Unknown kernel mode '{mode}'. Choose among: {', '.join(KERNEL_MODES)}.")
+        if "codes" not in self._buffers:  # packed away by an earlier call: the stored form back first
+            weight = self.weight_q
+            for name in STORED:
+                self._buffers[name] = getattr(weight, name)  # (register_buffer would see __getattr__'s value)
         for name in ("_int4pack", "_int4scales", "_int8scale", "_dense", "_packed"):
             self.__dict__.pop(name, None)
         on_cpu = device.type == "cpu"
         kernel_group = self._int4pack_group()
         if on_cpu and mode != "torch" and self._use_leanlm_kernels():
             self._packed = pack(self.weight_q)
+            for name in STORED:
+                del self._buffers[name]
             self._int8_activations = mode == "auto"
             self.kernel = "leanlm-q4" if self._packed.q4 else "leanlm-q8"
         elif on_cpu and self.bits <= 4 and kernel_group:  # 2- and 3-bit codes fit the 4-bit kernel too
@@ -121,11 +142,13 @@ class QuantizedLinear(nn.Module):
         if self.kernel == "leanlm-q4":
             p = self._packed
             return torch.ops.leanlm.q4_linear(
-                x, p.codes, p.scales, p.offsets, self.bias, p.rows, self._int8_activations
+                x, p.codes, p.scales, p.offsets, self.bias, p.rows, self._int8_activations, p.scale_base, p.offset_base
             )
         if self.kernel == "leanlm-q8":
             p = self._packed
-            return torch.ops.leanlm.q8_linear(x, p.codes, p.scales, self.bias, p.rows, self._int8_activations)
+            return torch.ops.leanlm.q8_linear(
+                x, p.codes, p.scales, p.offsets, self.bias, p.rows, self._int8_activations, p.scale_base, p.offset_base
+            )
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
         if self.kernel == "int4pack":

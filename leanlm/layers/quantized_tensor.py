@@ -26,6 +26,10 @@ class QuantizedTensor:
     offset: torch.Tensor | None  # like scale; None = symmetric (no offset)
     bits: int
     group_size: int
+    # GGUF K-quants: scale (and offset) = an integer multiplier (|m| <= 127) * a float16 base per 256 inputs,
+    # (N, K / 256) float32; leanlm's kernels then read one byte per group instead of a float (kernels/layout.py).
+    scale_base: torch.Tensor | None = None
+    offset_base: torch.Tensor | None = None
 
     def per_column(self, params: torch.Tensor, group: int = 1) -> torch.Tensor:
         """Group parameters repeated to one per column (or per `group` columns): (N, K / group)."""
@@ -45,17 +49,57 @@ class QuantizedTensor:
     def map_rows(self, fn) -> QuantizedTensor:
         """Apply the same row operation (e.g. a permutation) to codes, scale and offset."""
         offset = None if self.offset is None else fn(self.offset)
-        return QuantizedTensor(fn(self.codes), fn(self.scale), offset, self.bits, self.group_size)
+        bases = [None if b is None else fn(b) for b in (self.scale_base, self.offset_base)]
+        return QuantizedTensor(fn(self.codes), fn(self.scale), offset, self.bits, self.group_size, *bases)
 
     @staticmethod
     def cat(parts: list[QuantizedTensor]) -> QuantizedTensor:
-        """Stack row blocks (q, k, v into qkv); all parts must share bits, group size and symmetry."""
+        """Stack row blocks (q, k, v into qkv). Parts stored differently (a GGUF Q4_K_M file's Q4_K and Q6_K) are
+        first re-expressed exactly in one form (common_form); ValueError when there is none."""
+        parts = QuantizedTensor.common_form(parts)
+        if parts is None:
+            raise ValueError("these quantized tensors have no common exact form; dequantize them to stack them")
         first = parts[0]
         offsets = None if first.offset is None else torch.cat([p.offset for p in parts])
+        bases = [None, None]
+        if all(p.scale_base is not None for p in parts):  # every part a K-quant: the bases stack too
+            bases[0] = torch.cat([p.scale_base for p in parts])
+            if offsets is not None:
+                bases[1] = torch.cat([p.offset_base if p.offset_base is not None else 0 * p.scale_base for p in parts])
         return QuantizedTensor(
             torch.cat([p.codes for p in parts]),
             torch.cat([p.scale for p in parts]),
             offsets,
             first.bits,
             first.group_size,
+            *bases,
         )
+
+    @staticmethod
+    def common_form(parts: list[QuantizedTensor]) -> list[QuantizedTensor] | None:
+        """The parts with the same code dtype, bits, group size and offsets, representing the same values exactly:
+        groups split to the smallest (parameters repeated), unsigned codes widened to int8 when some part is signed
+        or has more than 4 bits, zero offsets where a part has none. None when no such form exists (groups that do
+        not divide each other, unsigned codes above 127 beside signed ones)."""
+        forms = {(p.codes.dtype, p.bits, p.group_size, p.offset is not None) for p in parts}
+        if len(forms) == 1:
+            return parts
+        group = min(p.group_size for p in parts)
+        columns = parts[0].codes.shape[1]
+        if any(p.group_size % group or p.codes.shape[1] != columns for p in parts) or columns % group:
+            return None
+        unsigned = all(p.codes.dtype == torch.uint8 and p.bits <= 4 for p in parts)
+        if not unsigned and any(p.codes.dtype == torch.uint8 and p.bits > 7 for p in parts):
+            return None
+        bits = max(p.bits for p in parts) if not unsigned else 4
+        with_offsets = any(p.offset is not None for p in parts)
+        common = []
+        for p in parts:
+            scale = p.per_column(p.scale, group)
+            if p.offset is not None:
+                offset = p.per_column(p.offset, group)
+            else:
+                offset = torch.zeros_like(scale) if with_offsets else None
+            codes = p.codes if unsigned else p.codes.to(torch.int8)
+            common.append(QuantizedTensor(codes, scale, offset, bits, group, p.scale_base, p.offset_base))
+        return common

@@ -81,7 +81,7 @@ def assign_weights(model: nn.Module, weights: dict, dtype: torch.dtype) -> dict:
     fused = fuse_projections(weights)
     quantized = {name.removesuffix(".weight"): t for name, t in fused.items() if isinstance(t, QuantizedTensor)}
     for module_name, weight in quantized.items():
-        bias = fused.pop(f"{module_name}.bias", None)
+        bias = fused.get(f"{module_name}.bias")  # stays in `fused`: the layer's bias is a parameter checked below
         model.set_submodule(module_name, QuantizedLinear(weight, bias))
         del fused[f"{module_name}.weight"]
     expected = dict(model.named_parameters())
@@ -121,9 +121,10 @@ def fuse_projections(weights: dict) -> dict:
         if missing:
             raise ModelFormatError(f"The checkpoint lacks {missing[0]}; it is incomplete.")
         tensors = [weights[s] for s in sources]
-        if all(isinstance(t, QuantizedTensor) for t in tensors) and len({(t.bits, t.group_size) for t in tensors}) == 1:
+        if all(isinstance(t, QuantizedTensor) for t in tensors) and QuantizedTensor.common_form(tensors):
+            # mixed block types (a Q4_K_M file's Q4_K q/k beside a Q6_K v) stack in one exact common form
             fused[f"layers.{layer}.{block}.{target}.{kind}"] = QuantizedTensor.cat(tensors)
-        else:  # mixed precisions (some GGUF files): run the fused matrix dense
+        else:  # dense beside quantized: run the fused matrix dense
             dense = [t.dequantize() if isinstance(t, QuantizedTensor) else t for t in tensors]
             fused[f"layers.{layer}.{block}.{target}.{kind}"] = torch.cat([t.to(dense[0].dtype) for t in dense])
     return fused

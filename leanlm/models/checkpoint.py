@@ -18,8 +18,9 @@ def load_checkpoint(
     model: str | Path | None, dtype: torch.dtype = torch.float32, weights: bool = True, native_quant: bool = False
 ) -> Checkpoint:
     """weights=False reads only config and tokenizer (the weights dict stays empty).
-    native_quant=True keeps GGUF Q8_0/Q4_0/Q4_1 matrices as QuantizedTensors (bit-exact) instead of dequantizing,
-    when every decoder projection is stored in one of those types (K-quant files are dequantized whole)."""
+    native_quant=True keeps GGUF matrices in the block types of gguf_blocks.NATIVE_TYPES (Q8_0, Q4_0/1, Q5_0/1,
+    Q4_K, Q5_K, Q6_K) as QuantizedTensors (bit-exact) instead of dequantizing, when every decoder projection is
+    stored in one of them (a file with other types, such as Q2_K or Q3_K, is dequantized whole)."""
     kind, path = locate_checkpoint(model)
     if kind == "hf":
         config = config_from_hf(read_hf_config(path))  # an unknown architecture is named before weights are read

@@ -79,10 +79,11 @@ def build_decoder_stack(model: nn.Module):
     for (input_norm, post_norm), linears in zip(norms, projections, strict=True):
         tensors = []
         for linear in linears:
-            packed = linear._packed
-            offsets = packed.offsets if packed.offsets is not None else none
+            codes, scales, offsets, scale_base, offset_base = (
+                none if t is None else t for t in linear._packed.tensors()
+            )
             bias = linear.bias.detach().float() if linear.bias is not None else none
-            tensors += [packed.codes, packed.scales, offsets, bias]
+            tensors += [codes, scales, offsets, bias, scale_base, offset_base]
         stack.add_layer(input_norm.detach(), post_norm.detach(), tensors, list(shapes))
     return stack, None
 

@@ -13,9 +13,12 @@ import torch
 # (rows, batch, columns): rows not a multiple of the 8-row interleave, batches around the 4-row tile and the
 # 4-row threshold of the 512-bit group pairs, widths of 1 to 48 blocks.
 LINEAR_SHAPES = [(13, 1, 64), (70, 3, 96), (200, 4, 160), (577, 9, 576), (64, 17, 1536)]
+K_QUANT_SHAPES = [(13, 1, 256), (70, 5, 512)]
 
 
 def kernel_outputs() -> dict[str, torch.Tensor]:
+    from test_kernels import k_quant_weight
+
     from leanlm.kernels import build
     from leanlm.kernels.layout import pack
     from leanlm.layers.quantized_linear import QuantizedTensor
@@ -38,18 +41,33 @@ def kernel_outputs() -> dict[str, torch.Tensor]:
         q8 = QuantizedTensor(
             torch.randint(-127, 128, (rows, columns), dtype=torch.int8, generator=generator), scale, None, 8, 32
         )
-        for kind, weight in (("q4", q4), ("q8", q8)):
+        sub16 = QuantizedTensor(  # GGUF Q6_K's form: 6-bit codes, a scale per 16 inputs, here with offsets per 32
+            torch.randint(-32, 32, (rows, columns), dtype=torch.int8, generator=generator),
+            (torch.rand(rows, 2 * groups, generator=generator) * 0.02 + 1e-3),
+            (torch.randn(rows, groups, generator=generator) * 0.05).repeat_interleave(2, dim=1),
+            6,
+            16,
+        )
+        for kind, weight in (("q4", q4), ("q8", q8), ("q8-sub16", sub16)):
             p = pack(weight)
             for int8_activations in (True, False):
                 key = f"{kind} {rows}x{columns} batch {batch} {'int8' if int8_activations else 'float'} act."
                 if p.q4:
                     out = torch.ops.leanlm.q4_linear(x, p.codes, p.scales, p.offsets, None, p.rows, int8_activations)
                 else:
-                    out = torch.ops.leanlm.q8_linear(x, p.codes, p.scales, None, p.rows, int8_activations)
+                    out = torch.ops.leanlm.q8_linear(x, p.codes, p.scales, p.offsets, None, p.rows, int8_activations)
                 outputs[key] = out
             outputs[f"{kind} {rows}x{columns} dequantize"] = torch.ops.leanlm.dequantize(
                 p.codes, p.scales, p.offsets, p.rows
             )
+    for rows, batch, columns in K_QUANT_SHAPES:  # K-quant parameters: int8 multipliers of float16 bases
+        for kind in ("q4-k", "q8-sub16-k"):
+            p = pack(k_quant_weight(rows, columns, kind, seed=rows))
+            op = torch.ops.leanlm.q4_linear if p.q4 else torch.ops.leanlm.q8_linear
+            x = torch.randn(batch, columns, generator=generator)
+            for int8_activations in (True, False):
+                key = f"{kind} {rows}x{columns} batch {batch} {'int8' if int8_activations else 'float'} act."
+                outputs[key] = op(x, *p.tensors()[:3], None, p.rows, int8_activations, *p.tensors()[3:])
     x = torch.randn(3, 7, 576, generator=generator) * 4
     outputs["rms_norm"] = torch.ops.leanlm.rms_norm(x, torch.rand(576, generator=generator) + 0.5, 1e-5)
     outputs["silu_mul"] = torch.ops.leanlm.silu_mul(torch.randn(2, 5, 2 * 96, generator=generator) * 3)

@@ -1,9 +1,10 @@
 """Every GGUF block type a model may carry loads exactly as the `gguf` package dequantizes it.
 
-Q4_0, Q4_1 and Q8_0 load natively (codes, scales and offsets as stored: blocks_to_quantized); every other type
-is dequantized at load (GGUFFile.load_tensor). The tensors are written into a real GGUF file: quantized by
-`gguf.quants.quantize` where the package can (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, F16, BF16), and as random blocks
-with sane float16 scales where it cannot (the K-quants), which exercises every bit of their codes and scales.
+Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K and Q6_K load natively (codes, scales and offsets as stored:
+blocks_to_quantized); every other type is dequantized at load (GGUFFile.load_tensor). The tensors are written
+into a real GGUF file: quantized by `gguf.quants.quantize` where the package can (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0,
+F16, BF16), and as random blocks with sane float16 scales where it cannot (the K-quants), which exercises every
+bit of their codes and scales.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from gguf.quants import dequantize, quantize
 
 from leanlm.formats.gguf import GGUFFile
 from leanlm.formats.gguf_blocks import NATIVE_TYPES, blocks_to_quantized
+from leanlm.kernels.layout import kernel_format
+from leanlm.layers.quantized_tensor import QuantizedTensor
 
 QUANTIZED_BY_GGUF = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "F16", "BF16"]
 # Byte offsets of each K-quant block's float16 scales (d, and dmin where the type has one); the rest of a block
@@ -77,7 +80,10 @@ def test_native_blocks_load_bit_exactly(gguf_with_every_type, type_name):
     the `gguf` package computes in float32."""
     gguf_file, stored = gguf_with_every_type
     weight = blocks_to_quantized(gguf_file.raw_tensor(f"t.{type_name}"), type_name, (ROWS, COLUMNS))
-    assert weight.group_size == 32 and weight.bits == (8 if type_name == "Q8_0" else 4)
+    bits = {"Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6}.get(type_name, 4)
+    assert weight.bits == bits and weight.group_size == (16 if type_name == "Q6_K" else 32)
+    assert weight.codes.dtype == (torch.uint8 if bits == 4 else torch.int8)
+    assert kernel_format(weight) == ("q4" if bits == 4 else "q8")  # every native type runs leanlm's kernels
     exact = weight.codes.double() * weight.per_column(weight.scale).double()
     if weight.offset is not None:
         exact += weight.per_column(weight.offset).double()
@@ -86,5 +92,15 @@ def test_native_blocks_load_bit_exactly(gguf_with_every_type, type_name):
 
 
 def test_other_types_are_not_taken_as_native():
-    with pytest.raises(ValueError, match="Q5_0 is not a native block type"):
-        blocks_to_quantized(np.zeros((1, 22), np.uint8), "Q5_0", (1, 32))
+    with pytest.raises(ValueError, match="Q3_K is not a native block type"):
+        blocks_to_quantized(np.zeros((1, 110), np.uint8), "Q3_K", (1, 256))
+
+
+def test_mixed_block_types_stack_exactly(gguf_with_every_type):
+    """A Q4_K_M file's fused projections: Q4_K beside Q6_K, Q5_0 beside Q8_0, stacked in one common form."""
+    gguf_file, _ = gguf_with_every_type
+    for mix, kind in ((("Q4_K", "Q6_K", "Q4_K"), "q8"), (("Q5_0", "Q8_0"), "q8"), (("Q4_0", "Q4_K", "Q4_1"), "q4")):
+        parts = [blocks_to_quantized(gguf_file.raw_tensor(f"t.{t}"), t, (ROWS, COLUMNS)) for t in mix]
+        fused = QuantizedTensor.cat(parts)
+        assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+        assert kernel_format(fused) == kind

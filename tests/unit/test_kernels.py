@@ -23,24 +23,37 @@ EXACT_TOLERANCE = 1e-5
 INT8_ACTIVATION_TOLERANCE = 2e-2
 
 
+# q4: unsigned 4-bit codes with offsets (Q4_0/Q4_1/Q4_K); q8: int8 codes (Q8_0, leanlm's int8); q8-offset: 5-bit
+# codes with offsets (Q5_1/Q5_K); q8-sub16: 6-bit codes with a scale per 16 inputs (Q6_K), the group argument
+# ignored; q8-sub16-offset: a Q4_K beside a Q6_K in their common form (scales per 16, offsets per 32).
+KINDS = ["q4", "q8", "q8-offset", "q8-sub16", "q8-sub16-offset"]
+
+
 def random_weight(rows: int, columns: int, kind: str, group: int, seed: int) -> QuantizedTensor:
     generator = torch.Generator().manual_seed(seed)
+    group = 16 if "sub16" in kind else group
     groups = -(-columns // group)
     # float16-representable scales, as every stored checkpoint has (GGUF blocks, leanlm artifacts)
     scale = (torch.rand(rows, groups, generator=generator) * 0.02 + 1e-3).half().float()
+    offset = (torch.randn(rows, groups, generator=generator) * 0.05).half().float()
     if kind == "q4":
         codes = torch.randint(0, 16, (rows, columns), dtype=torch.uint8, generator=generator)
-        offset = (torch.randn(rows, groups, generator=generator) * 0.05).half().float()
         return QuantizedTensor(codes, scale, offset, 4, group)
-    codes = torch.randint(-127, 128, (rows, columns), dtype=torch.int8, generator=generator)
-    return QuantizedTensor(codes, scale, None, 8, group)
+    if kind == "q8":
+        codes = torch.randint(-127, 128, (rows, columns), dtype=torch.int8, generator=generator)
+        return QuantizedTensor(codes, scale, None, 8, group)
+    low, high = (0, 32) if kind == "q8-offset" else (-32, 32)
+    codes = torch.randint(low, high, (rows, columns), dtype=torch.int8, generator=generator)
+    if kind == "q8-sub16-offset":
+        offset = offset[:, 0::2].repeat_interleave(2, dim=1)[:, :groups]  # one offset per block of 32
+    return QuantizedTensor(codes, scale, offset if kind.endswith("offset") else None, 6, group)
 
 
 def run_kernel(weight, x: torch.Tensor, int8_activations: bool):
     p = pack(weight)
     if p.q4:
         return torch.ops.leanlm.q4_linear(x, p.codes, p.scales, p.offsets, None, p.rows, int8_activations)
-    return torch.ops.leanlm.q8_linear(x, p.codes, p.scales, None, p.rows, int8_activations)
+    return torch.ops.leanlm.q8_linear(x, p.codes, p.scales, p.offsets, None, p.rows, int8_activations)
 
 
 def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
@@ -52,7 +65,7 @@ def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
 SHAPES = [(1, 1, 32, 32), (5, 3, 96, 32), (13, 4, 64, 64), (577, 1, 576, 128), (64, 9, 1536, 32), (200, 6, 160, 32)]
 
 
-@pytest.mark.parametrize("kind", ["q4", "q8"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("rows,batch,columns,group", SHAPES)
 def test_matvec_kernels_match_reference(kind, rows, batch, columns, group):
     weight = random_weight(rows, columns, kind, group, seed=rows * batch + columns)
@@ -62,7 +75,65 @@ def test_matvec_kernels_match_reference(kind, rows, batch, columns, group):
     assert relative_error(run_kernel(weight, x, int8_activations=True), reference) < INT8_ACTIVATION_TOLERANCE
 
 
-@pytest.mark.parametrize("kind", ["q4", "q8"])
+def k_quant_weight(rows: int, columns: int, kind: str, seed: int) -> QuantizedTensor:
+    """GGUF K-quant form: parameters = int8 multiplier * float16 base per 256 inputs (Q4_K: per-32 scales 0..63
+    and offsets, Q6_K: per-16 scales -128..127, no offset)."""
+    generator = torch.Generator().manual_seed(seed)
+    supers = columns // 256
+
+    def base(sign: float = 1.0) -> torch.Tensor:
+        return (sign * (torch.rand(rows, supers, generator=generator) * 1e-3 + 1e-4)).half().float()
+
+    if kind == "q4-k":
+        codes = torch.randint(0, 16, (rows, columns), dtype=torch.uint8, generator=generator)
+        scale_base, offset_base = base(), base(-1.0)
+        multipliers = [torch.randint(0, 64, (rows, columns // 32), generator=generator).float() for _ in range(2)]
+        scale, offset = (
+            b.repeat_interleave(8, dim=1) * m for b, m in zip((scale_base, offset_base), multipliers, strict=True)
+        )
+        return QuantizedTensor(codes, scale, offset, 4, 32, scale_base, offset_base)
+    codes = torch.randint(-32, 32, (rows, columns), dtype=torch.int8, generator=generator)
+    scale_base = base()
+    scale = scale_base.repeat_interleave(16, dim=1) * torch.randint(
+        -128, 128, (rows, columns // 16), generator=generator
+    )
+    return QuantizedTensor(codes, scale, None, 6, 16, scale_base)
+
+
+def run_packed(p, x: torch.Tensor, int8_activations: bool) -> torch.Tensor:
+    op = torch.ops.leanlm.q4_linear if p.q4 else torch.ops.leanlm.q8_linear
+    return op(x, p.codes, p.scales, p.offsets, None, p.rows, int8_activations, p.scale_base, p.offset_base)
+
+
+@pytest.mark.parametrize("kind", ["q4-k", "q8-sub16-k"])
+@pytest.mark.parametrize("rows,batch,columns", [(13, 1, 256), (70, 3, 512), (200, 4, 768), (577, 9, 1536)])
+def test_k_quant_parameters_give_the_float_parameters_bits(kind, rows, batch, columns):
+    """int8 multipliers of float16 bases (4.6 bits a Q4_K weight) compute base * multiplier exactly in float32, so
+    every kernel gives the same bits as with float32 parameters; both match the reference."""
+    weight = k_quant_weight(rows, columns, kind, seed=rows + columns)
+    compact = pack(weight)
+    assert compact.scales.dtype == torch.int8 and compact.scale_base.dtype == torch.float16
+    plain = pack(QuantizedTensor(weight.codes, weight.scale, weight.offset, weight.bits, weight.group_size))
+    assert plain.scale_base is None and compact.nbytes() < plain.nbytes()
+    x = torch.randn(batch, columns, generator=torch.Generator().manual_seed(batch))
+    reference = x.double() @ weight.dequantize().double().t()
+    for int8_activations in (True, False):
+        out = run_packed(compact, x, int8_activations)
+        assert torch.equal(out, run_packed(plain, x, int8_activations))
+        tolerance = INT8_ACTIVATION_TOLERANCE if int8_activations else EXACT_TOLERANCE
+        assert relative_error(out, reference) < tolerance
+        assert torch.equal(run_packed(compact, x[-1:], int8_activations)[0], out[-1])  # batch invariance
+    dense = torch.ops.leanlm.dequantize(*compact.tensors()[:3], compact.rows, *compact.tensors()[3:])
+    assert torch.equal(dense, weight.dequantize())
+
+
+def test_parameters_that_are_not_multiples_of_their_base_stay_float():
+    weight = k_quant_weight(16, 256, "q4-k", seed=0)
+    weight.scale[3, 2] += 1e-7  # no longer an integer times its base
+    assert pack(weight).scale_base is None and pack(weight).scales.dtype == torch.float32
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("int8_activations", [False, True])
 def test_a_rows_result_does_not_depend_on_the_batch(kind, int8_activations):
     """Bit for bit: the engine's greedy outputs must be the same alone and batched (prefill, decode, mixed)."""
@@ -76,7 +147,7 @@ def test_a_rows_result_does_not_depend_on_the_batch(kind, int8_activations):
     assert torch.equal(run_kernel(weight, rows[:3], int8_activations), batched.reshape(-1, 70)[:3])
 
 
-@pytest.mark.parametrize("kind", ["q4", "q8"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("float16_params", [True, False])
 def test_dequantize_is_exact(kind, float16_params):
     weight = random_weight(21, 128, kind, 64, seed=5)
@@ -108,6 +179,9 @@ def test_quantized_linear_modes_match_reference_forward(mode, kernel):
 def test_layouts_the_kernels_cannot_read_keep_the_torch_path():
     odd_width = random_weight(8, 48, "q8", 48, seed=1)  # 48 inputs: not a whole number of 32-blocks
     assert kernel_format(odd_width) is None
+    sub16 = random_weight(8, 64, "q8-sub16-offset", 16, seed=1)
+    sub16.offset[:, 1] += 1  # offsets per 16: the kernels hold one per block of 32
+    assert kernel_format(sub16) is None
     layer = QuantizedLinear(odd_width)
     assert layer.prepare_runtime(torch.float32, torch.device("cpu"), "auto") == "int8pack"  # torch's per-row kernel
     with pytest.raises(ValueError, match="kernel mode"):
@@ -130,6 +204,11 @@ def test_ops_pass_torch_library_checks():
     p = pack(random_weight(24, 64, "q4", 32, seed=2))
     torch.library.opcheck(
         torch.ops.leanlm.q4_linear.default, (torch.randn(2, 64), p.codes, p.scales, p.offsets, None, p.rows, True)
+    )
+    p = pack(random_weight(24, 64, "q8-sub16-offset", 16, seed=2))
+    assert p.scales.shape == (3, 2, 16) and p.offsets.shape == (3, 2, 8)
+    torch.library.opcheck(
+        torch.ops.leanlm.q8_linear.default, (torch.randn(2, 64), p.codes, p.scales, p.offsets, None, p.rows, True)
     )
     torch.library.opcheck(torch.ops.leanlm.silu_mul.default, (torch.randn(3, 8),))
 
@@ -205,3 +284,31 @@ def test_fused_attention_gives_a_query_the_same_bits_in_any_chunk():
         assert torch.equal(
             fused_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1]), whole[:, :, t : t + 1]
         )
+
+
+@pytest.mark.parametrize(
+    "weight",
+    [
+        random_weight(21, 576, "q4", 128, seed=1),  # a short last group
+        random_weight(13, 96, "q8", 32, seed=2),
+        random_weight(9, 64, "q8-sub16-offset", 16, seed=3),
+        k_quant_weight(11, 512, "q4-k", seed=4),
+        k_quant_weight(11, 512, "q8-sub16-k", seed=5),
+    ],
+    ids=["q4-g128", "q8", "q8-sub16-offset", "q4-k", "q8-sub16-k"],
+)
+def test_a_layer_on_the_kernels_holds_its_weight_once(weight):
+    """The stored form goes once packed; reading it (artifact saving, a later prepare_runtime) unpacks it exactly."""
+    layer = QuantizedLinear(weight)
+    layer.prepare_runtime(torch.float32, torch.device("cpu"), "exact")
+    assert "codes" not in layer._buffers and "scale" not in dict(layer.named_buffers())
+    for name in ("codes", "scale", "offset", "scale_base", "offset_base"):
+        original, restored = getattr(weight, name), getattr(layer, name)
+        assert (original is None and restored is None) or (
+            torch.equal(original, restored) and original.dtype == restored.dtype
+        )
+    x = torch.randn(2, weight.codes.shape[1])
+    fast = layer(x)
+    assert layer.prepare_runtime(torch.float32, torch.device("cpu"), "torch") in ("int4pack", "int8pack", "dense")
+    assert torch.equal(layer.codes, weight.codes)
+    assert relative_error(layer(x), fast.double()) < EXACT_TOLERANCE

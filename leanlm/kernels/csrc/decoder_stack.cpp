@@ -7,7 +7,8 @@
 // so the result is the same bit for bit as the module path (tests/numerics/test_decoder_stack.py).
 //
 //   stack = torch.classes.leanlm.DecoderStack(heads, kv_heads, head_dim, eps, scale, int8_activations)
-//   stack.add_layer(input_norm, post_norm, [codes, scales, offsets, bias] x (qkv, o, gate_up, down), rows)
+//   stack.add_layer(input_norm, post_norm, [codes, scales, offsets, bias, scale_base, offset_base] x (qkv, o,
+//                   gate_up, down), rows)
 //   x = stack.forward(x (N, hidden), cos (N, D), sin (N, D), keys, values (L, H_kv, slots, D),
 //                     block_tables (B, W), block_size, row_sequence (N,), row_position (N,))
 //   stack.set_all_reduce_group(name)  tensor parallelism: the o and down outputs of this rank are partial sums,
@@ -29,16 +30,21 @@
 
 namespace {
 
+c10::optional<at::Tensor> present(const at::Tensor& t) {
+  return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
 struct PackedLinear {
-  at::Tensor codes, scales, offsets, bias;  // offsets, bias: empty when absent
+  at::Tensor codes, scales, offsets, bias, scale_base, offset_base;  // all but codes, scales: empty when absent
   leanlm::Weights weights;
   int64_t width() const { return weights.groups * leanlm::kRows; }  // output row stride, padding included
 
-  PackedLinear(at::Tensor codes_, at::Tensor scales_, at::Tensor offsets_, at::Tensor bias_, int64_t rows)
+  PackedLinear(at::Tensor codes_, at::Tensor scales_, at::Tensor offsets_, at::Tensor bias_, at::Tensor scale_base_,
+               at::Tensor offset_base_, int64_t rows)
       : codes(std::move(codes_)), scales(std::move(scales_)), offsets(std::move(offsets_)), bias(bias_.contiguous()),
-        weights(leanlm::check_weights(codes, scales,
-                                      offsets.numel() ? c10::optional<at::Tensor>(offsets) : c10::nullopt, rows,
-                                      codes.size(2) == 128)) {
+        scale_base(std::move(scale_base_)), offset_base(std::move(offset_base_)),
+        weights(leanlm::check_weights(codes, scales, present(offsets), rows, codes.size(2) == 128,
+                                      present(scale_base), present(offset_base))) {
     TORCH_CHECK(!bias.numel() || (bias.scalar_type() == at::kFloat && bias.numel() == rows),
                 "DecoderStack: a bias must be float32 with one value per output");
   }
@@ -71,14 +77,16 @@ struct DecoderStack : torch::CustomClassHolder {
       : heads(heads), kv_heads(kv_heads), head_dim(head_dim), eps(eps), scale(scale),
         int8_activations(int8_activations) {}
 
-  // linears: codes, scales, offsets, bias for qkv, o, gate_up and down (empty tensors for none); rows: their outputs.
+  // linears: codes, scales, offsets, bias, scale_base, offset_base for qkv, o, gate_up and down (empty tensors for
+  // none); rows: their outputs.
   void add_layer(at::Tensor input_norm, at::Tensor post_norm, std::vector<at::Tensor> linears,
                  std::vector<int64_t> rows) {
-    TORCH_CHECK(linears.size() == 16 && rows.size() == 4, "add_layer: 4 linears of 4 tensors each");
+    TORCH_CHECK(linears.size() == 24 && rows.size() == 4, "add_layer: 4 linears of 6 tensors each");
     TORCH_CHECK(input_norm.scalar_type() == at::kFloat && post_norm.scalar_type() == at::kFloat,
                 "add_layer: float32 norm weights");
     auto linear = [&](int i) {
-      return PackedLinear(linears[4 * i], linears[4 * i + 1], linears[4 * i + 2], linears[4 * i + 3], rows[i]);
+      const at::Tensor* t = &linears[6 * i];
+      return PackedLinear(t[0], t[1], t[2], t[3], t[4], t[5], rows[i]);
     };
     layers.push_back(Layer{input_norm.contiguous(), post_norm.contiguous(), linear(0), linear(1), linear(2), linear(3)});
   }

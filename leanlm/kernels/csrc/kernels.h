@@ -14,37 +14,58 @@ constexpr int64_t kRows = 8;  // rows interleaved per group = lanes of a float v
 // A packed weight (leanlm/kernels/layout.py), as raw pointers into its tensors.
 struct Weights {
   const uint8_t* codes;  // (groups, blocks, 128 or 256)
-  const void* scales;    // (groups, blocks, 8) float16 or float32
-  const void* offsets;   // like scales, or nullptr
+  const void* scales;    // (groups, blocks, 8) float16 or float32; (groups, blocks, 16) when sub16
+  const void* offsets;   // (groups, blocks, 8) like scales, or nullptr
+  // K-quant super-blocks (GGUF Q4_K/Q5_K/Q6_K): when set, scales and offsets are int8 multipliers of these
+  // float16 bases, one per 8 blocks (256 inputs): (groups, blocks / 8, 8). base * multiplier is exact in float32.
+  const void* scale_base;
+  const void* offset_base;
   int64_t rows, cols, groups, blocks;
   bool q4, half_params;
+  bool sub16;  // q8 only: two scales per block, for inputs 0-15 then 16-31 (GGUF Q6_K's sub-blocks); one offset
   int64_t block_bytes() const { return q4 ? 128 : 256; }
   // the 8 rows' parameters of block `at` (= group * blocks + block)
-  __m256 params(const void* base, int64_t at) const {
+  // parameters number `index` (8 rows) of block `at`
+  __m256 params(const void* base, int64_t index, const void* super_base, int64_t at) const {
+    if (super_base) {
+      const int8_t* multipliers = static_cast<const int8_t*>(base) + index * 8;
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(multipliers));
+      const __m256 m = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+      const auto* d = static_cast<const at::Half*>(super_base) + (at / 8) * 8;
+      return _mm256_mul_ps(m, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(d))));
+    }
     if (half_params) {
-      const auto* halves = static_cast<const at::Half*>(base) + at * 8;
+      const auto* halves = static_cast<const at::Half*>(base) + index * 8;
       return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(halves)));
     }
-    return _mm256_loadu_ps(static_cast<const float*>(base) + at * 8);
+    return _mm256_loadu_ps(static_cast<const float*>(base) + index * 8);
   }
-  __m256 scales_at(int64_t at) const { return params(scales, at); }
-  __m256 offsets_at(int64_t at) const { return offsets ? params(offsets, at) : _mm256_setzero_ps(); }
+  // half: 0 for inputs 0-15, 1 for 16-31 (the same scales unless sub16)
+  __m256 scales_at(int64_t at, int half = 0) const {
+    return params(scales, sub16 ? 2 * at + half : at, scale_base, at);
+  }
+  __m256 offsets_at(int64_t at) const { return offsets ? params(offsets, at, offset_base, at) : _mm256_setzero_ps(); }
 };
 
 
 // Checks the tensors of a packed weight and points a Weights at them (they must outlive it).
 Weights check_weights(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
-                      int64_t rows, bool q4);
+                      int64_t rows, bool q4, const c10::optional<at::Tensor>& scale_base = c10::nullopt,
+                      const c10::optional<at::Tensor>& offset_base = c10::nullopt);
 // out (m, groups * 8) = x (m, cols) W^T, padding rows included; the same arithmetic for every m and chunking.
 void matmul_into(const Weights& w, const float* x, int64_t m, float* out, bool int8_activations);
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias, int64_t rows,
-                     bool int8_activations);
+                     bool int8_activations, const c10::optional<at::Tensor>& scale_base,
+                     const c10::optional<at::Tensor>& offset_base);
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                     const c10::optional<at::Tensor>& bias, int64_t rows, bool int8_activations);
+                     const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias, int64_t rows,
+                     bool int8_activations, const c10::optional<at::Tensor>& scale_base,
+                     const c10::optional<at::Tensor>& offset_base);
 at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
-                      int64_t rows);
+                      int64_t rows, const c10::optional<at::Tensor>& scale_base,
+                      const c10::optional<at::Tensor>& offset_base);
 
 // exp of 8 floats (Cephes' polynomial, within 2 ulp of std::exp over float's normal range; inputs are clamped to
 // +-88.38). Vectorized because libm's scalar exp dominated SiLU and softmax.

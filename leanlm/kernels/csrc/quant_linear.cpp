@@ -2,14 +2,16 @@
 // CPU has them: the build is per machine).
 //
 // W[n, k] = code[n, k] * scale[n, k / 32] + offset[n, k / 32]: blocks of 32 inputs (GGUF's block size), one
-// float16 scale (and offset) per block. q4 codes are 0..15 (2- and 3-bit codes fit too), q8 codes int8.
+// float16 scale (and offset) per block. q4 codes are 0..15 (2- and 3-bit codes fit too), q8 codes int8 (GGUF's
+// 5- and 6-bit codes too). A q8 weight may carry two scales per block (sub16: one per 16 inputs, as GGUF's Q6_K).
 //
 // Layout (written by leanlm/kernels/layout.py at load time): rows are taken 8 at a time and interleaved
 // 4 inputs at a time, so one 32-byte load holds inputs 4c..4c+3 of 8 rows and an 8-lane vector holds
 // 8 output rows. For one block of one group of 8 rows:
 //   q4: 4 slabs of 32 bytes; slab j, byte 4r + i = code[r][4j + i] | code[r][16 + 4j + i] << 4
 //   q8: 8 slabs of 32 bytes; slab c, byte 4r + i = code[r][4c + i]
-//   scales, offsets: 8 float16 (or float32 when float16 would round them), one per row
+//   scales, offsets: 8 float16 (or float32 when float16 would round them), one per row; sub16: 8 scales for
+//   inputs 0-15, then 8 for inputs 16-31
 // With activations quantized to int8 per block (llama.cpp's approach), a slab times the 4 broadcast
 // activation bytes is one maddubs (one dpbusd with VNNI): the 8 rows' dot products accumulate in integer lanes
 // and are scaled once per block. With float activations (exact mode) each input is decoded to float and multiplied in float.
@@ -134,9 +136,32 @@ struct DecodedBlock {
     return sum32;
 #endif
   }
+
+  // q8 only: the dot products over inputs 0-15 (slabs 0-3) and 16-31 (slabs 4-7) apart, for sub16 scales.
+  void dot_halves(const int8_t* x, __m256i& low, __m256i& high) const {
+    __m256i halves[2];
+    for (int h = 0; h < 2; ++h) {
+#ifdef LEANLM_VNNI
+      __m256i a = dot_u8_s8(_mm256_setzero_si256(), u[4 * h], activations(x, 4 * h));
+      __m256i b = dot_u8_s8(_mm256_setzero_si256(), u[4 * h + 1], activations(x, 4 * h + 1));
+      a = dot_u8_s8(a, u[4 * h + 2], activations(x, 4 * h + 2));
+      b = dot_u8_s8(b, u[4 * h + 3], activations(x, 4 * h + 3));
+      halves[h] = _mm256_add_epi32(a, b);
+#else
+      __m256i sum32 = _mm256_setzero_si256();
+      for (int i = 4 * h; i < 4 * h + 4; ++i) {
+        const __m256i products = _mm256_maddubs_epi16(u[i], activations(x, i));
+        sum32 = _mm256_add_epi32(sum32, _mm256_madd_epi16(products, _mm256_set1_epi16(1)));
+      }
+      halves[h] = sum32;
+#endif
+    }
+    low = halves[0];
+    high = halves[1];
+  }
 };
 
-template <int Tile, bool Q4>
+template <int Tile, bool Q4, bool Sub16>
 void groups_int8(const Weights& w, const QuantizedActivations& xq, float* out, int64_t m0, int64_t g_begin,
                  int64_t g_end) {
   const int8_t* x_codes = xq.codes.data();
@@ -149,12 +174,20 @@ void groups_int8(const Weights& w, const QuantizedActivations& xq, float* out, i
       const int64_t at = g * w.blocks + b;
       const DecodedBlock<Q4> block(w.codes + at * w.block_bytes());
       const __m256 scales = w.scales_at(at);
+      const __m256 high_scales = w.scales_at(at, 1);
       const __m256 offsets = w.offsets_at(at);
       for (int t = 0; t < Tile; ++t) {
         const int64_t xb = (m0 + t) * w.blocks + b;
-        const __m256i dot = block.dot(x_codes + xb * kBlock);
-        const __m256 scaled = _mm256_mul_ps(scales, _mm256_set1_ps(x_scales[xb]));
-        acc[t] = _mm256_fmadd_ps(scaled, _mm256_cvtepi32_ps(dot), acc[t]);
+        const __m256 x_scale = _mm256_set1_ps(x_scales[xb]);
+        if constexpr (Sub16) {
+          __m256i low, high;
+          block.dot_halves(x_codes + xb * kBlock, low, high);
+          acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(scales, x_scale), _mm256_cvtepi32_ps(low), acc[t]);
+          acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(high_scales, x_scale), _mm256_cvtepi32_ps(high), acc[t]);
+        } else {
+          const __m256i dot = block.dot(x_codes + xb * kBlock);
+          acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(scales, x_scale), _mm256_cvtepi32_ps(dot), acc[t]);
+        }
         if (w.offsets) acc[t] = _mm256_fmadd_ps(offsets, _mm256_set1_ps(x_sums[xb]), acc[t]);
       }
     }
@@ -208,6 +241,19 @@ struct DecodedPair {
     for (int i = 4; i < 8; ++i) sums[i - 4] = _mm512_dpbusd_epi32(sums[i - 4], u[i], activations(x, i));
     return _mm512_add_epi32(_mm512_add_epi32(sums[0], sums[1]), _mm512_add_epi32(sums[2], sums[3]));
   }
+
+  void dot_halves(const int8_t* x, __m512i& low, __m512i& high) const {
+    __m512i halves[2];
+    for (int h = 0; h < 2; ++h) {
+      __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[4 * h], activations(x, 4 * h));
+      __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[4 * h + 1], activations(x, 4 * h + 1));
+      a = _mm512_dpbusd_epi32(a, u[4 * h + 2], activations(x, 4 * h + 2));
+      b = _mm512_dpbusd_epi32(b, u[4 * h + 3], activations(x, 4 * h + 3));
+      halves[h] = _mm512_add_epi32(a, b);
+    }
+    low = halves[0];
+    high = halves[1];
+  }
 };
 
 inline __m512 pair_params(__m256 first, __m256 second) {
@@ -215,7 +261,7 @@ inline __m512 pair_params(__m256 first, __m256 second) {
 }
 
 // groups g and g + 1 for activation rows m0..m0+Tile-1
-template <int Tile, bool Q4>
+template <int Tile, bool Q4, bool Sub16>
 void group_pair_int8(const Weights& w, const QuantizedActivations& xq, float* out, int64_t m0, int64_t g) {
   const int8_t* x_codes = xq.codes.data();
   const float* x_scales = xq.scales.data();
@@ -226,12 +272,20 @@ void group_pair_int8(const Weights& w, const QuantizedActivations& xq, float* ou
     const int64_t at = g * w.blocks + b, next = at + w.blocks;
     const DecodedPair<Q4> block(w.codes + at * w.block_bytes(), w.codes + next * w.block_bytes());
     const __m512 scales = pair_params(w.scales_at(at), w.scales_at(next));
+    const __m512 high_scales = pair_params(w.scales_at(at, 1), w.scales_at(next, 1));
     const __m512 offsets = pair_params(w.offsets_at(at), w.offsets_at(next));
     for (int t = 0; t < Tile; ++t) {
       const int64_t xb = (m0 + t) * w.blocks + b;
-      const __m512i dot = block.dot(x_codes + xb * kBlock);
-      const __m512 scaled = _mm512_mul_ps(scales, _mm512_set1_ps(x_scales[xb]));
-      acc[t] = _mm512_fmadd_ps(scaled, _mm512_cvtepi32_ps(dot), acc[t]);
+      const __m512 x_scale = _mm512_set1_ps(x_scales[xb]);
+      if constexpr (Sub16) {
+        __m512i low, high;
+        block.dot_halves(x_codes + xb * kBlock, low, high);
+        acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(scales, x_scale), _mm512_cvtepi32_ps(low), acc[t]);
+        acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(high_scales, x_scale), _mm512_cvtepi32_ps(high), acc[t]);
+      } else {
+        const __m512i dot = block.dot(x_codes + xb * kBlock);
+        acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(scales, x_scale), _mm512_cvtepi32_ps(dot), acc[t]);
+      }
       if (w.offsets) acc[t] = _mm512_fmadd_ps(offsets, _mm512_set1_ps(x_sums[xb]), acc[t]);
     }
   }
@@ -278,6 +332,21 @@ inline __m256 block_dot_float(const Weights& w, const uint8_t* block, const floa
   return sum;
 }
 
+// q8, sub16: the sums over inputs 0-15 (slabs 0-3) and 16-31 (slabs 4-7) apart.
+inline void block_dot_float_halves(const uint8_t* block, const float* x, __m256& low, __m256& high) {
+  __m256 halves[2];
+  for (int h = 0; h < 2; ++h) {
+    __m256 sum = _mm256_setzero_ps();
+    for (int c = 4 * h; c < 4 * h + 4; ++c) {
+      const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * c));
+      sum = _mm256_add_ps(sum, slab_dot(codes, true, x + 4 * c));
+    }
+    halves[h] = sum;
+  }
+  low = halves[0];
+  high = halves[1];
+}
+
 template <int Tile>
 void groups_float(const Weights& w, const float* x, const float* x_sums, float* out, int64_t m0, int64_t g_begin,
                   int64_t g_end) {
@@ -288,10 +357,18 @@ void groups_float(const Weights& w, const float* x, const float* x_sums, float* 
       const int64_t at = g * w.blocks + b;
       const uint8_t* block = w.codes + at * w.block_bytes();
       const __m256 scales = w.scales_at(at);
+      const __m256 high_scales = w.scales_at(at, 1);
       const __m256 offsets = w.offsets_at(at);
       for (int t = 0; t < Tile; ++t) {
         const int64_t xb = (m0 + t) * w.blocks + b;
-        acc[t] = _mm256_fmadd_ps(scales, block_dot_float(w, block, x + xb * kBlock), acc[t]);
+        if (w.sub16) {
+          __m256 low, high;
+          block_dot_float_halves(block, x + xb * kBlock, low, high);
+          acc[t] = _mm256_fmadd_ps(scales, low, acc[t]);
+          acc[t] = _mm256_fmadd_ps(high_scales, high, acc[t]);
+        } else {
+          acc[t] = _mm256_fmadd_ps(scales, block_dot_float(w, block, x + xb * kBlock), acc[t]);
+        }
         if (w.offsets) acc[t] = _mm256_fmadd_ps(offsets, _mm256_set1_ps(x_sums[xb]), acc[t]);
       }
     }
@@ -326,8 +403,9 @@ void matmul_into(const Weights& w, const float* x, int64_t m_total, float* out, 
   };
   if (int8_activations) {
     const QuantizedActivations xq = quantize_activations(x, m_total, w.cols);
-    auto run = [&](auto q4) {
+    auto run = [&](auto q4, auto sub16) {
       constexpr bool Q4 = decltype(q4)::value;
+      constexpr bool S = decltype(sub16)::value;
 #ifdef LEANLM_GROUP_PAIRS
       // Batches of a tile or more (prefill, serving) in units of two groups (the last alone when the count is
       // odd); a single row reads faster one group at a time. Both give the same bits.
@@ -336,11 +414,11 @@ void matmul_into(const Weights& w, const float* x, int64_t m_total, float* out, 
         for (int64_t unit = begin; unit < end; ++unit) {
           const int64_t g = 2 * unit;
           if (g + 1 < w.groups) {
-            over_rows([&](int64_t m, int64_t gi) { group_pair_int8<kBatchTile, Q4>(w, xq, out, m, gi); },
-                      [&](int64_t m, int64_t gi) { group_pair_int8<1, Q4>(w, xq, out, m, gi); }, g);
+            over_rows([&](int64_t m, int64_t gi) { group_pair_int8<kBatchTile, Q4, S>(w, xq, out, m, gi); },
+                      [&](int64_t m, int64_t gi) { group_pair_int8<1, Q4, S>(w, xq, out, m, gi); }, g);
           } else {
-            over_rows([&](int64_t m, int64_t gi) { groups_int8<kBatchTile, Q4>(w, xq, out, m, gi, gi + 1); },
-                      [&](int64_t m, int64_t gi) { groups_int8<1, Q4>(w, xq, out, m, gi, gi + 1); }, g);
+            over_rows([&](int64_t m, int64_t gi) { groups_int8<kBatchTile, Q4, S>(w, xq, out, m, gi, gi + 1); },
+                      [&](int64_t m, int64_t gi) { groups_int8<1, Q4, S>(w, xq, out, m, gi, gi + 1); }, g);
           }
         }
       });
@@ -348,13 +426,14 @@ void matmul_into(const Weights& w, const float* x, int64_t m_total, float* out, 
 #endif
       at::parallel_for(0, w.groups, grain, [&](int64_t begin, int64_t end) {
         for (int64_t g = begin; g < end; ++g) {
-          over_rows([&](int64_t m, int64_t gi) { groups_int8<kBatchTile, Q4>(w, xq, out, m, gi, gi + 1); },
-                    [&](int64_t m, int64_t gi) { groups_int8<1, Q4>(w, xq, out, m, gi, gi + 1); }, g);
+          over_rows([&](int64_t m, int64_t gi) { groups_int8<kBatchTile, Q4, S>(w, xq, out, m, gi, gi + 1); },
+                    [&](int64_t m, int64_t gi) { groups_int8<1, Q4, S>(w, xq, out, m, gi, gi + 1); }, g);
         }
       });
     };
-    if (w.q4) run(std::true_type{});
-    else run(std::false_type{});
+    if (w.q4) run(std::true_type{}, std::false_type{});
+    else if (w.sub16) run(std::false_type{}, std::true_type{});
+    else run(std::false_type{}, std::false_type{});
   } else {
     const std::vector<float> sums = block_sums(x, m_total, w.cols);
     at::parallel_for(0, w.groups, grain, [&](int64_t begin, int64_t end) {
@@ -388,10 +467,10 @@ at::Tensor dequantize_transposed(const Weights& w) {
       for (int64_t b = 0; b < w.blocks; ++b) {
         const int64_t at = g * w.blocks + b;
         const uint8_t* block = w.codes + at * w.block_bytes();
-        const __m256 scales = w.scales_at(at);
         const __m256 offsets = w.offsets_at(at);
         const int64_t column = b * kBlock * stride + g * kRows;  // input b * 32, output rows g * 8..
         auto store = [&](__m256i bytes, bool is_signed, int64_t first_input) {
+          const __m256 scales = w.scales_at(at, first_input >= 16);
           __m256 values[4];
           slab_to_floats(bytes, is_signed, values);
           for (int i = 0; i < 4; ++i) {
@@ -434,41 +513,63 @@ at::Tensor quantized_linear(const at::Tensor& x, const Weights& w, const c10::op
 namespace leanlm {
 
 Weights check_weights(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
-                      int64_t rows, bool q4) {
+                      int64_t rows, bool q4, const c10::optional<at::Tensor>& scale_base,
+                      const c10::optional<at::Tensor>& offset_base) {
   TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() && codes.dim() == 3 && codes.scalar_type() == at::kByte,
               "codes: a contiguous (groups, blocks, bytes) uint8 CPU tensor from leanlm.kernels.layout");
   TORCH_CHECK(codes.size(2) == (q4 ? 128 : 256), "codes: ", q4 ? 128 : 256, " bytes per block of 8 rows");
   const int64_t groups = codes.size(0), blocks = codes.size(1);
   TORCH_CHECK(rows > 0 && rows <= groups * kRows && rows > (groups - 1) * kRows, "rows does not match the layout");
   const bool half_params = scales.scalar_type() == at::kHalf;
-  TORCH_CHECK((half_params || scales.scalar_type() == at::kFloat) && scales.is_contiguous() &&
-                  scales.sizes() == at::IntArrayRef({groups, blocks, kRows}),
-              "scales: contiguous float16 or float32 (groups, blocks, 8)");
+  const bool sub16 = scales.dim() == 3 && scales.size(2) == 2 * kRows;
+  const bool compact = scale_base.has_value();  // int8 multipliers of per-256 float16 bases
+  TORCH_CHECK(!(sub16 && q4), "scales: a q4 weight has one scale per block of 32 (groups, blocks, 8)");
+  TORCH_CHECK((compact ? scales.scalar_type() == at::kChar : half_params || scales.scalar_type() == at::kFloat) &&
+                  scales.is_contiguous() &&
+                  scales.sizes() == at::IntArrayRef({groups, blocks, sub16 ? 2 * kRows : kRows}),
+              "scales: contiguous float16 or float32 (int8 with bases) (groups, blocks, 8), or (groups, blocks, 16) "
+              "for q8 sub16");
+  auto check_base = [&](const at::Tensor& base) {
+    TORCH_CHECK(blocks % 8 == 0 && base.scalar_type() == at::kHalf && base.is_contiguous() &&
+                    base.sizes() == at::IntArrayRef({groups, blocks / 8, kRows}),
+                "bases: contiguous float16 (groups, blocks / 8, 8), blocks a multiple of 8");
+    return base.data_ptr();
+  };
+  const void* scale_base_ptr = compact ? check_base(*scale_base) : nullptr;
   const void* offset_ptr = nullptr;
+  const void* offset_base_ptr = nullptr;
   if (offsets.has_value()) {
     TORCH_CHECK(offsets->scalar_type() == scales.scalar_type() && offsets->is_contiguous() &&
-                    offsets->sizes() == scales.sizes(),
-                "offsets must be laid out like scales");
+                    offsets->sizes() == at::IntArrayRef({groups, blocks, kRows}),
+                "offsets must be (groups, blocks, 8) in the scales' dtype");
+    TORCH_CHECK(compact == offset_base.has_value(), "offsets need bases exactly when scales have them");
     offset_ptr = offsets->data_ptr();
+    if (compact) offset_base_ptr = check_base(*offset_base);
   }
-  return Weights{codes.data_ptr<uint8_t>(), scales.data_ptr(), offset_ptr, rows, blocks * kBlock, groups,
-                 blocks, q4, half_params};
+  return Weights{codes.data_ptr<uint8_t>(), scales.data_ptr(), offset_ptr, scale_base_ptr, offset_base_ptr, rows,
+                 blocks * kBlock, groups, blocks, q4, half_params, sub16};
 }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias, int64_t rows,
-                     bool int8_activations) {
-  return quantized_linear(x, check_weights(codes, scales, offsets, rows, true), bias, int8_activations);
+                     bool int8_activations, const c10::optional<at::Tensor>& scale_base,
+                     const c10::optional<at::Tensor>& offset_base) {
+  const Weights w = check_weights(codes, scales, offsets, rows, true, scale_base, offset_base);
+  return quantized_linear(x, w, bias, int8_activations);
 }
 
 at::Tensor q8_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
-                     const c10::optional<at::Tensor>& bias, int64_t rows, bool int8_activations) {
-  return quantized_linear(x, check_weights(codes, scales, c10::nullopt, rows, false), bias, int8_activations);
+                     const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias, int64_t rows,
+                     bool int8_activations, const c10::optional<at::Tensor>& scale_base,
+                     const c10::optional<at::Tensor>& offset_base) {
+  const Weights w = check_weights(codes, scales, offsets, rows, false, scale_base, offset_base);
+  return quantized_linear(x, w, bias, int8_activations);
 }
 
 at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
-                      int64_t rows) {
-  const Weights w = check_weights(codes, scales, offsets, rows, codes.size(2) == 128);
+                      int64_t rows, const c10::optional<at::Tensor>& scale_base,
+                      const c10::optional<at::Tensor>& offset_base) {
+  const Weights w = check_weights(codes, scales, offsets, rows, codes.size(2) == 128, scale_base, offset_base);
   return dequantize_transposed(w).narrow(1, 0, rows).t().contiguous();
 }
 
@@ -477,10 +578,13 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c
 TORCH_LIBRARY(leanlm, m) {
   m.def(
       "q4_linear(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, Tensor? bias, int rows, "
-      "bool int8_activations) -> Tensor");
+      "bool int8_activations, Tensor? scale_base=None, Tensor? offset_base=None) -> Tensor");
   m.def(
-      "q8_linear(Tensor x, Tensor codes, Tensor scales, Tensor? bias, int rows, bool int8_activations) -> Tensor");
-  m.def("dequantize(Tensor codes, Tensor scales, Tensor? offsets, int rows) -> Tensor");
+      "q8_linear(Tensor x, Tensor codes, Tensor scales, Tensor? offsets, Tensor? bias, int rows, "
+      "bool int8_activations, Tensor? scale_base=None, Tensor? offset_base=None) -> Tensor");
+  m.def(
+      "dequantize(Tensor codes, Tensor scales, Tensor? offsets, int rows, Tensor? scale_base=None, "
+      "Tensor? offset_base=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(leanlm, CPU, m) {
