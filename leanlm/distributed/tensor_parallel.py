@@ -143,12 +143,12 @@ def synchronize_sampling(runner, device: torch.device) -> None:
     sample = runner._sample
 
     def sample_like_rank_0(request_ids, logits, masks=None):
-        sampled = sample(request_ids, logits, masks)
-        tokens = torch.tensor([sampled[rid].token_id for rid in request_ids], dtype=torch.int64, device=device)
+        sampled = sample(request_ids, logits, masks)  # request id -> [its one sampled token]
+        tokens = torch.tensor([sampled[rid][0].token_id for rid in request_ids], dtype=torch.int64, device=device)
         dist.broadcast(tokens, src=0)
         for rid, token in zip(request_ids, tokens.tolist(), strict=True):
-            if sampled[rid].token_id != token:
-                sampled[rid] = type(sampled[rid])(token)
+            if sampled[rid][0].token_id != token:
+                sampled[rid] = [type(sampled[rid][0])(token)]
         return sampled
 
     runner._sample = sample_like_rank_0
