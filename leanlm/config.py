@@ -171,9 +171,12 @@ class EngineConfig:
     speculative: str | None = None
     num_speculative_tokens: int = 5  # most tokens drafted per step
     speculative_adaptive: bool = True  # each request tunes its draft length, down to none when it does not pay
+    # Encoder-decoder models (Whisper): new encoder inputs one step may encode. Encoding a 30 s window costs as much
+    # as many decoder steps, so admissions are spread out and running requests keep decoding (vLLM's encoder budget).
+    max_encoder_inputs_per_step: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_encoder_inputs_per_step"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise InvalidRequestError(f"EngineConfig.{name} must be an integer >= 1, got {value!r}.")

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
-def chain_hash(parent: int | None, tokens: tuple[int, ...]) -> int:
+def chain_hash(parent: int | str | None, tokens: tuple[int, ...]) -> int:
     """Name of a full block: its tokens and, through `parent`, every token before them.
 
     A 64-bit collision between different prefixes is negligible; the block's own tokens are compared as well."""
@@ -35,6 +35,9 @@ class BlockTable:
     ids: list[int] = field(default_factory=list)
     contiguous: bool = True  # ids are consecutive (id, id + 1, ...): attention can read the cache without a gather
     hashes: list[int] = field(default_factory=list)  # chain hashes of its leading full blocks
+    # The parent of its first block's hash: None for text; an encoder-decoder request's input hash (audio), so that
+    # equal decoder tokens over different audio never share blocks.
+    salt: str | None = None
 
     def append(self, block_id: int) -> None:
         self.contiguous = self.contiguous and (not self.ids or block_id == self.ids[-1] + 1)
@@ -75,14 +78,14 @@ class BlockManager:
 
     # ---- prefix cache ---------------------------------------------------------------------------------------
 
-    def find_cached_prefix(self, token_ids: Sequence[int]) -> list[int]:
-        """Blocks holding the longest cached prefix of token_ids, in order.
+    def find_cached_prefix(self, token_ids: Sequence[int], salt: str | None = None) -> list[int]:
+        """Blocks holding the longest cached prefix of token_ids (after `salt`, see BlockTable), in order.
 
         Stops before the last token: its logits are needed, so at least that token must be computed."""
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        parent = None
+        parent: int | str | None = salt
         size = self.block_size
         for i in range((len(token_ids) - 1) // size):
             tokens = tuple(token_ids[i * size : (i + 1) * size])
@@ -100,7 +103,7 @@ class BlockManager:
         while len(table.hashes) < num_computed_tokens // size:
             i = len(table.hashes)
             tokens = tuple(token_ids[i * size : (i + 1) * size])
-            block_hash = chain_hash(table.hashes[-1] if table.hashes else None, tokens)
+            block_hash = chain_hash(table.hashes[-1] if table.hashes else table.salt, tokens)
             table.hashes.append(block_hash)
             block = self.blocks[table.ids[i]]
             # A block computed twice in the same step (two equal prompts) stays private: the first one is named.
@@ -110,9 +113,12 @@ class BlockManager:
 
     # ---- allocation -----------------------------------------------------------------------------------------
 
-    def allocate(self, request_id: str, num_tokens: int, cached_blocks: Sequence[int] = ()) -> bool:
+    def allocate(
+        self, request_id: str, num_tokens: int, cached_blocks: Sequence[int] = (), salt: str | None = None
+    ) -> bool:
         """Grow the request's table to cover num_tokens tokens, starting with `cached_blocks` (a prefix-cache hit,
-        for a request without blocks). Returns False, changing nothing, when too few blocks are free."""
+        for a request without blocks). `salt` names a new table's hash chain (BlockTable.salt). Returns False,
+        changing nothing, when too few blocks are free."""
         table = self.tables.get(request_id)
         have = len(table.ids) if table else 0
         new = self.blocks_needed(num_tokens) - have - len(cached_blocks)
@@ -120,7 +126,7 @@ class BlockManager:
         if new > len(self._free) - revived:
             return False
         if table is None:
-            table = self.tables[request_id] = BlockTable()
+            table = self.tables[request_id] = BlockTable(salt=salt)
         for block_id in cached_blocks:
             block = self.blocks[block_id]
             if block.ref_count == 0:

@@ -19,9 +19,9 @@ from leanlm.cache.block_manager import BlockManager
 from leanlm.cache.kv_cache import default_cache_dtype
 from leanlm.cache.paged_kv import PAGED_KV_CACHE_TYPES
 from leanlm.config import EngineConfig
-from leanlm.engine.model_runner import ModelRunner, RunnerOutput, SampledToken, ScoredPrompt
+from leanlm.engine.model_runner import LogitsProcessor, ModelRunner, RunnerOutput, SampledToken, ScoredPrompt
 from leanlm.engine.outputs import RequestMetrics, RequestOutput, TokenLogprobs
-from leanlm.engine.request import Request
+from leanlm.engine.request import EncoderInput, Request
 from leanlm.engine.scheduler import Scheduler, SchedulerOutput
 from leanlm.engine.speculative.factory import build_speculator
 from leanlm.engine.speculative.speculator import SpeculativeStats
@@ -117,6 +117,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config, self.block_manager)
         self.runner = ModelRunner(model, self.cache, self.device)
         self.speculator = None
+        if self.config.speculative and self.runner.is_encoder_decoder:
+            raise InvalidRequestError(
+                "Speculative decoding does not run encoder-decoder models (Whisper) yet. Drop --speculative."
+            )
         if self.config.speculative:
             self.speculator = build_speculator(
                 self.config, model, tokenizer, self.cache, self.block_manager, draft_model
@@ -154,15 +158,31 @@ class LLMEngine:
             )
 
     def add_request(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, prompt: str | None = None
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        prompt: str | None = None,
+        encoder_input: EncoderInput | None = None,
+        logits_processors: list[LogitsProcessor] | tuple = (),
     ) -> None:
+        """encoder_input: an encoder-decoder model's input (Whisper: a window of log-mel frames), encoded once when
+        the request is first scheduled; prompt_token_ids are then the decoder's prompt. logits_processors: applied
+        to each of the request's logits rows before sampling (vLLM's fn(output_token_ids, logits) -> logits)."""
         if request_id in self._progress:
             raise InvalidRequestError(f"A request with id {request_id!r} is already running. Use a unique request id.")
+        if self.runner.is_encoder_decoder and encoder_input is None:
+            raise InvalidRequestError(
+                "This is an encoder-decoder model: each request needs its encoder input (for Whisper, the audio)."
+            )
+        if not self.runner.is_encoder_decoder and encoder_input is not None:
+            raise InvalidRequestError("This decoder-only model takes no encoder input: send the prompt tokens only.")
         self.check_prompt(prompt_token_ids)
         constraint = self._grammars().constraint(params) if params.constrained else None  # raises if invalid
         # The context window and the KV cache cap generation (finish_reason "length").
         room = min(self.model_config.context_length, self.max_cached_tokens) - len(prompt_token_ids)
         request = Request(request_id, list(prompt_token_ids), params, min(params.max_tokens, room))
+        request.encoder_input = encoder_input
         metrics = RequestMetrics(num_prompt_tokens=len(prompt_token_ids), arrival_time=time.perf_counter())
         self._progress[request_id] = _Progress(
             request,
@@ -173,7 +193,7 @@ class LLMEngine:
             logprobs=[] if params.logprobs is not None else None,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
-        self.runner.add_request(request_id, params, request.prompt_token_ids, constraint)
+        self.runner.add_request(request_id, params, request.prompt_token_ids, constraint, logits_processors)
         self.scheduler.add(request)
 
     def _grammars(self) -> GrammarCompiler:

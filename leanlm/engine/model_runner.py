@@ -7,10 +7,15 @@ as one padded batch (see paged_attention.py). Logits are computed only for the r
 them are sampled together. A request with draft tokens (speculative decoding) runs its newest token and its drafts
 as extra rows; every one of those rows gives logits, and sampling/speculative.py keeps the drafts the target agrees
 with plus one token of its own.
+
+An encoder-decoder model (Whisper; `model.is_encoder_decoder`) also gets, per sequence, its request's encoder
+state: the runner encodes the inputs the scheduler names (SchedulerOutput.encoder_inputs) in one batch, keeps each
+result in `encoder_cache` under the request id, read-only, and drops it in remove_request (finish or abort).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +28,10 @@ from leanlm.sampling.grammar import Constraint, MaskWorker
 from leanlm.sampling.speculative import accept_greedy, accept_sampled
 from leanlm.sampling.state import SamplingState
 from leanlm.sampling_params import SamplingParams
+
+
+# vLLM's per-request logits processor: (the request's output tokens so far, its logits row (V,)) -> the row to sample.
+LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -52,19 +61,38 @@ class ModelRunner:
         self.model, self.cache, self.device = model, cache, device
         self._states: dict[str, SamplingState] = {}
         self._masks = MaskWorker()
+        self.is_encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
+        self.encoder_cache: dict[str, object] = {}  # request id -> its encoder state, from admission to the end
+        self._processors: dict[str, Sequence[LogitsProcessor]] = {}
 
     def add_request(
-        self, request_id: str, params: SamplingParams, prompt_token_ids: list[int], constraint: Constraint | None = None
+        self,
+        request_id: str,
+        params: SamplingParams,
+        prompt_token_ids: list[int],
+        constraint: Constraint | None = None,
+        logits_processors: Sequence[LogitsProcessor] = (),
     ) -> None:
         self._states[request_id] = SamplingState(params, prompt_token_ids, self.device, constraint)
+        if logits_processors:
+            self._processors[request_id] = tuple(logits_processors)
 
     def remove_request(self, request_id: str) -> None:
         self._states.pop(request_id, None)
+        self._processors.pop(request_id, None)
+        self.encoder_cache.pop(request_id, None)
+
+    def _encode(self, requests) -> None:
+        states = self.model.encode_inputs([r.encoder_input.data for r in requests])
+        for request, state in zip(requests, states, strict=True):
+            self.encoder_cache[request.request_id] = state
 
     @torch.inference_mode()
     def run(self, schedule: SchedulerOutput) -> RunnerOutput:
         """Run the scheduled tokens; sample the tokens of each request whose newest token ran: one, or for a
         request with drafts, the accepted drafts and one more."""
+        if schedule.encoder_inputs:
+            self._encode(schedule.encoder_inputs)
         entries = sorted(schedule.scheduled, key=lambda e: e.num_tokens != 1)  # decodes first, order kept
         if not entries:
             return RunnerOutput({}, {})
@@ -101,24 +129,38 @@ class ModelRunner:
         score_rows = [first + i for _, first, count in scored for i in range(count)]
         rows = score_rows + sample_rows
         last_only = rows == [len(token_ids) - 1]
+        extra = {}
+        if self.is_encoder_decoder:
+            extra["encoder_states"] = [(self.encoder_cache[e.request.request_id], e.num_tokens) for e in entries]
         logits = self.model(
             torch.tensor([token_ids], device=self.device),
             torch.tensor([positions], device=self.device),
             attend=attend,
             last_only=last_only,
             logits_indices=None if last_only else torch.tensor(rows, dtype=torch.long, device=self.device),
+            **extra,
         )[0]  # (R, V) float32: the scored prompt rows, then one row per sampled row
         scores = self._score(scored, logits[: len(score_rows)])
         logits = logits[len(score_rows) :]
         if not verified:
+            logits = self._process(sampled, logits)
             return RunnerOutput(self._sample(request_ids, logits, None if masks is None else masks.result()), scores)
         plain_rows = [row for row in range(len(sample_rows)) if not _in_verified(row, verified)]
         out = {}
         if request_ids:
-            plain = logits[torch.tensor(plain_rows, device=logits.device)]
+            plain = self._process(sampled, logits[torch.tensor(plain_rows, device=logits.device)])
             out = self._sample(request_ids, plain, None if masks is None else masks.result())
         out.update(self._verify(verified, logits))
         return RunnerOutput(out, scores)
+
+    def _process(self, sampled: list[ScheduledRequest], logits: torch.Tensor) -> torch.Tensor:
+        """Apply the requests' logits processors, row by row (row i is sampled[i]'s)."""
+        if not self._processors:
+            return logits
+        for row, entry in enumerate(sampled):
+            for processor in self._processors.get(entry.request.request_id, ()):
+                logits[row] = processor(entry.request.output_token_ids, logits[row])
+        return logits
 
     def _score(self, scored: list[tuple[ScheduledRequest, int, int]], logits: torch.Tensor) -> dict[str, ScoredPrompt]:
         if not scored:

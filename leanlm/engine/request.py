@@ -8,6 +8,16 @@ from dataclasses import dataclass, field
 from leanlm.sampling_params import SamplingParams
 
 
+@dataclass(frozen=True, eq=False)
+class EncoderInput:
+    """What an encoder-decoder request's encoder reads (Whisper: one 30 s window of log-mel frames), opaque here:
+    the model runner encodes it once, when the scheduler first admits the request, and holds the result (the
+    cross-attention keys and values) read-only until the request ends."""
+
+    data: object  # the model's input (a tensor); the scheduler never looks inside
+    content_hash: str  # names the input: the salt of the request's prefix-cache hashes
+
+
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # not admitted yet, or preempted (its blocks freed, to be recomputed)
     RUNNING = "running"  # holds blocks; runs a prefill chunk or a decode token each step it is scheduled
@@ -32,6 +42,12 @@ class Request:
     draft_token_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
+    encoder_input: EncoderInput | None = None  # set for an encoder-decoder model's requests
+
+    @property
+    def cache_salt(self) -> str | None:
+        """Parent of the first prefix-cache block hash: decoder tokens over different encoder inputs never match."""
+        return None if self.encoder_input is None else self.encoder_input.content_hash
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

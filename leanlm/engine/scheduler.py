@@ -8,6 +8,13 @@ is preempted: its blocks are freed and it goes back to the front of the queue, t
 blocks usually come back from the prefix cache). Waiting requests are admitted in arrival order while budget,
 sequence slots and blocks last; the first one that does not fit blocks the ones behind it (FCFS). A running prefill
 with others behind it is cut to a quarter of the budget, so that one long prompt cannot stall everyone.
+
+Encoder-decoder requests (Whisper) carry an encoder input. The first admission of such a request also schedules
+its encoder run; at most `max_encoder_inputs_per_step` new inputs are encoded per step (an encoder pass costs as
+much as many decoder steps), and a request whose input does not fit waits, with the ones behind it (FCFS). The
+runner keeps each encoder output until the request finishes or is aborted, preemption included: a preempted
+request recomputes its decoder tokens, never its encoder. Prefix-cache hashes start from the input's hash
+(Request.cache_salt), so only requests over the same input share decoder blocks.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ class ScheduledRequest:
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)  # running ones first, then new admissions
     preempted: list[Request] = field(default_factory=list)
+    encoder_inputs: list[Request] = field(default_factory=list)  # admitted requests whose encoder runs this step
 
     @property
     def num_batched_tokens(self) -> int:
@@ -60,6 +68,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # tokens looked up in the prefix cache
         self.prefix_cache_hits = 0  # of which found
+        self.encoded: set[str] = set()  # ids of requests whose encoder output the runner holds
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -120,6 +129,7 @@ class Scheduler:
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
         self.block_manager.free(request.request_id)
+        self.encoded.discard(request.request_id)  # the runner frees the encoder output with the request
         request.status, request.finish_reason = RequestStatus.FINISHED, reason
 
     # ---- internals ------------------------------------------------------------------------------------------
@@ -163,16 +173,25 @@ class Scheduler:
 
     def _admit(self, budget: int, out: SchedulerOutput) -> None:
         manager = self.block_manager
+        encoder_budget = self.config.max_encoder_inputs_per_step
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
+            needs_encoder = request.encoder_input is not None and request.request_id not in self.encoded
+            if needs_encoder and encoder_budget == 0:
+                break  # the step's encoder budget is spent: it waits for the next step
             # A request that scores its prompt must run all of it: cached blocks would skip their logits.
             scores_prompt = request.params.prompt_logprobs is not None
-            cached = [] if scores_prompt else manager.find_cached_prefix(request.all_token_ids)
+            salt = request.cache_salt
+            cached = [] if scores_prompt else manager.find_cached_prefix(request.all_token_ids, salt)
             num_cached = len(cached) * manager.block_size
             num_tokens = min(request.num_tokens - num_cached, budget)
-            if not manager.allocate(request.request_id, num_cached + num_tokens, cached):
+            if not manager.allocate(request.request_id, num_cached + num_tokens, cached, salt):
                 break
             self.waiting.popleft()
+            if needs_encoder:
+                self.encoded.add(request.request_id)
+                out.encoder_inputs.append(request)
+                encoder_budget -= 1
             if manager.enable_prefix_caching:
                 self.prefix_cache_queries += request.num_tokens
                 self.prefix_cache_hits += num_cached

@@ -67,6 +67,11 @@ class WhisperTokenizer:
         )
 
     @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """As formats.tokenizer.Tokenizer's: the serving engine stops a request at end-of-text."""
+        return frozenset({self.eot})
+
+    @property
     def timestamp_begin(self) -> int:
         return self.no_timestamps + 1
 

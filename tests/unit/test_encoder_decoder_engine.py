@@ -1,0 +1,172 @@
+"""Encoder-decoder requests in the engine, on a tiny random Whisper: greedy tokens equal speech/decoding.py's own
+loop; a batch gives each request its solo tokens; the encoder cache is empty once requests finish or abort; the
+scheduler never encodes more inputs per step than its budget; prefix-cache hashes never match across audio."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leanlm.cache.block_manager import BlockManager
+from leanlm.config import EngineConfig
+from leanlm.engine.request import EncoderInput, Request
+from leanlm.engine.scheduler import Scheduler
+from leanlm.errors import InvalidRequestError
+from leanlm.formats.whisper_tokenizer import WhisperTokenizer
+from leanlm.models.whisper import WhisperConfig, WhisperModel
+from leanlm.sampling_params import SamplingParams
+from leanlm.speech.decoding import DecodeOptions, decode_windows
+from leanlm.speech.engine_decoding import decode_windows_engine, submit_window, whisper_engine
+
+CONFIG = WhisperConfig(
+    vocab_size=120,
+    num_mel_bins=16,
+    d_model=32,
+    encoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_layers=2,
+    decoder_attention_heads=4,
+    encoder_ffn_dim=64,
+    decoder_ffn_dim=64,
+    max_source_positions=50,
+    max_target_positions=40,
+)
+OPTIONS = DecodeOptions(beam_size=1, max_length=CONFIG.max_target_positions, suppress_tokens=(3,))
+
+
+class _Encoded:
+    def __init__(self, ids):
+        self.ids = ids
+
+
+class _Backend:
+    """Just what LogitRules and the engine's detokenizer call: a space is token 5; text is the ids."""
+
+    def encode(self, text, add_special_tokens=False):
+        return _Encoded([5])
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids if i < 100)
+
+
+# Ids 0..99 are text, 100 is end-of-text, 101.. the special tokens, 108.. the timestamps.
+TOKENIZER = WhisperTokenizer(_Backend(), 100, 101, 103, 104, 105, 106, 107, {"en": 102, "fr": 109})
+SOT = TOKENIZER.sot_sequence("en", "transcribe")
+PROMPTS = [SOT, [105, 7, 8, 9, 10, 11] + SOT, [105, 40] + SOT]
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    model = WhisperModel(CONFIG).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def windows():
+    torch.manual_seed(1)
+    return [torch.randn(16, 100) for _ in PROMPTS]
+
+
+def engine(model, **limits):
+    config = EngineConfig(max_num_seqs=8, block_size=4, num_kv_blocks=64, **limits)
+    return whisper_engine(model, TOKENIZER, config)
+
+
+def reference(model, windows, prompts):
+    results = decode_windows(model, TOKENIZER, model.encode(torch.stack(windows)), prompts, OPTIONS)
+    return [r.tokens for r in results]
+
+
+def test_engine_greedy_equals_decode_windows_and_batched_equals_solo(model, windows):
+    expected = reference(model, windows, PROMPTS)
+    assert all(len(tokens) >= 3 for tokens in expected), expected  # the rules and the decoder both had work
+    batched = decode_windows_engine(engine(model), TOKENIZER, windows, PROMPTS, OPTIONS)
+    assert [r.tokens for r in batched] == expected
+    for window, prompt, tokens in zip(windows, PROMPTS, expected, strict=True):
+        solo = decode_windows_engine(engine(model), TOKENIZER, [window], [prompt], OPTIONS)
+        assert solo[0].tokens == tokens
+    solo_sums = [r.sum_logprob for r in decode_windows(model, TOKENIZER, model.encode(torch.stack(windows)),
+                                                          PROMPTS, OPTIONS)]
+    assert [r.sum_logprob for r in batched] == pytest.approx(solo_sums, abs=1e-4)
+
+
+def test_requests_arriving_mid_run_get_their_solo_tokens(model, windows):
+    """A request added while others decode (continuous batching) still gets its solo tokens."""
+    expected = reference(model, windows, PROMPTS)
+    eng = engine(model)
+    ids = [submit_window(eng, TOKENIZER, windows[0], PROMPTS[0], OPTIONS)]
+    done = {}
+    for step in range(200):
+        if step in (2, 4):
+            index = len(ids)
+            ids.append(submit_window(eng, TOKENIZER, windows[index], PROMPTS[index], OPTIONS))
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+        if len(done) == 3:
+            break
+    tokens = [[t for t in done[rid].token_ids if t != TOKENIZER.eot] for rid in ids]
+    assert tokens == expected
+
+
+def test_encoder_cache_is_freed_on_finish_and_on_abort(model, windows):
+    eng = engine(model)
+    ids = [submit_window(eng, TOKENIZER, w, p, OPTIONS) for w, p in zip(windows, PROMPTS, strict=True)]
+    eng.step()
+    assert set(eng.runner.encoder_cache) == set(ids)  # encoded once, at admission
+    eng.abort_request(ids[1])
+    assert set(eng.runner.encoder_cache) == {ids[0], ids[2]}
+    while eng.has_unfinished_requests():
+        eng.step()
+    assert eng.runner.encoder_cache == {} and eng.scheduler.encoded == set()
+    assert eng.stats().kv_blocks_used == 0
+
+
+def test_scheduler_never_encodes_more_inputs_per_step_than_its_budget(model, windows):
+    eng = engine(model, max_encoder_inputs_per_step=1)
+    counts = []
+    schedule = eng.scheduler.schedule
+
+    def spy():
+        out = schedule()
+        counts.append(len(out.encoder_inputs))
+        return out
+
+    eng.scheduler.schedule = spy
+    expected = reference(model, windows, PROMPTS)
+    results = decode_windows_engine(eng, TOKENIZER, windows, PROMPTS, OPTIONS)
+    assert [r.tokens for r in results] == expected
+    assert counts[:3] == [1, 1, 1] and sum(counts) == 3  # one new window per step, each encoded once
+
+
+def test_prefix_cache_blocks_are_shared_only_over_the_same_audio():
+    """Equal decoder prompts over different encoder inputs must not share KV blocks (the salt); over the same input
+    they do."""
+    config = EngineConfig(block_size=4, enable_prefix_caching=True)
+    scheduler = Scheduler(config, BlockManager(64, 4, True))
+    prompt = list(range(1, 11))  # two full blocks, then the last token
+
+    def run(request_id, audio):
+        request = Request(request_id, prompt, SamplingParams(max_tokens=4), 4)
+        request.encoder_input = EncoderInput(None, audio)
+        scheduler.add(request)
+        out = scheduler.schedule()
+        scheduler.update(out)
+        scheduler.finish(request, "stop")
+        return request.num_cached_tokens, out.encoder_inputs == [request]
+
+    assert run("a", "audio-1") == (0, True)
+    assert run("b", "audio-2") == (0, True)  # same tokens, other audio: nothing reused
+    assert run("c", "audio-1") == (8, True)  # same audio: its two full blocks are reused; it is still encoded
+
+
+def test_clear_errors_for_mismatched_requests(model, windows):
+    eng = engine(model)
+    with pytest.raises(InvalidRequestError, match="encoder input"):
+        eng.add_request("x", SOT, SamplingParams(temperature=0.0))
+    with pytest.raises(ValueError, match="greedily"):
+        submit_window(eng, TOKENIZER, windows[0], SOT, DecodeOptions(beam_size=5))
+    with pytest.raises(InvalidRequestError, match="Speculative"):
+        engine(model, speculative="ngram")
