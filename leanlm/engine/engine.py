@@ -308,6 +308,8 @@ class LLMEngine:
         request_id = progress.request.request_id
         self.scheduler.finish(progress.request, reason)
         self.runner.remove_request(request_id)
+        if progress.request.encoder_input is not None:
+            self.runner.free_encoder_outputs(self.scheduler.take_freed_encoder_inputs())
         if self.speculator is not None:
             self.speculator.remove(request_id)
         del self._progress[request_id]

@@ -10,7 +10,8 @@ with plus one token of its own.
 
 An encoder-decoder model (Whisper; `model.is_encoder_decoder`) also gets, per sequence, its request's encoder
 state: the runner encodes the inputs the scheduler names (SchedulerOutput.encoder_inputs) in one batch, keeps each
-result in `encoder_cache` under the request id, read-only, and drops it in remove_request (finish or abort).
+result in `encoder_cache` under the input's content hash, read-only, and drops it when the scheduler says its last
+user is gone (free_encoder_outputs: finish or abort).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class ModelRunner:
         self._states: dict[str, SamplingState] = {}
         self._masks = MaskWorker()
         self.is_encoder_decoder = bool(getattr(model, "is_encoder_decoder", False))
-        self.encoder_cache: dict[str, object] = {}  # request id -> its encoder state, from admission to the end
+        self.encoder_cache: dict[str, object] = {}  # input content hash -> its encoder state, while a request reads it
         self._processors: dict[str, Sequence[LogitsProcessor]] = {}
 
     def add_request(
@@ -80,12 +81,15 @@ class ModelRunner:
     def remove_request(self, request_id: str) -> None:
         self._states.pop(request_id, None)
         self._processors.pop(request_id, None)
-        self.encoder_cache.pop(request_id, None)
+
+    def free_encoder_outputs(self, content_hashes: list[str]) -> None:
+        for key in content_hashes:
+            self.encoder_cache.pop(key, None)
 
     def _encode(self, requests) -> None:
         states = self.model.encode_inputs([r.encoder_input.data for r in requests])
         for request, state in zip(requests, states, strict=True):
-            self.encoder_cache[request.request_id] = state
+            self.encoder_cache[request.encoder_input.content_hash] = state
 
     @torch.inference_mode()
     def run(self, schedule: SchedulerOutput) -> RunnerOutput:
@@ -131,7 +135,9 @@ class ModelRunner:
         last_only = rows == [len(token_ids) - 1]
         extra = {}
         if self.is_encoder_decoder:
-            extra["encoder_states"] = [(self.encoder_cache[e.request.request_id], e.num_tokens) for e in entries]
+            extra["encoder_states"] = [
+                (self.encoder_cache[e.request.encoder_input.content_hash], e.num_tokens) for e in entries
+            ]
         logits = self.model(
             torch.tensor([token_ids], device=self.device),
             torch.tensor([positions], device=self.device),

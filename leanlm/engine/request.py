@@ -11,11 +11,11 @@ from leanlm.sampling_params import SamplingParams
 @dataclass(frozen=True, eq=False)
 class EncoderInput:
     """What an encoder-decoder request's encoder reads (Whisper: one 30 s window of log-mel frames), opaque here:
-    the model runner encodes it once, when the scheduler first admits the request, and holds the result (the
-    cross-attention keys and values) read-only until the request ends."""
+    the model runner encodes it when the scheduler first admits a request over it, and holds the result (the
+    cross-attention keys and values) read-only until the last request reading it ends."""
 
     data: object  # the model's input (a tensor); the scheduler never looks inside
-    content_hash: str  # names the input: the salt of the request's prefix-cache hashes
+    content_hash: str  # names the input: the encoder cache's key, and the salt of the request's prefix-cache hashes
 
 
 class RequestStatus(enum.Enum):

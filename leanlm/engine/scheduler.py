@@ -9,11 +9,13 @@ blocks usually come back from the prefix cache). Waiting requests are admitted i
 sequence slots and blocks last; the first one that does not fit blocks the ones behind it (FCFS). A running prefill
 with others behind it is cut to a quarter of the budget, so that one long prompt cannot stall everyone.
 
-Encoder-decoder requests (Whisper) carry an encoder input. The first admission of such a request also schedules
-its encoder run; at most `max_encoder_inputs_per_step` new inputs are encoded per step (an encoder pass costs as
-much as many decoder steps), and a request whose input does not fit waits, with the ones behind it (FCFS). The
-runner keeps each encoder output until the request finishes or is aborted, preemption included: a preempted
-request recomputes its decoder tokens, never its encoder. Prefix-cache hashes start from the input's hash
+Encoder-decoder requests (Whisper) carry an encoder input, named by its content hash. Admitting a request whose
+input is not in the encoder cache schedules its encoder run; at most `max_encoder_inputs_per_step` new inputs are
+encoded per step (an encoder pass costs as much as many decoder steps), and a request whose input does not fit
+waits, with the ones behind it (FCFS). Requests over the same input share one encoder output (vLLM keys its encoder
+cache by content hash too). The scheduler counts each output's users; the runner drops an output when its last user
+finishes or is aborted (take_freed_encoder_inputs). A preempted request keeps its place among the users: it
+recomputes its decoder tokens, never its encoder. Prefix-cache hashes start from the input's hash
 (Request.cache_salt), so only requests over the same input share decoder blocks.
 """
 
@@ -68,7 +70,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.prefix_cache_queries = 0  # tokens looked up in the prefix cache
         self.prefix_cache_hits = 0  # of which found
-        self.encoded: set[str] = set()  # ids of requests whose encoder output the runner holds
+        # content hash -> ids of the admitted requests reading that encoder output (which the runner holds)
+        self.encoder_users: dict[str, set[str]] = {}
+        self._freed_encoder_inputs: list[str] = []  # hashes whose last user finished, for the runner to drop
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -129,8 +133,20 @@ class Scheduler:
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
         self.block_manager.free(request.request_id)
-        self.encoded.discard(request.request_id)  # the runner frees the encoder output with the request
+        if request.encoder_input is not None:
+            key = request.encoder_input.content_hash
+            users = self.encoder_users.get(key)
+            if users is not None and request.request_id in users:
+                users.discard(request.request_id)
+                if not users:
+                    del self.encoder_users[key]
+                    self._freed_encoder_inputs.append(key)
         request.status, request.finish_reason = RequestStatus.FINISHED, reason
+
+    def take_freed_encoder_inputs(self) -> list[str]:
+        """Hashes of encoder outputs nobody reads any more (since the last call): the runner frees them."""
+        freed, self._freed_encoder_inputs = self._freed_encoder_inputs, []
+        return freed
 
     # ---- internals ------------------------------------------------------------------------------------------
 
@@ -176,7 +192,8 @@ class Scheduler:
         encoder_budget = self.config.max_encoder_inputs_per_step
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            needs_encoder = request.encoder_input is not None and request.request_id not in self.encoded
+            key = None if request.encoder_input is None else request.encoder_input.content_hash
+            needs_encoder = key is not None and key not in self.encoder_users
             if needs_encoder and encoder_budget == 0:
                 break  # the step's encoder budget is spent: it waits for the next step
             # A request that scores its prompt must run all of it: cached blocks would skip their logits.
@@ -188,8 +205,9 @@ class Scheduler:
             if not manager.allocate(request.request_id, num_cached + num_tokens, cached, salt):
                 break
             self.waiting.popleft()
+            if key is not None:
+                self.encoder_users.setdefault(key, set()).add(request.request_id)
             if needs_encoder:
-                self.encoded.add(request.request_id)
                 out.encoder_inputs.append(request)
                 encoder_budget -= 1
             if manager.enable_prefix_caching:

@@ -15,8 +15,8 @@ from leanlm.errors import InvalidRequestError
 from leanlm.formats.whisper_tokenizer import WhisperTokenizer
 from leanlm.models.whisper import WhisperConfig, WhisperModel
 from leanlm.sampling_params import SamplingParams
-from leanlm.speech.decoding import DecodeOptions, decode_windows
-from leanlm.speech.engine_decoding import decode_windows_engine, submit_window, whisper_engine
+from leanlm.speech.decoding import DecodeOptions, LogitRules, decode_windows
+from leanlm.speech.engine_decoding import decode_windows_engine, submit_window, whisper_engine, window_hash
 
 CONFIG = WhisperConfig(
     vocab_size=120,
@@ -61,7 +61,7 @@ def model():
     model = WhisperModel(CONFIG).eval()
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0, 0.3)
+            p.normal_(0, 0.1)
     return model
 
 
@@ -94,6 +94,34 @@ def test_engine_greedy_equals_decode_windows_and_batched_equals_solo(model, wind
     assert [r.sum_logprob for r in batched] == pytest.approx(solo_sums, abs=1e-4)
 
 
+@torch.inference_mode()
+def test_each_batched_row_gets_the_logits_of_its_own_audio(model, windows):
+    """Logits the engine samples from, batched, equal WhisperModel.decode over the request's own audio and tokens
+    (the random decoder leans little on the audio, so tokens alone would hide a row reading another's)."""
+    eng = engine(model)
+    seen: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(PROMPTS))}
+    rules = LogitRules(TOKENIZER, CONFIG.vocab_size, OPTIONS)
+    for i, (window, prompt) in enumerate(zip(windows, PROMPTS, strict=True)):
+        eng.add_request(
+            str(i),
+            prompt,
+            SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=(TOKENIZER.eot,)),
+            encoder_input=EncoderInput(window, str(i)),
+            logits_processors=[
+                lambda out, row, i=i: seen[i].append(row.clone()) or row,
+                lambda out, row: rules.apply(row[None], [out])[0],
+            ],
+        )
+    outputs = {}
+    while eng.has_unfinished_requests():
+        outputs.update({o.request_id: o for o in eng.step() if o.finished})
+    for i, (window, prompt) in enumerate(zip(windows, PROMPTS, strict=True)):
+        tokens = prompt + list(outputs[str(i)].token_ids)
+        cache = model.new_cache(model.cross_kv(model.encode(window[None])), 1)
+        expected = model.decode(torch.tensor([tokens[:-1]]), cache)[0, len(prompt) - 1 :]
+        torch.testing.assert_close(torch.stack(seen[i]), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_requests_arriving_mid_run_get_their_solo_tokens(model, windows):
     """A request added while others decode (continuous batching) still gets its solo tokens."""
     expected = reference(model, windows, PROMPTS)
@@ -115,13 +143,35 @@ def test_encoder_cache_is_freed_on_finish_and_on_abort(model, windows):
     eng = engine(model)
     ids = [submit_window(eng, TOKENIZER, w, p, OPTIONS) for w, p in zip(windows, PROMPTS, strict=True)]
     eng.step()
-    assert set(eng.runner.encoder_cache) == set(ids)  # encoded once, at admission
+    keys = [window_hash(w) for w in windows]
+    assert set(eng.runner.encoder_cache) == set(keys)  # encoded once, at admission
     eng.abort_request(ids[1])
-    assert set(eng.runner.encoder_cache) == {ids[0], ids[2]}
+    assert set(eng.runner.encoder_cache) == {keys[0], keys[2]}
     while eng.has_unfinished_requests():
         eng.step()
-    assert eng.runner.encoder_cache == {} and eng.scheduler.encoded == set()
+    assert eng.runner.encoder_cache == {} and eng.scheduler.encoder_users == {}
     assert eng.stats().kv_blocks_used == 0
+
+
+def test_requests_over_the_same_audio_share_one_encoder_output(model, windows):
+    """Two prompts over one window (a probe and a transcription, a fallback): one encoder run, one cache entry, kept
+    until the last of them ends; tokens as when each runs alone."""
+    eng = engine(model)
+    encoded = []
+    encode_inputs = eng.model.encode_inputs
+    eng.model.encode_inputs = lambda inputs: encoded.append(len(inputs)) or encode_inputs(inputs)
+    first = submit_window(eng, TOKENIZER, windows[0], PROMPTS[0], OPTIONS)
+    eng.step()
+    second = submit_window(eng, TOKENIZER, windows[0], PROMPTS[1], OPTIONS)
+    eng.step()  # admitted: it reads the first one's encoder output
+    eng.abort_request(first)
+    assert list(eng.runner.encoder_cache) == [window_hash(windows[0])]  # still read by the second request
+    done = {}
+    while eng.has_unfinished_requests():
+        done.update({o.request_id: o for o in eng.step() if o.finished})
+    assert encoded == [1] and eng.runner.encoder_cache == {}
+    expected = reference(model, [windows[0]], [PROMPTS[1]])[0]
+    assert [t for t in done[second].token_ids if t != TOKENIZER.eot] == expected
 
 
 def test_scheduler_never_encodes_more_inputs_per_step_than_its_budget(model, windows):
