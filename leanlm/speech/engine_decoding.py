@@ -14,11 +14,13 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+from dataclasses import dataclass
 
 import torch
 
 from leanlm.config import EngineConfig
 from leanlm.engine.engine import LLMEngine
+from leanlm.engine.outputs import RequestOutput
 from leanlm.engine.request import EncoderInput
 from leanlm.formats.whisper_tokenizer import WhisperTokenizer
 from leanlm.models.whisper import WhisperModel
@@ -42,46 +44,94 @@ def whisper_engine(
     return LLMEngine(WhisperForEngine(model), tokenizer, config, threads=threads)
 
 
+@dataclass
+class WindowRequest:
+    """One window's requests in the engine: the transcription, and a one-token probe whose prompt stops at
+    start-of-transcript, for P(<|nospeech|>) there (decode_windows reads it from the prompt's own logits; the engine
+    samples only at a prompt's end). The probe shares the window's encoder output: it costs no encoder pass."""
+
+    request_id: str
+    probe_id: str | None
+    options: DecodeOptions
+    no_speech_prob: float = math.nan
+    output: RequestOutput | None = None
+    probe_done: bool = False
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [self.request_id] + ([self.probe_id] if self.probe_id else [])
+
+    @property
+    def done(self) -> bool:
+        return self.output is not None and (self.probe_id is None or self.probe_done)
+
+    def observe(self, output: RequestOutput) -> None:
+        """Take a finished engine output of one of this window's requests."""
+        if output.request_id == self.request_id:
+            self.output = output
+        elif output.request_id == self.probe_id:
+            self.probe_done = True
+
+    def result(self, tokenizer: WhisperTokenizer) -> DecodeResult:
+        """As decode_windows' DecodeResult: end-of-text dropped from the tokens, kept in the log-probability sum."""
+        tokens = list(self.output.token_ids)
+        sum_logprob = sum(entry.logprob for entry in self.output.logprobs or [])
+        if tokens and tokens[-1] == tokenizer.eot:
+            tokens.pop()
+        penalty = self.options.length_penalty
+        score = sum_logprob / max(len(tokens), 1) ** penalty if penalty else sum_logprob
+        return DecodeResult(tokens, sum_logprob, score, self.no_speech_prob)
+
+
 def submit_window(
     engine: LLMEngine,
     tokenizer: WhisperTokenizer,
     window: torch.Tensor,
     prompt: list[int],
     options: DecodeOptions,
-    request_id: str | None = None,
-) -> str:
-    """Add one window's greedy decoding to the engine; returns its request id (see `result_of`)."""
+    no_speech: bool = True,
+) -> WindowRequest:
+    """Add one window's greedy decoding (and, with no_speech, its no-speech probe) to the engine."""
     if options.beam_size > 1 or options.temperature > 0:
         raise ValueError("the engine decodes Whisper greedily (beam_size 1, temperature 0): use decode_windows")
+    if tokenizer.sot not in prompt:
+        raise ValueError("a Whisper prompt holds <|startoftranscript|> (WhisperTokenizer.sot_sequence)")
     rules = LogitRules(tokenizer, engine.model_config.vocab_size, options)
 
     def whisper_rules(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
         return rules.apply(logits[None], [generated])[0]  # generated never holds end-of-text: it ends the request
 
+    number = next(_ids)
+    handle = WindowRequest(f"whisper-window-{number}", f"whisper-probe-{number}" if no_speech else None, options)
+    encoder_input = EncoderInput(window, window_hash(window))
     max_new = min(options.max_length // 2, options.max_length - (len(prompt) - 1))
     params = SamplingParams(temperature=0.0, max_tokens=max_new, logprobs=0, stop_token_ids=(tokenizer.eot,))
-    request_id = request_id or f"whisper-window-{next(_ids)}"
     engine.add_request(
-        request_id,
-        prompt,
-        params,
-        encoder_input=EncoderInput(window, window_hash(window)),
-        logits_processors=[whisper_rules],
+        handle.request_id, prompt, params, encoder_input=encoder_input, logits_processors=[whisper_rules]
     )
-    return request_id
+    if no_speech:
+
+        def read_no_speech(generated: list[int], logits: torch.Tensor) -> torch.Tensor:
+            handle.no_speech_prob = torch.softmax(logits.float(), dim=-1)[tokenizer.no_speech].item()
+            return logits
+
+        try:
+            engine.add_request(
+                handle.probe_id,
+                prompt[: prompt.index(tokenizer.sot) + 1],
+                SamplingParams(temperature=0.0, max_tokens=1),
+                encoder_input=encoder_input,
+                logits_processors=[read_no_speech],
+            )
+        except Exception:
+            engine.abort_request(handle.request_id)
+            raise
+    return handle
 
 
-def result_of(output, tokenizer: WhisperTokenizer, options: DecodeOptions) -> DecodeResult:
-    """A finished window request's RequestOutput as decode_windows' DecodeResult (end-of-text dropped from the
-    tokens, kept in the log-probability sum). no_speech_prob is not computed here (NaN)."""
-    tokens = list(output.token_ids)
-    sum_logprob = sum(entry.logprob for entry in output.logprobs)
-    if tokens and tokens[-1] == tokenizer.eot:
-        tokens.pop()
-    length = max(len(tokens), 1)
-    penalty = options.length_penalty
-    score = sum_logprob / length**penalty if penalty else sum_logprob
-    return DecodeResult(tokens, sum_logprob, score, math.nan)
+def abort_window(engine: LLMEngine, handle: WindowRequest) -> None:
+    for request_id in handle.request_ids:
+        engine.abort_request(request_id)
 
 
 def decode_windows_engine(
@@ -90,13 +140,14 @@ def decode_windows_engine(
     windows: list[torch.Tensor],
     prompts: list[list[int]],
     options: DecodeOptions,
+    no_speech: bool = True,
 ) -> list[DecodeResult]:
     """decode_windows' greedy results, through the engine: windows[b] is (n_mels, 3000), prompts[b] ends with the
     task tokens. Runs the engine until these requests finish (others in it keep running alongside)."""
-    ids = [submit_window(engine, tokenizer, w, p, options) for w, p in zip(windows, prompts, strict=True)]
-    finished: dict[str, object] = {}
-    while len(finished) < len(ids):
+    handles = [submit_window(engine, tokenizer, w, p, options, no_speech) for w, p in zip(windows, prompts, strict=True)]
+    owner = {request_id: handle for handle in handles for request_id in handle.request_ids}
+    while not all(handle.done for handle in handles):
         for output in engine.step():
-            if output.finished:
-                finished[output.request_id] = output
-    return [result_of(finished[rid], tokenizer, options) for rid in ids]
+            if output.finished and output.request_id in owner:
+                owner[output.request_id].observe(output)
+    return [handle.result(tokenizer) for handle in handles]

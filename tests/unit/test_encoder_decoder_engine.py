@@ -16,7 +16,13 @@ from leanlm.formats.whisper_tokenizer import WhisperTokenizer
 from leanlm.models.whisper import WhisperConfig, WhisperModel
 from leanlm.sampling_params import SamplingParams
 from leanlm.speech.decoding import DecodeOptions, LogitRules, decode_windows
-from leanlm.speech.engine_decoding import decode_windows_engine, submit_window, whisper_engine, window_hash
+from leanlm.speech.engine_decoding import (
+    abort_window,
+    decode_windows_engine,
+    submit_window,
+    whisper_engine,
+    window_hash,
+)
 
 CONFIG = WhisperConfig(
     vocab_size=120,
@@ -82,16 +88,17 @@ def reference(model, windows, prompts):
 
 
 def test_engine_greedy_equals_decode_windows_and_batched_equals_solo(model, windows):
-    expected = reference(model, windows, PROMPTS)
+    reference_results = decode_windows(model, TOKENIZER, model.encode(torch.stack(windows)), PROMPTS, OPTIONS)
+    expected = [r.tokens for r in reference_results]
     assert all(len(tokens) >= 3 for tokens in expected), expected  # the rules and the decoder both had work
     batched = decode_windows_engine(engine(model), TOKENIZER, windows, PROMPTS, OPTIONS)
     assert [r.tokens for r in batched] == expected
     for window, prompt, tokens in zip(windows, PROMPTS, expected, strict=True):
-        solo = decode_windows_engine(engine(model), TOKENIZER, [window], [prompt], OPTIONS)
+        solo = decode_windows_engine(engine(model), TOKENIZER, [window], [prompt], OPTIONS, no_speech=False)
         assert solo[0].tokens == tokens
-    solo_sums = [r.sum_logprob for r in decode_windows(model, TOKENIZER, model.encode(torch.stack(windows)),
-                                                          PROMPTS, OPTIONS)]
-    assert [r.sum_logprob for r in batched] == pytest.approx(solo_sums, abs=1e-4)
+    for ours, theirs in zip(batched, reference_results, strict=True):
+        assert ours.sum_logprob == pytest.approx(theirs.sum_logprob, abs=1e-4)
+        assert ours.no_speech_prob == pytest.approx(theirs.no_speech_prob, abs=1e-5)
 
 
 @torch.inference_mode()
@@ -126,12 +133,12 @@ def test_requests_arriving_mid_run_get_their_solo_tokens(model, windows):
     """A request added while others decode (continuous batching) still gets its solo tokens."""
     expected = reference(model, windows, PROMPTS)
     eng = engine(model)
-    ids = [submit_window(eng, TOKENIZER, windows[0], PROMPTS[0], OPTIONS)]
+    ids = [submit_window(eng, TOKENIZER, windows[0], PROMPTS[0], OPTIONS, no_speech=False).request_id]
     done = {}
     for step in range(200):
         if step in (2, 4):
             index = len(ids)
-            ids.append(submit_window(eng, TOKENIZER, windows[index], PROMPTS[index], OPTIONS))
+            ids.append(submit_window(eng, TOKENIZER, windows[index], PROMPTS[index], OPTIONS, False).request_id)
         done.update({o.request_id: o for o in eng.step() if o.finished})
         if len(done) == 3:
             break
@@ -141,11 +148,11 @@ def test_requests_arriving_mid_run_get_their_solo_tokens(model, windows):
 
 def test_encoder_cache_is_freed_on_finish_and_on_abort(model, windows):
     eng = engine(model)
-    ids = [submit_window(eng, TOKENIZER, w, p, OPTIONS) for w, p in zip(windows, PROMPTS, strict=True)]
+    handles = [submit_window(eng, TOKENIZER, w, p, OPTIONS) for w, p in zip(windows, PROMPTS, strict=True)]
     eng.step()
     keys = [window_hash(w) for w in windows]
-    assert set(eng.runner.encoder_cache) == set(keys)  # encoded once, at admission
-    eng.abort_request(ids[1])
+    assert set(eng.runner.encoder_cache) == set(keys)  # encoded once, at admission, shared with the probe
+    abort_window(eng, handles[1])
     assert set(eng.runner.encoder_cache) == {keys[0], keys[2]}
     while eng.has_unfinished_requests():
         eng.step()
@@ -160,9 +167,9 @@ def test_requests_over_the_same_audio_share_one_encoder_output(model, windows):
     encoded = []
     encode_inputs = eng.model.encode_inputs
     eng.model.encode_inputs = lambda inputs: encoded.append(len(inputs)) or encode_inputs(inputs)
-    first = submit_window(eng, TOKENIZER, windows[0], PROMPTS[0], OPTIONS)
+    first = submit_window(eng, TOKENIZER, windows[0], PROMPTS[0], OPTIONS, no_speech=False).request_id
     eng.step()
-    second = submit_window(eng, TOKENIZER, windows[0], PROMPTS[1], OPTIONS)
+    second = submit_window(eng, TOKENIZER, windows[0], PROMPTS[1], OPTIONS, no_speech=False).request_id
     eng.step()  # admitted: it reads the first one's encoder output
     eng.abort_request(first)
     assert list(eng.runner.encoder_cache) == [window_hash(windows[0])]  # still read by the second request
