@@ -30,7 +30,6 @@ from leanlm.sampling.speculative import accept_greedy, accept_sampled
 from leanlm.sampling.state import SamplingState
 from leanlm.sampling_params import SamplingParams
 
-
 # vLLM's per-request logits processor: (the request's output tokens so far, its logits row (V,)) -> the row to sample.
 LogitsProcessor = Callable[[list[int], torch.Tensor], torch.Tensor]
 

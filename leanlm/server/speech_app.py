@@ -3,6 +3,9 @@
 
 Requests that arrive while a batch runs wait in a queue; the worker takes every waiting request with the same
 decoding options as one batch (`WhisperPipeline.transcribe_batch`, which gives each its solo tokens).
+Greedy requests (form field beam_size=1, a faster-whisper-server extension) skip that queue: each runs in a thread
+of its own, and their windows batch step by step in the serving engine (speech/engine_loop.py), whatever their
+options and whenever they arrive.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ from leanlm.server.app import BodySizeLimit, add_error_handlers, api_key_check
 from leanlm.server.errors import BadRequest, UnsupportedMediaType
 from leanlm.server.protocol import ModelCard, ModelList
 from leanlm.server.serving import ServerSettings
+from leanlm.speech.engine_decoding import whisper_engine
+from leanlm.speech.engine_loop import EngineLoop
 from leanlm.speech.output import render
 from leanlm.speech.transcribe import TranscribeOptions, WhisperPipeline
 
 MAX_AUDIO_BYTES = 25 * 1024 * 1024  # OpenAI's upload limit
 MAX_AUDIO_SECONDS = 2 * 3600
 MAX_BATCH = 8
+MAX_GREEDY_JOBS = 16  # greedy transcriptions running at once through the engine; more wait for a slot
+MAX_BEAM_SIZE = 10
 RESPONSE_FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
 
 
@@ -48,6 +55,8 @@ class SpeechBatcher:
     wake: threading.Condition = field(default_factory=threading.Condition)
     stopping: bool = False
     batches: int = 0
+    engine_loop: EngineLoop | None = None  # set: greedy requests decode through the engine
+    greedy_slots: threading.Semaphore = field(default_factory=lambda: threading.Semaphore(MAX_GREEDY_JOBS))
 
     def start(self) -> None:
         threading.Thread(target=self._work, daemon=True, name="leanlm-speech").start()
@@ -60,10 +69,15 @@ class SpeechBatcher:
         with self.wake:
             self.stopping = True
             self.wake.notify()
+        if self.engine_loop is not None:
+            self.engine_loop.stop()
 
     async def submit(self, audio, options: TranscribeOptions):
         loop = asyncio.get_running_loop()
         job = _Job(audio, options, loop.create_future(), loop)
+        if options.beam_size == 1 and self.engine_loop is not None:
+            threading.Thread(target=self._transcribe_alone, args=(job,), daemon=True, name="leanlm-speech-job").start()
+            return await job.future
         with self.wake:
             self.queue.append(job)
             self.wake.notify()
@@ -95,6 +109,15 @@ class SpeechBatcher:
             for job, result, error in outcomes:
                 job.loop.call_soon_threadsafe(_settle, job.future, result, error)
 
+    def _transcribe_alone(self, job: _Job) -> None:
+        """A greedy request: its own seek loop, its windows decoded by the engine beside everyone else's."""
+        with self.greedy_slots:
+            try:
+                result, error = self.pipeline.transcribe(job.audio, job.options), None
+            except Exception as exc:  # noqa: BLE001 - handed to the waiting request
+                result, error = None, exc
+        job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+
 
 def _settle(future: asyncio.Future, result, error) -> None:
     if future.done():
@@ -106,9 +129,17 @@ def _settle(future: asyncio.Future, result, error) -> None:
 
 
 def build_speech_app(
-    pipeline: WhisperPipeline, model_name: str, api_key: str | None = None, max_audio_bytes: int = MAX_AUDIO_BYTES
+    pipeline: WhisperPipeline,
+    model_name: str,
+    api_key: str | None = None,
+    max_audio_bytes: int = MAX_AUDIO_BYTES,
+    engine: bool = True,
 ) -> FastAPI:
+    """engine: greedy requests (beam_size=1) decode through the serving engine, batched across requests."""
     batcher = SpeechBatcher(pipeline)
+    if engine:
+        batcher.engine_loop = EngineLoop(whisper_engine(pipeline.model, pipeline.tokenizer), pipeline.tokenizer)
+        pipeline.greedy_decoder = batcher.engine_loop
     started = int(time.time())
 
     from contextlib import asynccontextmanager
@@ -201,6 +232,14 @@ def _options(form, task: str) -> TranscribeOptions:
         "language": None if task == "translate" and language is None else language,
         "initial_prompt": prompt,
     }
+    beam_size = form.get("beam_size")
+    if beam_size not in (None, ""):
+        if not str(beam_size).isdigit() or not 1 <= int(beam_size) <= MAX_BEAM_SIZE:
+            raise BadRequest(
+                f"beam_size must be an integer from 1 (greedy) to {MAX_BEAM_SIZE}, not {beam_size!r}.",
+                param="beam_size",
+            )
+        kwargs["beam_size"] = int(beam_size)
     if temperatures is not None and temperatures[0] > 0:
         kwargs["temperatures"] = temperatures + tuple(t for t in (0.2, 0.4, 0.6, 0.8, 1.0) if t > temperatures[0])
     try:

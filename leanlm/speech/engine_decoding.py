@@ -144,7 +144,9 @@ def decode_windows_engine(
 ) -> list[DecodeResult]:
     """decode_windows' greedy results, through the engine: windows[b] is (n_mels, 3000), prompts[b] ends with the
     task tokens. Runs the engine until these requests finish (others in it keep running alongside)."""
-    handles = [submit_window(engine, tokenizer, w, p, options, no_speech) for w, p in zip(windows, prompts, strict=True)]
+    handles = [
+        submit_window(engine, tokenizer, w, p, options, no_speech) for w, p in zip(windows, prompts, strict=True)
+    ]
     owner = {request_id: handle for handle in handles for request_id in handle.request_ids}
     while not all(handle.done for handle in handles):
         for output in engine.step():

@@ -114,6 +114,11 @@ class WhisperPipeline:
     ):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.suppress_ids = tuple(sorted(set(suppress_ids) | self._always_suppressed()))
+        # Decodes greedy (temperature 0, beam 1) windows instead of decode_windows: (frames (n_mels, 3000) per
+        # window, prompts, options) -> results. The serving engine's (speech/engine_loop.py), so that windows of
+        # concurrent transcriptions batch; None: decode_windows, over this call's windows only.
+        self.greedy_decoder: Callable[[list[torch.Tensor], list[list[int]], DecodeOptions], list[DecodeResult]] | None
+        self.greedy_decoder = None
 
     def _always_suppressed(self) -> set[int]:
         tok = self.tokenizer
@@ -183,8 +188,7 @@ class WhisperPipeline:
         generator = torch.Generator().manual_seed(options.seed)
         while active := [r for r in requests if not r.done]:
             windows = [r.window() for r in active]
-            encoder_output = self.model.encode(torch.stack([w for w, _ in windows]))
-            outcomes = self._decode_with_fallback(active, encoder_output, generator)
+            outcomes = self._decode_with_fallback(active, torch.stack([w for w, _ in windows]), generator)
             for request, (_, size), outcome in zip(active, windows, outcomes, strict=True):
                 self._advance(request, size, *outcome)
             if progress:
@@ -222,20 +226,27 @@ class WhisperPipeline:
         )
 
     def _decode_with_fallback(
-        self, requests: list[_Request], encoder_output: torch.Tensor, generator: torch.Generator
+        self, requests: list[_Request], frames: torch.Tensor, generator: torch.Generator
     ) -> list[tuple[DecodeResult, float, float, float]]:
         """faster-whisper's generate_with_fallback, batched: rows that fail the compression-ratio or
-        log-probability test are decoded again at the next temperature."""
+        log-probability test are decoded again at the next temperature. frames: (B, n_mels, 3000), one window each;
+        encoded here unless greedy_decoder (which encodes on its own) takes every decoding."""
         options = requests[0].options
+        encoder_output = None
         outcomes: list[list] = [[] for _ in requests]  # per request: (result, avg_logprob, temperature, ratio)
         chosen: list[tuple | None] = [None] * len(requests)
         pending = list(range(len(requests)))
         for temperature in options.temperatures:
             decode_options = self._decode_options(options, temperature)
             prompts = [self._prompt(requests[i]) for i in pending]
-            results = decode_windows(
-                self.model, self.tokenizer, encoder_output[pending], prompts, decode_options, generator
-            )
+            if self.greedy_decoder is not None and decode_options.beam_size == 1 and temperature == 0:
+                results = self.greedy_decoder([frames[i] for i in pending], prompts, decode_options)
+            else:
+                if encoder_output is None:
+                    encoder_output = self.model.encode(frames)
+                results = decode_windows(
+                    self.model, self.tokenizer, encoder_output[pending], prompts, decode_options, generator
+                )
             still = []
             for i, result in zip(pending, results, strict=True):
                 text = self.tokenizer.decode(result.tokens).strip()
