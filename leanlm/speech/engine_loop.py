@@ -35,7 +35,7 @@ class EngineLoop:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.steps = 0
-        self.max_batch = 0  # most windows one step decoded: shows that concurrent transcriptions batched
+        self.max_windows = 0  # most windows (distinct audio) in the engine at once: concurrent callers batched
 
     def decode_windows(
         self, windows: list[torch.Tensor], prompts: list[list[int]], options: DecodeOptions
@@ -97,7 +97,7 @@ class EngineLoop:
             active.clear()
             return
         self.steps += 1
-        self.max_batch = max(self.max_batch, len(self.engine.scheduler.running))
+        self.max_windows = max(self.max_windows, len(self.engine.scheduler.encoder_users))
         owner = {rid: handle for job in active for handle in job.handles for rid in handle.request_ids}
         for output in outputs:
             if output.finished and output.request_id in owner:

@@ -20,12 +20,16 @@ AUDIO = Path(__file__).resolve().parents[1] / "fixtures" / "audio"
 
 
 @pytest.fixture(scope="module")
-def server():
+def app():
     from leanlm.server.speech_app import build_speech_app
     from leanlm.speech.transcribe import load_pipeline
 
     torch.set_num_threads(2)
-    app = build_speech_app(load_pipeline("whisper-base", quiet=True), "whisper-base", max_audio_bytes=400_000)
+    return build_speech_app(load_pipeline("whisper-base", quiet=True), "whisper-base", max_audio_bytes=400_000)
+
+
+@pytest.fixture(scope="module")
+def server(app):
     with running_server(app) as (url, _):
         yield url
 
@@ -64,3 +68,30 @@ def test_bad_uploads_are_4xx_naming_the_problem(server):
     not_form = httpx.post(url, content=json.dumps({"file": "x"}), headers={"content-type": "application/json"})
     assert not_form.status_code == 415
     assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+def test_greedy_requests_batch_in_the_engine_with_their_solo_text(server, app):
+    """beam_size=1 requests decode through the engine: sent together, each gets the text it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url = f"{server}/v1/audio/transcriptions"
+
+    def post(name):
+        data = {"beam_size": "1", "response_format": "verbose_json", "temperature": "0", "language": name[:2]}
+        reply = httpx.post(url, files={"file": (name, (AUDIO / name).read_bytes())}, data=data, timeout=600)
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+
+    names = ["en.wav", "es.flac"]
+    alone = [post(name) for name in names]
+    loop = app.state.engine.engine_loop
+    assert loop.max_windows == 1
+    with ThreadPoolExecutor(len(names)) as pool:
+        together = list(pool.map(post, names))
+    assert loop.max_windows == 2  # both clips' windows decoded in the same steps
+    assert [r["text"] for r in together] == [r["text"] for r in alone]
+    assert [[s["tokens"] for s in r["segments"]] for r in together] == [
+        [s["tokens"] for s in r["segments"]] for r in alone
+    ]
+    bad = httpx.post(url, files={"file": ("a.wav", (AUDIO / "en.wav").read_bytes())}, data={"beam_size": "0"})
+    assert bad.status_code == 400 and "beam_size" in bad.json()["error"]["message"]

@@ -83,6 +83,6 @@ def test_three_concurrent_transcriptions_batch_in_the_engine_with_their_solo_tok
             thread.join(timeout=600)
     finally:
         loop.stop()
-    assert loop.max_batch >= 2  # windows of different transcriptions ran in the same steps
+    assert loop.max_windows >= 2  # windows of different transcriptions ran in the same steps
     for name in names:
         assert _tokens(results[name]) == _tokens(solo[name]), name
