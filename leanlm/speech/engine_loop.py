@@ -54,10 +54,14 @@ class EngineLoop:
 
     __call__ = decode_windows  # a WhisperPipeline.greedy_decoder
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Fail the waiting callers and end the thread. Joined: a thread that ran OpenMP work and is still alive
+        when the process exits aborts it (libgomp: "terminate called without an active exception")."""
         with self._wake:
             self._stopping = True
             self._wake.notify()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
 
     def _run(self) -> None:
         active: list[_Job] = []
