@@ -27,6 +27,7 @@ import torch
 
 from leanlm.bench.machine import cpu_model
 from leanlm.formats.assets import CORPUS_WIKI, fetch, fetch_speech_model
+from leanlm.models.whisper_int8 import quantize_int8
 from leanlm.speech.transcribe import TranscribeOptions, WhisperPipeline
 from leanlm.speech.wer import word_error_rate
 
@@ -56,8 +57,10 @@ def speech(seconds: float) -> tuple[np.ndarray, str]:
 
 
 class Leanlm:
-    def __init__(self, folder: Path, dtype: torch.dtype):
+    def __init__(self, folder: Path, dtype: torch.dtype, int8: bool = False):
         self.pipeline = WhisperPipeline.from_folder(folder, dtype)
+        if int8:  # W8A8 layer Linears (models/whisper_int8.py), as faster-whisper's compute_type="int8"
+            quantize_int8(self.pipeline.model)
         self.options = TranscribeOptions(beam_size=5, temperatures=(0.0,), language="en")
 
     def __call__(self, audio: np.ndarray) -> str:
@@ -158,6 +161,7 @@ def main() -> int:
     makers = {
         "leanlm float32": lambda: Leanlm(folder, torch.float32),
         "leanlm bfloat16": lambda: Leanlm(folder, torch.bfloat16),
+        "leanlm int8": lambda: Leanlm(folder, torch.float32, int8=True),
         "faster-whisper float32": lambda: FasterWhisper(folder, "float32", args.threads),
         "faster-whisper int8": lambda: FasterWhisper(folder, "int8", args.threads),
         "transformers float32": lambda: Transformers(folder),
