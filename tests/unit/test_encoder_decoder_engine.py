@@ -227,3 +227,25 @@ def test_clear_errors_for_mismatched_requests(model, windows):
         submit_window(eng, TOKENIZER, windows[0], SOT, DecodeOptions(beam_size=5))
     with pytest.raises(InvalidRequestError, match="Speculative"):
         engine(model, speculative="ngram")
+
+
+def test_int8_whisper_runs_through_the_engine_with_its_solo_tokens(model, windows):
+    """int8 layers (per-token activation scales) keep a row's result independent of its batch: the engine's batched
+    greedy tokens equal the standalone loop's on the same int8 model, whose logits stay near float32's."""
+    import copy
+
+    from leanlm.layers.int8_linear import Int8DynamicLinear
+    from leanlm.models.whisper_int8 import quantize_int8
+
+    int8 = quantize_int8(copy.deepcopy(model))
+    swapped = [m for m in int8.modules() if isinstance(m, Int8DynamicLinear)]
+    assert len(swapped) == 4 * CONFIG.encoder_layers + 7 * CONFIG.decoder_layers
+    assert not any(isinstance(m, torch.nn.Linear) for layer in int8.decoder_layers for m in layer.modules())
+    with torch.inference_mode():
+        frames = torch.stack(windows)
+        tokens = torch.tensor([PROMPTS[0]] * len(windows))
+        ours = int8.decode(tokens, int8.new_cache(int8.cross_kv(int8.encode(frames)), len(windows)))
+        theirs = model.decode(tokens, model.new_cache(model.cross_kv(model.encode(frames)), len(windows)))
+    assert torch.nn.functional.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0) > 0.99
+    expected = reference(int8, windows, PROMPTS)
+    assert [r.tokens for r in decode_windows_engine(engine(int8), TOKENIZER, windows, PROMPTS, OPTIONS)] == expected
