@@ -198,6 +198,27 @@ def test_scheduler_never_encodes_more_inputs_per_step_than_its_budget(model, win
     assert counts[:3] == [1, 1, 1] and sum(counts) == 3  # one new window per step, each encoded once
 
 
+def test_encoder_budget_holds_back_new_inputs_but_not_shared_ones_or_text():
+    """Budget 2: two new inputs are encoded this step; a third new one waits (and, FCFS, whoever is behind it); a
+    request over an input already encoded costs nothing from the budget."""
+    scheduler = Scheduler(EngineConfig(block_size=4, max_encoder_inputs_per_step=2), BlockManager(64, 4, False))
+
+    def add(request_id, audio):
+        request = Request(request_id, [1, 2, 3], SamplingParams(max_tokens=4), 4)
+        request.encoder_input = EncoderInput(None, audio)
+        scheduler.add(request)
+        return request
+
+    a, b, a2, c, d = add("a", "x"), add("b", "y"), add("a2", "x"), add("c", "z"), add("d", "w")
+    out = scheduler.schedule()
+    assert out.encoder_inputs == [a, b]
+    assert [e.request for e in out.scheduled] == [a, b, a2]  # a2 reads a's output; c is over the budget
+    assert scheduler.encoder_users == {"x": {"a", "a2"}, "y": {"b"}}
+    scheduler.update(out)
+    out = scheduler.schedule()
+    assert out.encoder_inputs == [c, d] and [e.request for e in out.scheduled][-2:] == [c, d]
+
+
 def test_prefix_cache_blocks_are_shared_only_over_the_same_audio():
     """Equal decoder prompts over different encoder inputs must not share KV blocks (the salt); over the same input
     they do."""
