@@ -166,9 +166,10 @@ class LLMEngine:
         encoder_input: EncoderInput | None = None,
         logits_processors: list[LogitsProcessor] | tuple = (),
     ) -> None:
-        """encoder_input: an encoder-decoder model's input (Whisper: a window of log-mel frames), encoded once when
-        the request is first scheduled; prompt_token_ids are then the decoder's prompt. logits_processors: applied
-        to each of the request's logits rows before sampling (vLLM's fn(output_token_ids, logits) -> logits)."""
+        """encoder_input: an encoder-decoder model's input (Whisper: a window of log-mel frames), encoded when the
+        request is first scheduled unless a running request over the same input holds its output; prompt_token_ids
+        are then the decoder's prompt. logits_processors: applied to each of the request's logits rows before
+        sampling (vLLM's fn(output_token_ids, logits) -> logits)."""
         if request_id in self._progress:
             raise InvalidRequestError(f"A request with id {request_id!r} is already running. Use a unique request id.")
         if self.runner.is_encoder_decoder and encoder_input is None:
@@ -177,6 +178,8 @@ class LLMEngine:
             )
         if not self.runner.is_encoder_decoder and encoder_input is not None:
             raise InvalidRequestError("This decoder-only model takes no encoder input: send the prompt tokens only.")
+        if logits_processors and self.speculator is not None:
+            raise InvalidRequestError("Logits processors do not run with speculative decoding. Drop --speculative.")
         self.check_prompt(prompt_token_ids)
         constraint = self._grammars().constraint(params) if params.constrained else None  # raises if invalid
         # The context window and the KV cache cap generation (finish_reason "length").
