@@ -41,9 +41,9 @@ class MarianTokenizer:
         if not isinstance(text, str):
             raise InvalidRequestError(f"Text to translate must be a string, got {type(text).__name__}.")
         prefix = []
-        code, sep, rest = text.partition("<<")
-        if sep and code.startswith(">>") and code + "<<" in self.vocab:  # a multilingual model's target language
-            prefix, text = [self.vocab[code + "<<"]], rest.lstrip()
+        end = text.find("<<")
+        if text.startswith(">>") and end != -1:  # a multilingual model's target language, as MarianTokenizer reads it
+            prefix, text = [self.vocab.get(text[: end + 2], self.unk_token_id)], text[end + 2 :]
         pieces = self.source.encode(text, out_type=str)
         return prefix + [self.vocab.get(piece, self.unk_token_id) for piece in pieces] + [self.eos_token_id]
 
@@ -54,4 +54,4 @@ class MarianTokenizer:
         pieces = [
             self.pieces.get(int(i), "<unk>") for i in ids if not (skip_special_tokens and int(i) in self.special_ids)
         ]
-        return self.target.decode_pieces(pieces)
+        return self.target.decode_pieces(pieces).replace("\u2581", " ").strip()
