@@ -55,7 +55,9 @@ class MarianConfig:
             raise ModelFormatError("This Marian config asks for pre-norm layers; leanlm runs opus-mt's post-norm ones.")
         activation = raw.get("activation_function", "swish")
         if activation not in ACTIVATIONS:
-            raise ModelFormatError(f"activation_function {activation!r} is not supported (use {', '.join(ACTIVATIONS)}).")
+            raise ModelFormatError(
+                f"activation_function {activation!r} is not supported (use {', '.join(ACTIVATIONS)})."
+            )
         try:
             vocab = int(raw["vocab_size"])
             pad = int(raw["pad_token_id"])
@@ -205,7 +207,9 @@ def state_dict_from_hf(hf: dict[str, torch.Tensor], config: MarianConfig) -> dic
         src, dst = f"decoder.layers.{i}.", f"decoder_layers.{i}."
         for part in ("weight", "bias"):
             out[f"{dst}self_attn.qkv_proj.{part}"] = torch.cat([get(f"{src}self_attn.{p}_proj.{part}") for p in "qkv"])
-            out[f"{dst}encoder_attn.kv_proj.{part}"] = torch.cat([get(f"{src}encoder_attn.{p}_proj.{part}") for p in "kv"])
+            out[f"{dst}encoder_attn.kv_proj.{part}"] = torch.cat(
+                [get(f"{src}encoder_attn.{p}_proj.{part}") for p in "kv"]
+            )
             for name in (
                 "self_attn.out_proj",
                 "self_attn_layer_norm",

@@ -115,7 +115,9 @@ class DecodeStep:
         starts = cache.lengths[rows]
         end = int(starts.max()) + steps
         if end > min(cache.capacity, max_positions):
-            raise ValueError(f"the decoder holds at most {min(cache.capacity, max_positions)} tokens; this step would reach {end}")
+            raise ValueError(
+                f"the decoder holds at most {min(cache.capacity, max_positions)} tokens; this step would reach {end}"
+            )
         positions = starts[:, None] + torch.arange(steps)[None, :]
         causal = torch.arange(end)[None, None, None, :] <= positions[:, None, :, None]
         all_rows = rows.shape[0] == cache.lengths.shape[0] and bool((rows == torch.arange(rows.shape[0])).all())
@@ -149,9 +151,7 @@ def self_attention(
         row_v = values[step.rows].scatter_(2, index, v)
         keys[step.rows], values[step.rows] = row_k, row_v
         row_k, row_v = row_k[:, :, :end], row_v[:, :, :end]
-    return F.scaled_dot_product_attention(
-        q, row_k, row_v, attn_mask=step.causal if mask is None else mask, scale=scale
-    )
+    return F.scaled_dot_product_attention(q, row_k, row_v, attn_mask=step.causal if mask is None else mask, scale=scale)
 
 
 def cross_attention(
@@ -175,7 +175,7 @@ def cross_attention(
 class EncoderDecoderLM(nn.Module):
     """What the text encoder-decoders (Marian, T5) share: cross K/V once per request, the cache, a decode call.
     A family sets `decoder_layers` (each with an `encoder_attn` Attention), `heads`, `head_dim`, `max_positions`,
-    and implements `encode(input_ids, attention_mask)` and `decoder_hidden(tokens, cache, step)` -> logits."""
+    and implements `encode(input_ids, attention_mask)` and `decoder_logits(tokens, cache, step)`."""
 
     heads: int
     head_dim: int

@@ -104,9 +104,7 @@ def relative_buckets(relative: torch.Tensor, bidirectional: bool, buckets: int, 
     else:
         distance = (-relative).clamp(min=0)  # a causal query only sees keys at or before it
     exact = buckets // 2
-    far = exact + (
-        torch.log(distance.float() / exact) / math.log(max_distance / exact) * (buckets - exact)
-    ).long()
+    far = exact + (torch.log(distance.float() / exact) / math.log(max_distance / exact) * (buckets - exact)).long()
     far = far.clamp(max=buckets - 1)
     return result + torch.where(distance < exact, distance, far)
 

@@ -131,7 +131,10 @@ def _beam_search(model, cache, logits, options: SearchOptions) -> list[list[int]
             full = options.early_stopping is True and len(state.finished) == beams
             if state.improvable and not full:
                 new = [
-                    (float(top_scores[k]) / (step + 1) ** options.length_penalty, state.sequences[parents[k]] + [tokens[k]])
+                    (
+                        float(top_scores[k]) / (step + 1) ** options.length_penalty,
+                        state.sequences[parents[k]] + [tokens[k]],
+                    )
                     for k in range(beams)
                     if ends[k]
                 ]

@@ -84,7 +84,9 @@ class Seq2SeqModel:
             options = replace(options, num_beams=num_beams)
         vocab = self.model.config.vocab_size
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
-            raise InvalidRequestError(f"source token ids must lie in [0, {vocab}); got {input_ids.min()}..{input_ids.max()}")
+            raise InvalidRequestError(
+                f"source token ids must lie in [0, {vocab}); got {input_ids.min()}..{input_ids.max()}"
+            )
         return generate(self.model, input_ids, attention_mask, options)
 
     def translate(

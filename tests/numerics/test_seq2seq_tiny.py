@@ -28,8 +28,17 @@ MARIAN = dict(
     decoder_start_token_id=0,  # Marian starts decoding from the pad token
     forced_eos_token_id=1,
 )
-T5 = dict(d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4,
-          relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0)
+T5 = dict(
+    d_model=32,
+    d_kv=8,
+    d_ff=48,
+    num_layers=2,
+    num_decoder_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=8,
+    relative_attention_max_distance=16,
+    decoder_start_token_id=0,
+)
 CONFIGS = {
     "marian": lambda: transformers.MarianMTModel(transformers.MarianConfig(**COMMON, **MARIAN)),
     "t5": lambda: transformers.T5ForConditionalGeneration(

@@ -48,9 +48,7 @@ def test_encode_and_decode_match_transformers(folder, text):
 
     path, vocab = folder
     ours = MarianTokenizer(path, eos_token_id=0, pad_token_id=vocab["<pad>"])
-    theirs = transformers.MarianTokenizer(
-        str(path / "source.spm"), str(path / "target.spm"), str(path / "vocab.json")
-    )
+    theirs = transformers.MarianTokenizer(str(path / "source.spm"), str(path / "target.spm"), str(path / "vocab.json"))
     ids = ours.encode(text)
     assert ids == theirs(text).input_ids
     assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True, use_source_tokenizer=False)
