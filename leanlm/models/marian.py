@@ -150,7 +150,7 @@ class MarianModel(EncoderDecoderLM):
             x = layer(x, mask)
         return x
 
-    def decoder_logits(self, tokens: torch.Tensor, cache, step: DecodeStep) -> torch.Tensor:
+    def decoder_hidden(self, tokens: torch.Tensor, cache, step: DecodeStep) -> torch.Tensor:
         x = self.decoder_embed(tokens) * self.embed_scale + self.positions[step.positions]
         for index, layer in enumerate(self.decoder_layers):
             attn = layer.self_attn
@@ -161,7 +161,10 @@ class MarianModel(EncoderDecoderLM):
             out = cross_attention(cache, index, step, cross.split(cross.q_proj(x)))
             x = layer.encoder_attn_layer_norm(x + cross.out_proj(cross.merge(out)))
             x = layer.final_layer_norm(x + layer.fc2(layer.act(layer.fc1(x))))
-        return self.lm_head(x) + self.final_logits_bias
+        return x
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden) + self.final_logits_bias
 
 
 # ---- loading ----

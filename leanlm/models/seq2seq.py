@@ -15,6 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm.kernels.threads import scoped_threads
+
+SMALL_STEP_TOKENS = 16  # decoder steps with at most this many tokens run their layers on one thread
+
 
 class Attention(nn.Module):
     """Projections of one attention block: q/k/v fused for self-attention; for cross-attention q alone and k/v
@@ -175,7 +179,7 @@ def cross_attention(
 class EncoderDecoderLM(nn.Module):
     """What the text encoder-decoders (Marian, T5) share: cross K/V once per request, the cache, a decode call.
     A family sets `decoder_layers` (each with an `encoder_attn` Attention), `heads`, `head_dim`, `max_positions`,
-    and implements `encode(input_ids, attention_mask)` and `decoder_logits(tokens, cache, step)`."""
+    and implements `encode(input_ids, attention_mask)`, `decoder_hidden(tokens, cache, step)` and `head(hidden)`."""
 
     heads: int
     head_dim: int
@@ -193,11 +197,14 @@ class EncoderDecoderLM(nn.Module):
         return DecoderCache(cross_kv, capacity or self.max_positions, batch, self.heads, self.head_dim, dtype, mask)
 
     def decode(self, tokens: torch.Tensor, cache: DecoderCache, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Append `tokens` (R, T) to cache rows `rows` (all rows when None) and return float32 logits (R, T, V)."""
+        """Append `tokens` (R, T) to cache rows `rows` (all rows when None) and return float32 logits (R, T, V).
+        A step of a few tokens runs its layers on one thread, as Whisper's (models/whisper.py says why); the
+        vocabulary projection keeps the caller's threads."""
         step = DecodeStep.plan(cache, rows, tokens.shape[1], self.max_positions)
-        logits = self.decoder_logits(tokens, cache, step)
+        with scoped_threads(1 if tokens.numel() <= SMALL_STEP_TOKENS else None):
+            hidden = self.decoder_hidden(tokens, cache, step)
         step.finish(cache)
-        return logits.float()
+        return self.head(hidden).float()
 
 
 def padding_bias(attention_mask: torch.Tensor | None) -> torch.Tensor | None:

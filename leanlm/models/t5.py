@@ -177,7 +177,7 @@ class T5Model(EncoderDecoderLM):
             x = x + layer.mlp(layer.mlp_norm(x))
         return self.encoder_norm(x)
 
-    def decoder_logits(self, tokens: torch.Tensor, cache, step: DecodeStep) -> torch.Tensor:
+    def decoder_hidden(self, tokens: torch.Tensor, cache, step: DecodeStep) -> torch.Tensor:
         relative = torch.arange(step.end)[None, None, :] - step.positions[:, :, None]  # (R, T, end)
         bias = self.position_bias(self.decoder_position_bias, relative, False)  # (R, H, T, end)
         bias = bias.masked_fill(~step.causal, -math.inf)
@@ -191,10 +191,12 @@ class T5Model(EncoderDecoderLM):
             q = cross.split(cross.q_proj(layer.encoder_attn_norm(x)))
             x = x + cross.out_proj(cross.merge(cross_attention(cache, index, step, q, scale=1.0)))
             x = x + layer.mlp(layer.mlp_norm(x))
-        x = self.decoder_norm(x)
+        return self.decoder_norm(x)
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.config.scale_decoder_outputs:
-            x = x * self.config.d_model**-0.5
-        return self.lm_head(x)
+            hidden = hidden * self.config.d_model**-0.5
+        return self.lm_head(hidden)
 
 
 # ---- loading ----

@@ -71,8 +71,12 @@ def generate(
     token included when one was generated (transformers' sequences without the start token and the padding)."""
     encoder_output = model.encode(input_ids, attention_mask)
     batch = input_ids.shape[0]
+    padded = attention_mask is not None and not bool(attention_mask.all())  # else SDPA's faster unmasked path
     cache = model.new_cache(
-        model.cross_kv(encoder_output), batch, capacity=options.max_new_tokens + 1, cross_mask=attention_mask
+        model.cross_kv(encoder_output),
+        batch,
+        capacity=options.max_new_tokens + 1,
+        cross_mask=attention_mask if padded else None,
     )
     start = torch.full((batch, 1), options.decoder_start_token_id, dtype=torch.long)
     logits = model.decode(start, cache)[:, -1]
