@@ -49,7 +49,7 @@ def search_defaults(raw_config: dict, generation: dict, model: EncoderDecoderLM)
     max_length = int(merged.get("max_length") or DEFAULT_MAX_NEW_TOKENS + 1)
     forced = merged.get("forced_eos_token_id")
     return SearchOptions(
-        max_new_tokens=max(1, min(max_length - 1, DEFAULT_MAX_NEW_TOKENS)),
+        max_new_tokens=max(1, min(max_length - 1, DEFAULT_MAX_NEW_TOKENS, model.max_positions - 1)),
         num_beams=int(merged.get("num_beams") or 1),
         length_penalty=float(merged.get("length_penalty", 1.0)),
         early_stopping=merged.get("early_stopping", False),
@@ -82,6 +82,16 @@ class Seq2SeqModel:
             options = replace(options, max_new_tokens=max_new_tokens)
         if num_beams is not None:
             options = replace(options, num_beams=num_beams)
+        if options.max_new_tokens >= self.model.max_positions:
+            raise InvalidRequestError(
+                f"max_new_tokens {options.max_new_tokens} is beyond this model's {self.model.max_positions} "
+                "decoder positions (the start token takes one); ask for fewer."
+            )
+        if input_ids.shape[1] > self.model.max_positions:
+            raise InvalidRequestError(
+                f"the source has {input_ids.shape[1]} tokens; this model reads at most {self.model.max_positions}. "
+                "Split the text into sentences."
+            )
         vocab = self.model.config.vocab_size
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
             raise InvalidRequestError(

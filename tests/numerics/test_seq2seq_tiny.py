@@ -61,6 +61,7 @@ def pair(request, tmp_path_factory) -> tuple[torch.nn.Module, Seq2SeqModel]:
                 param.normal_(0, 0.3)
         if request.param == "marian":
             hf.final_logits_bias.normal_()  # zero in a fresh model: make the test see it
+            hf.generation_config.bad_words_ids = [[0]]  # as opus-mt's generation_config.json: never the pad token
         else:
             hf.shared.weight[1].mul_(2.5)  # a likelier end token (the head is tied): hypotheses that end early
     folder = tmp_path_factory.mktemp(request.param)
@@ -128,5 +129,7 @@ def test_bad_inputs_get_clear_errors(pair):
         ours.generate([[]])
     with pytest.raises(ValueError, match="num_beams"):
         ours.generate([[3, 4]], num_beams=0)
+    with pytest.raises(InvalidRequestError, match="decoder positions"):
+        ours.generate([[3, 4]], max_new_tokens=ours.model.max_positions)
     with pytest.raises(ModelFormatError, match="no tokenizer"):
         ours.translate(["hello"])  # random weights saved without tokenizer files
