@@ -7,7 +7,7 @@ Speed does not depend on the weights' values; each run checks that both engines 
 Sources: random token ids, 32 per sentence. Both engines run in this process with 2 threads, interleaved
 (A B A B ...); figures are medians over --repetitions.
 
-    python benchmarks/bench_translate.py [--repetitions 5] [--json out/bench_translate.json]
+    python benchmarks/bench_translate.py [--repetitions 3] [--batches 1 8] [--beams 1 4] [--json out/bench_translate.json]
 """
 
 from __future__ import annotations
@@ -61,10 +61,10 @@ def timed(fn, *args, **kwargs) -> tuple[float, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repetitions", type=int, default=5)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1])
     parser.add_argument("--beams", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)

@@ -90,8 +90,8 @@ def test_logits_match_transformers_whole_pass_and_token_steps(pair):
     torch.testing.assert_close(torch.cat(steps, dim=1), expected, atol=LOGITS_ATOL, rtol=1e-4)
 
 
-# transformers' defaults (length_penalty 1, early_stopping False) spelled out, then the other stopping rule
-SEARCHES = [(1, 1.0, False), (4, 1.0, False), (3, 0.6, True)]
+# transformers' defaults (length_penalty 1, early_stopping False) spelled out, then the other stopping rules
+SEARCHES = [(1, 1.0, False), (4, 1.0, False), (3, 0.6, True), (4, 2.0, "never")]
 
 
 @pytest.mark.parametrize("num_beams, length_penalty, early_stopping", SEARCHES)
