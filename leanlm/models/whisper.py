@@ -24,9 +24,14 @@ from torch import nn
 
 from leanlm.errors import ModelFormatError
 from leanlm.kernels.threads import scoped_threads
-from leanlm.models.seq2seq import Attention, DecoderCache, DecodeStep, cross_attention, self_attention
-
-SMALL_STEP_TOKENS = 16  # decoder steps with at most this many tokens run their layers on one thread
+from leanlm.models.seq2seq import (
+    SMALL_STEP_TOKENS,
+    Attention,
+    DecoderCache,
+    DecodeStep,
+    cross_attention,
+    self_attention,
+)
 
 
 @dataclass(frozen=True)
