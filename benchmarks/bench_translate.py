@@ -7,7 +7,7 @@ Speed does not depend on the weights' values; each run checks that both engines 
 Sources: random token ids, 32 per sentence. Both engines run in this process with 2 threads, interleaved
 (A B A B ...); figures are medians over --repetitions.
 
-    python benchmarks/bench_translate.py [--repetitions 3] [--batches 1 8] [--beams 1 4] [--json out/bench_translate.json]
+    python benchmarks/bench_translate.py [--repetitions 3] [--batches 1 8] [--beams 1 4] [--json out.json]
 """
 
 from __future__ import annotations
