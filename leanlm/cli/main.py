@@ -23,6 +23,7 @@ examples:
   leanlm embed "a sentence to embed" "another one"
   leanlm search --corpus notes.txt --query "how do I reset it?"
   leanlm transcribe speech.wav --format srt
+  leanlm translate --to fr "Where is the station?"
 """
 
 # name -> module; the order is the order of `leanlm --help`.
@@ -40,6 +41,7 @@ COMMANDS = {
     "embed": "leanlm.cli.embed",
     "search": "leanlm.cli.search",
     "transcribe": "leanlm.cli.transcribe",
+    "translate": "leanlm.cli.translate",
 }
 
 

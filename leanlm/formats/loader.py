@@ -106,6 +106,11 @@ def read_hf_folder(path: Path, dtype: torch.dtype, with_weights: bool = True) ->
     return HFFolder(raw_config, weights, Tokenizer.from_folder(path), types)
 
 
+def read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A folder's tensors under their stored names (safetensors, sharded or not, else pytorch_model*.bin)."""
+    return _read_hf_weights(path)
+
+
 def _read_hf_weights(path: Path) -> dict[str, torch.Tensor]:
     import pickle
 

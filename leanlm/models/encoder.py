@@ -22,6 +22,8 @@ ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": F.relu,
+    "swish": F.silu,  # Marian's default
+    "silu": F.silu,
 }
 
 

@@ -24,8 +24,14 @@ from torch import nn
 
 from leanlm.errors import ModelFormatError
 from leanlm.kernels.threads import scoped_threads
-
-SMALL_STEP_TOKENS = 16  # decoder steps with at most this many tokens run their layers on one thread
+from leanlm.models.seq2seq import (
+    SMALL_STEP_TOKENS,
+    Attention,
+    DecoderCache,
+    DecodeStep,
+    cross_attention,
+    self_attention,
+)
 
 
 @dataclass(frozen=True)
@@ -52,27 +58,6 @@ class WhisperConfig:
         return 2 * self.max_source_positions  # mel frames in one window: the conv stem halves them
 
 
-class Attention(nn.Module):
-    def __init__(self, dim: int, heads: int, cross: bool):
-        super().__init__()
-        self.heads, self.head_dim = heads, dim // heads
-        self.cross = cross
-        if cross:
-            self.q_proj = nn.Linear(dim, dim)
-            self.kv_proj = nn.Linear(dim, 2 * dim)  # applied once per request to the encoder output
-        else:
-            self.qkv_proj = nn.Linear(dim, 3 * dim)
-        self.out_proj = nn.Linear(dim, dim)
-
-    def split(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, _ = x.shape
-        return x.view(batch, length, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-
-    def merge(self, x: torch.Tensor) -> torch.Tensor:
-        batch, _, length, _ = x.shape
-        return x.transpose(1, 2).reshape(batch, length, self.heads * self.head_dim)
-
-
 class Layer(nn.Module):
     def __init__(self, dim: int, heads: int, ffn: int, decoder: bool):
         super().__init__()
@@ -95,52 +80,6 @@ def sinusoids(length: int, channels: int) -> torch.Tensor:
     inv = torch.exp(-log_timescale * torch.arange(channels // 2, dtype=torch.float32))
     scaled = torch.arange(length, dtype=torch.float32)[:, None] * inv[None, :]
     return torch.cat([scaled.sin(), scaled.cos()], dim=1)
-
-
-class DecoderCache:
-    """Self-attention keys/values of a batch of decoder rows, each row with its own length, and each request's
-    cross-attention keys/values (computed once from its encoder output, never written again). Rows come in
-    equal groups per request, request i owning rows i*width .. i*width+width-1 (width: the beam)."""
-
-    def __init__(
-        self,
-        cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
-        capacity: int,
-        batch: int,
-        heads: int,
-        head_dim: int,
-        dtype: torch.dtype,
-    ):
-        self.cross_kv = cross_kv  # per layer: (requests, H, S, hd) keys and values
-        shape = (batch, heads, capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype) for _ in cross_kv]
-        self.values = [torch.zeros(shape, dtype=dtype) for _ in cross_kv]
-        self.lengths = torch.zeros(batch, dtype=torch.long)
-        self.width = 1
-
-    @property
-    def capacity(self) -> int:
-        return self.keys[0].shape[2]
-
-    def reorder(self, rows: torch.Tensor, requests: torch.Tensor | None = None) -> None:
-        """Continue with rows `rows` of the current ones (beam search: each kept hypothesis takes its parent's
-        cache), and with requests `requests` (None: all of them still run)."""
-        if requests is not None:
-            self.cross_kv = [(k.index_select(0, requests), v.index_select(0, requests)) for k, v in self.cross_kv]
-        count = self.cross_kv[0][0].shape[0]
-        if len(rows) % count:
-            raise ValueError(f"{len(rows)} rows cannot be shared evenly by {count} requests")
-        self.width = len(rows) // count
-        used = int(self.lengths.max()) if len(self.lengths) else 0  # only the written part is copied
-
-        def gather(tensor: torch.Tensor) -> torch.Tensor:
-            fresh = torch.empty((len(rows), *tensor.shape[1:]), dtype=tensor.dtype)
-            fresh[:, :, :used] = tensor[rows, :, :used]
-            return fresh
-
-        self.keys = [gather(k) for k in self.keys]
-        self.values = [gather(v) for v in self.values]
-        self.lengths = self.lengths.index_select(0, rows)
 
 
 class WhisperModel(nn.Module):
@@ -227,63 +166,18 @@ class WhisperModel(nn.Module):
             return (hidden @ self.embed_tokens.weight.t()).float()
 
     def _decode_layers(self, tokens: torch.Tensor, cache: DecoderCache, rows: torch.Tensor | None) -> torch.Tensor:
-        if rows is None:
-            rows = torch.arange(cache.lengths.shape[0])
-        count, steps = tokens.shape
-        starts = cache.lengths[rows]  # (R,)
-        if int(starts.max()) + steps > min(cache.capacity, self.config.max_target_positions):
-            raise ValueError(
-                f"the decoder holds at most {self.config.max_target_positions} tokens; this step would reach "
-                f"{int(starts.max()) + steps}"
-            )
-        positions = starts[:, None] + torch.arange(steps)[None, :]  # (R, T)
-        x = self.embed_tokens(tokens) + self.embed_positions[positions]
-        end = int(starts.max()) + steps
-        key_pos = torch.arange(end)
-        # A query at position p sees keys 0..p of its own row.
-        mask = key_pos[None, None, None, :] <= positions[:, None, :, None]  # (R, 1, T, end)
-        all_rows = rows.shape[0] == cache.lengths.shape[0] and bool((rows == torch.arange(rows.shape[0])).all())
-        write_index = positions[:, None, :, None]
+        step = DecodeStep.plan(cache, rows, tokens.shape[1], self.config.max_target_positions)
+        x = self.embed_tokens(tokens) + self.embed_positions[step.positions]
         for index, layer in enumerate(self.decoder_layers):
             attn = layer.self_attn
-            h = layer.self_attn_layer_norm(x)
-            q, k, v = attn.qkv_proj(h).chunk(3, dim=-1)
-            q, k, v = attn.split(q), attn.split(k), attn.split(v)  # (R, H, T, hd)
-            keys, values = cache.keys[index], cache.values[index]
-            idx = write_index.expand(-1, attn.heads, -1, attn.head_dim)
-            if all_rows:
-                keys.scatter_(2, idx, k)
-                values.scatter_(2, idx, v)
-                row_k, row_v = keys[:, :, :end], values[:, :, :end]
-            else:
-                row_k = keys[rows].scatter_(2, idx, k)
-                row_v = values[rows].scatter_(2, idx, v)
-                keys[rows], values[rows] = row_k, row_v
-                row_k, row_v = row_k[:, :, :end], row_v[:, :, :end]
-            out = F.scaled_dot_product_attention(q, row_k, row_v, attn_mask=mask)
+            q, k, v = attn.qkv_proj(layer.self_attn_layer_norm(x)).chunk(3, dim=-1)
+            out = self_attention(cache, index, step, attn.split(q), attn.split(k), attn.split(v))
             x = x + attn.out_proj(attn.merge(out))
-
             cross = layer.encoder_attn
-            h = layer.encoder_attn_layer_norm(x)
-            cross_k, cross_v = cache.cross_kv[index]
-            q = cross.split(cross.q_proj(h))  # (R, H, T, hd)
-            if not all_rows:  # a few rows (a prompt's prefill): each takes its request's keys and values
-                owners = rows // cache.width
-                out = F.scaled_dot_product_attention(q, cross_k[owners], cross_v[owners])
-            else:  # a request's rows share its keys and values: attend as one longer query block
-                groups, width = cross_k.shape[0], cache.width
-                grouped = (
-                    q.view(groups, width, attn.heads, steps, -1)
-                    .transpose(1, 2)
-                    .reshape(groups, attn.heads, width * steps, -1)
-                )
-                out = F.scaled_dot_product_attention(grouped, cross_k, cross_v)
-                out = (
-                    out.view(groups, attn.heads, width, steps, -1).transpose(1, 2).reshape(count, attn.heads, steps, -1)
-                )
-            x = x + cross.out_proj(cross.merge(out))
+            q = cross.split(cross.q_proj(layer.encoder_attn_layer_norm(x)))  # (R, H, T, hd)
+            x = x + cross.out_proj(cross.merge(cross_attention(cache, index, step, q)))
             x = x + layer.mlp(x)
-        cache.lengths[rows] = starts + steps
+        step.finish(cache)
         return self.decoder_norm(x)
 
 

@@ -28,6 +28,7 @@ LEVELS = {
     "leanlm.embed": 3,  # encoders: embeddings, reranking, semantic search (no engine)
     "leanlm.distributed": 3,  # tensor parallelism: shards models/ and builds engine/'s engine per rank
     "leanlm.speech": 3,  # Whisper decoding and transcription: a standalone batched loop beside the engine
+    "leanlm.translate": 3,  # Marian/T5 generation (HF-style greedy and beam search) and instruct-model prompts
     "leanlm.compress.measure": 4,  # the manifests' speed and quality figures come from evaluate/
     "leanlm.compress.pipelines": 4,
     "leanlm.evaluate": 4,
