@@ -105,6 +105,7 @@ class EncoderLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.act = ACTIVATIONS[config.hidden_act]
         self.reference = False  # True: the attention formula written out (the fast path's reference)
+        self.up_applies_act = False  # True once `up` computes act(up(x)) itself (a fused oneDNN post-op)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """mask: (B, 1, 1, T) True for real keys, or None when every key is real (SDPA's faster unmasked path)."""
@@ -117,7 +118,8 @@ class EncoderLayer(nn.Module):
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         context = context.transpose(1, 2).reshape(b, t, h)
         x = self.attn_norm(x + self.attn_out(context))
-        return self.mlp_norm(x + self.down(self.act(self.up(x))))
+        hidden = self.up(x) if self.up_applies_act else self.act(self.up(x))
+        return self.mlp_norm(x + self.down(hidden))
 
 
 class TextEncoder(nn.Module):
