@@ -264,7 +264,7 @@ def _load_encoders(args: argparse.Namespace):
 
 
 def encoder_role(model) -> str | None:
-    """"embedding" or "rerank" when --model names an encoder (a known embedding model, or an HF folder whose
+    """ "embedding" or "rerank" when --model names an encoder (a known embedding model, or an HF folder whose
     model_type is an encoder family; a *ForSequenceClassification one reranks), else None (a generator)."""
     import json
     from pathlib import Path

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from leanlm.server.encoders import EmbeddingRequest, EmbeddingResponse, RerankRequest, RerankResponse
 from leanlm.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -26,7 +27,6 @@ from leanlm.server.protocol import (
     TokenizeResponse,
     TokenizerInfo,
 )
-from leanlm.server.encoders import EmbeddingRequest, EmbeddingResponse, RerankRequest, RerankResponse
 
 
 def openapi_document(

@@ -84,7 +84,10 @@ def test_generation_routes_are_absent_and_bad_input_is_4xx(client):
     assert wrong_model.status_code == 404 and "tiny-embed" in wrong_model.json()["error"]["message"]
     empty = test_client.post("/v1/embeddings", json={"model": "tiny-embed", "input": []})
     assert empty.status_code == 400 and "input" in empty.json()["error"]["message"]
-    assert test_client.post("/v1/embeddings", content=b"{", headers={"content-type": "application/json"}).status_code == 400
+    assert (
+        test_client.post("/v1/embeddings", content=b"{", headers={"content-type": "application/json"}).status_code
+        == 400
+    )
 
 
 def test_openapi_lists_only_the_encoder_routes(client):
