@@ -170,6 +170,8 @@ def run(args: argparse.Namespace) -> int:
 
     if _is_speech_model(args.model):
         return _serve_speech(args, settings)
+    from leanlm.embed.loading import encoder_role
+
     role = encoder_role(args.model)
     if role is not None:
         return _serve_encoders_only(args, settings, role)
@@ -261,31 +263,6 @@ def _load_encoders(args: argparse.Namespace):
     if "error" in loaded:
         raise loaded["error"]
     return EncoderServing(loaded["embedders"], loaded["rerankers"])
-
-
-def encoder_role(model) -> str | None:
-    """ "embedding" or "rerank" when --model names an encoder (a known embedding model, or an HF folder whose
-    model_type is an encoder family; a *ForSequenceClassification one reranks), else None (a generator)."""
-    import json
-    from pathlib import Path
-
-    from leanlm.formats.assets import KNOWN_MODELS
-    from leanlm.models.encoders import ENCODER_FAMILIES
-
-    if model is None:
-        return None
-    path = Path(model)
-    if not path.exists():
-        known = KNOWN_MODELS.get(str(model))
-        return "embedding" if known is not None and known.family in ENCODER_FAMILIES else None
-    config = path / "config.json"
-    if not config.is_file():
-        return None
-    raw = json.loads(config.read_text())
-    if raw.get("model_type") not in ENCODER_FAMILIES:
-        return None
-    classifier = any(name.endswith("ForSequenceClassification") for name in raw.get("architectures") or [])
-    return "rerank" if classifier else "embedding"
 
 
 def _serve_encoders_only(args: argparse.Namespace, settings, role: str) -> int:

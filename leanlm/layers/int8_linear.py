@@ -52,6 +52,24 @@ class Int8DynamicLinear(nn.Module):
         self.kernel = "fused" if load_int8_rows() else "int_mm"
 
     @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        inverse_smoothing: torch.Tensor | None = None,
+    ) -> Int8DynamicLinear:
+        """The layer from its stored form ((N, K) int8 codes, (N,) scales, 1/s), as an artifact holds it."""
+        # A zero weight (and unit smoothing) only sizes the buffers, which the stored ones then replace.
+        unit = None if inverse_smoothing is None else torch.ones(codes.shape[1])
+        layer = cls(torch.zeros(codes.shape), bias, unit)
+        layer.codes_t = codes.to(torch.int8).t()
+        layer.weight_scale = weight_scale.float().reshape(-1)
+        if inverse_smoothing is not None:
+            layer.inverse_smoothing = inverse_smoothing.float()
+        return layer
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, input_absmax: torch.Tensor | None = None) -> Int8DynamicLinear:
         """input_absmax: each input channel's largest |x| on calibration text, to smooth with (None: no smoothing)."""
         smoothing = None if input_absmax is None else smoothing_factors(input_absmax, linear.weight)

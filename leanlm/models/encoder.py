@@ -176,11 +176,17 @@ class TextEncoder(nn.Module):
         return self.head_out(first).float()
 
 
-def build_encoder(config: EncoderConfig, weights: dict[str, torch.Tensor]) -> TextEncoder:
-    """The module tree with `weights` (leanlm's names, see the families' `encoder_weights`) assigned, in float32."""
+def build_encoder(
+    config: EncoderConfig, weights: dict[str, torch.Tensor], modules: dict[str, nn.Module] | None = None
+) -> TextEncoder:
+    """The module tree with `weights` (leanlm's names, see the families' `encoder_weights`) assigned, in float32;
+    `modules` replace the layers' linear layers of those names (a quantized artifact's, already built)."""
     with torch.device("meta"):
         model = TextEncoder(config)
-    expected = {name for name, _ in model.named_parameters()}
+    for name, module in (modules or {}).items():
+        model.set_submodule(name, module)
+    replaced = tuple(f"{name}." for name in modules or {})
+    expected = {name for name, _ in model.named_parameters() if not name.startswith(replaced)}
     missing, unexpected = expected - weights.keys(), weights.keys() - expected
     if missing or unexpected:
         raise ModelFormatError(

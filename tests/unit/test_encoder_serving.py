@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from tiny_encoders import tiny_folder
 
-from leanlm.cli.serve import encoder_role
 from leanlm.embed import CrossEncoder, Embedder
+from leanlm.embed.loading import encoder_role
 from leanlm.server.encoder_app import build_encoder_app
 from leanlm.server.encoders import EmbeddingResponse, EncoderServing, RerankResponse
 from leanlm.server.serving import ServerSettings

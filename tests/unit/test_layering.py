@@ -30,6 +30,7 @@ LEVELS = {
     "leanlm.speech": 3,  # Whisper decoding and transcription: a standalone batched loop beside the engine
     "leanlm.compress.measure": 4,  # the manifests' speed and quality figures come from evaluate/
     "leanlm.compress.pipelines": 4,
+    "leanlm.compress.encoders": 4,  # quantized encoder artifacts record evaluate/'s retrieval figures
     "leanlm.evaluate": 4,
     "leanlm.bench": 4,
     "leanlm.optimize": 5,  # decisions: searches over compress/, evaluate/ and bench/ measurements
