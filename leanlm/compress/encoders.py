@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +90,10 @@ def measure_embedding_quality(embedder: Embedder, reference: Embedder, pairs: in
     from leanlm.formats.corpus import evaluation_text
 
     queries, documents = retrieval_pairs(evaluation_text(quiet=True), max_pairs=pairs)
-    ours = embedder.embed(queries), embedder.embed(documents)
-    base = reference.embed(queries), reference.embed(documents)
+    with warnings.catch_warnings():  # long paragraphs are cut at max_seq_length, as the benchmark does
+        warnings.simplefilter("ignore")
+        ours = embedder.embed(queries), embedder.embed(documents)
+        base = reference.embed(queries), reference.embed(documents)
     ranked, base_ranked = rankings(*ours), rankings(*base)
     metrics, base_metrics = retrieval_metrics(ranked), retrieval_metrics(base_ranked)
     return {
@@ -119,5 +122,9 @@ def measure_rerank_quality(reranker: CrossEncoder, reference: CrossEncoder, pair
         ours, base = reranker.score(query, candidates), reference.score(query, candidates)
         agree += int(np.argmax(ours) == np.argmax(base))
         largest = max(largest, float(np.max(np.abs(np.asarray(ours) - np.asarray(base)))))
-    return {"corpus": EVALUATION_CORPUS, "pairs": len(queries), "top1_agreement": agree / len(queries),
-            "score_max_difference": largest}
+    return {
+        "corpus": EVALUATION_CORPUS,
+        "pairs": len(queries),
+        "top1_agreement": agree / len(queries),
+        "score_max_difference": largest,
+    }

@@ -92,7 +92,9 @@ def read_encoder_artifact(path: Path, raw_config: dict) -> tuple[EncoderConfig, 
     try:
         tensors = load_file(path / "model.safetensors")
     except (OSError, Exception) as exc:  # safetensors raises its own error type for a truncated file
-        raise ModelFormatError(f"{path / 'model.safetensors'} is unreadable ({exc}); write the artifact again.") from exc
+        raise ModelFormatError(
+            f"{path / 'model.safetensors'} is unreadable ({exc}); write the artifact again."
+        ) from exc
     modules: dict[str, nn.Module] = {}
     try:
         for name, layer in manifest["layers"].items():
@@ -110,7 +112,9 @@ def _quantized_module(tensors: dict[str, torch.Tensor], name: str, layer: dict) 
         smoothing = tensors.pop(f"{name}.inverse_smoothing", None)
         return Int8DynamicLinear.from_codes(codes, scale, bias, smoothing)
     offset = tensors.pop(f"{name}.offset", None)
-    weight = QuantizedTensor(unpack_codes(codes, layer["bits"]), scale.float(), offset, layer["bits"], layer["group_size"])
+    weight = QuantizedTensor(
+        unpack_codes(codes, layer["bits"]), scale.float(), offset, layer["bits"], layer["group_size"]
+    )
     module = QuantizedLinear(weight, None if bias is None else bias.float())
     module.prepare_runtime(torch.float32, torch.device("cpu"), mode="auto")  # as apply_precision("int4") runs it
     return module

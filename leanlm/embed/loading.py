@@ -67,7 +67,7 @@ def _backend_tokenizer(path: Path) -> BackendTokenizer:
 
 
 def encoder_role(model) -> str | None:
-    """"embedding" or "rerank" when `model` names an encoder (a known embedding model, or an HF folder whose
+    """ "embedding" or "rerank" when `model` names an encoder (a known embedding model, or an HF folder whose
     model_type is an encoder family; a *ForSequenceClassification one reranks), else None (e.g. a generator)."""
     import json
 

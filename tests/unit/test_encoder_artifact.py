@@ -49,9 +49,9 @@ def test_a_cross_encoder_artifact_scores_as_the_quantized_model(folders, tmp_pat
     manifest = quantize_encoder_to_folder(source, "int8", tmp_path / "ce", eval_pairs=0)
     assert manifest["role"] == "rerank" and "quality" not in manifest
     documents = TEXTS[1:]
-    assert CrossEncoder(tmp_path / "ce").score(TEXTS[0], documents) == CrossEncoder(
-        source, precision="int8"
-    ).score(TEXTS[0], documents)
+    assert CrossEncoder(tmp_path / "ce").score(TEXTS[0], documents) == CrossEncoder(source, precision="int8").score(
+        TEXTS[0], documents
+    )
 
 
 def test_bad_requests_name_the_fix(folders, tmp_path):

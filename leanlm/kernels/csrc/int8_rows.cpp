@@ -33,31 +33,34 @@ std::vector<at::Tensor> quantize_rows(const at::Tensor& x, const c10::optional<a
     std::vector<float> row(cols);
     for (int64_t m = begin; m < end; ++m) {
       const float* src = in + m * cols;
-      // 16 running maxima (one per vector lane) let the compiler vectorize; max is exact in any order.
-      float lanes[16] = {0.f};
-      int64_t k = 0;
-      for (; k + 16 <= cols; k += 16) {
-        for (int j = 0; j < 16; ++j) {
-          const float v = smooth ? src[k + j] * smooth[k + j] : src[k + j];
-          row[k + j] = v;
-          lanes[j] = std::max(lanes[j], std::fabs(v));
+      // `omp simd` vectorizes the max reduction (exact in any order) and the rounding loop below.
+      float* v = row.data();
+      float largest = 0.f;
+      if (smooth) {
+#pragma omp simd reduction(max : largest)
+        for (int64_t k = 0; k < cols; ++k) {
+          v[k] = src[k] * smooth[k];
+          const float a = std::fabs(v[k]);
+          largest = a > largest ? a : largest;
+        }
+      } else {
+#pragma omp simd reduction(max : largest)
+        for (int64_t k = 0; k < cols; ++k) {
+          v[k] = src[k];
+          const float a = std::fabs(v[k]);
+          largest = a > largest ? a : largest;
         }
       }
-      for (; k < cols; ++k) {
-        const float v = smooth ? src[k] * smooth[k] : src[k];
-        row[k] = v;
-        lanes[0] = std::max(lanes[0], std::fabs(v));
-      }
-      float largest = 0.f;
-      for (float lane : lanes) largest = std::max(largest, lane);
       const float scale = std::max(largest, 1e-12f) / 127.0f;
       const float inverse = 1.0f / scale;
       int8_t* dst = out + m * cols;
+#pragma omp simd
       for (int64_t k = 0; k < cols; ++k) {
         // Adding and taking away 1.5 * 2^23 rounds half to even, as nearbyint does for |v| < 2^22 (here <= 127),
         // without a libm call per element, so the loop vectorizes.
-        const float q = (row[k] * inverse + 12582912.0f) - 12582912.0f;
-        dst[k] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, q)));
+        const float q = (v[k] * inverse + 12582912.0f) - 12582912.0f;
+        const float clamped = q > 127.0f ? 127.0f : (q < -127.0f ? -127.0f : q);
+        dst[k] = static_cast<int8_t>(static_cast<int32_t>(clamped));
       }
       scale_out[m] = scale;
     }
