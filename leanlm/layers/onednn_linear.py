@@ -63,8 +63,8 @@ class OneDNNLinear(nn.Module):
         return F.relu(out) if self.activation == "relu" else out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.fused or x.dtype != torch.float32:
-            return self.reference_forward(x)
+        if not self.fused or x.dtype != torch.float32:  # the weights are float32: so is the product
+            return self.reference_forward(x.float()).to(x.dtype)
         return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.attr, [], self.algorithm)
 
     def extra_repr(self) -> str:
