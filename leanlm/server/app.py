@@ -334,3 +334,6 @@ class BodySizeLimit:
 # Shared with the speech app (server/speech_app.py): the same error bodies and API-key check.
 add_error_handlers = _add_error_handlers
 api_key_check = _api_key_check
+# And with the encoder-only app (server/encoder_app.py): the body parser and the JSON content-type check.
+parse_body = _parse
+json_content_type = _json_content_type

@@ -10,7 +10,7 @@ import time
 from fastapi import Depends, FastAPI
 from starlette.responses import JSONResponse, Response
 
-from leanlm.server.app import BodySizeLimit, _json_content_type, _parse, add_error_handlers, api_key_check
+from leanlm.server.app import BodySizeLimit, add_error_handlers, api_key_check, json_content_type, parse_body
 from leanlm.server.encoders import EncoderServing, add_encoder_routes
 from leanlm.server.errors import NotFound, ServiceUnavailable
 from leanlm.server.openapi import openapi_document
@@ -39,7 +39,7 @@ def build_encoder_app(encoders: EncoderServing, settings: ServerSettings) -> Fas
     add_error_handlers(app)
     authorized = [Depends(api_key_check(settings.api_key))]
     if settings.api_key is None:  # as the generator's app: no cross-site "simple" POSTs
-        authorized.append(Depends(_json_content_type))
+        authorized.append(Depends(json_content_type))
 
     async def accepting() -> None:
         if not drain.accepting:
@@ -69,5 +69,5 @@ def build_encoder_app(encoders: EncoderServing, settings: ServerSettings) -> Fas
             raise NotFound(f"The model '{name[:80]}' does not exist (served: {served}).", "model", "model_not_found")
         return card
 
-    add_encoder_routes(app, encoders, [*authorized, Depends(accepting)], _parse)
+    add_encoder_routes(app, encoders, [*authorized, Depends(accepting)], parse_body)
     return app
