@@ -96,7 +96,8 @@ def apply_precision(encoder: nn.Module, precision: str, calibration=None) -> nn.
 
 
 def use_onednn(encoder: nn.Module) -> nn.Module:
-    """float32: the layers' products on oneDNN (layers/onednn_linear.py), `up` with its activation fused."""
+    """float32: the layers' products on oneDNN (layers/onednn_linear.py), `up` with its activation fused and
+    attn_out / down with the residual added."""
     from leanlm.layers.onednn_linear import OneDNNLinear, onednn_linear_available
 
     if not onednn_linear_available():
@@ -106,7 +107,7 @@ def use_onednn(encoder: nn.Module) -> nn.Module:
             if isinstance(child, nn.Linear):
                 fused_act = encoder.config.hidden_act if name == "up" else None
                 setattr(layer, name, OneDNNLinear.from_linear(child, fused_act))
-        layer.up_applies_act = True
+        layer.up_applies_act = layer.adds_residual = True
     return encoder
 
 

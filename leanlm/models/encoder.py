@@ -106,6 +106,7 @@ class EncoderLayer(nn.Module):
         self.act = ACTIVATIONS[config.hidden_act]
         self.reference = False  # True: the attention formula written out (the fast path's reference)
         self.up_applies_act = False  # True once `up` computes act(up(x)) itself (a fused oneDNN post-op)
+        self.adds_residual = False  # True once attn_out / down take the residual to add (oneDNN's binary post-op)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """mask: (B, 1, 1, T) True for real keys, or None when every key is real (SDPA's faster unmasked path)."""
@@ -117,9 +118,12 @@ class EncoderLayer(nn.Module):
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         context = context.transpose(1, 2).reshape(b, t, h)
-        x = self.attn_norm(x + self.attn_out(context))
+        x = self.attn_norm(self._plus(self.attn_out, context, x))
         hidden = self.up(x) if self.up_applies_act else self.act(self.up(x))
-        return self.mlp_norm(x + self.down(hidden))
+        return self.mlp_norm(self._plus(self.down, hidden, x))
+
+    def _plus(self, linear: nn.Module, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return linear(h, residual) if self.adds_residual else residual + linear(h)
 
 
 class TextEncoder(nn.Module):

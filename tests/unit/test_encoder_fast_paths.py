@@ -27,6 +27,8 @@ def test_onednn_linear_equals_linear_then_activation(activation):
     with torch.no_grad():
         torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(layer(x.bfloat16()).float(), expected, atol=0.1, rtol=0.05)  # not float32: F.linear
+        residual = torch.randn(3, 5, 24)
+        torch.testing.assert_close(layer(x, residual), expected + residual, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="swish"):
         OneDNNLinear.from_linear(linear, "swish")
 
@@ -39,6 +41,7 @@ def test_the_float32_encoder_runs_on_onednn_and_equals_transformers():
     encoder = apply_precision(load_encoder(raw, model.state_dict())[1], "float32")
     if onednn_linear_available():
         assert isinstance(encoder.layers[0].up, OneDNNLinear) and encoder.layers[0].up_applies_act
+        assert encoder.layers[0].adds_residual
     ids = torch.tensor([[2, 7, 8, 9, 3], [2, 12, 3, 0, 0]])
     mask = (ids != 0).long()
     with torch.no_grad():
