@@ -115,3 +115,27 @@ def test_the_generator_app_documents_its_encoders(folders):
 
     paths = json.loads(asyncio.run(document()).body)["paths"]
     assert {"/v1/completions", "/v1/embeddings"} <= set(paths) and "/v1/rerank" not in paths
+
+
+def test_serve_cli_with_an_encoder_as_model_builds_the_encoder_app(folders, monkeypatch):
+    import leanlm.server.http_server as http_server
+    from leanlm.cli.main import main
+
+    served = {}
+
+    class CapturedServer:  # stands in for uvicorn: keeps the app instead of listening
+        def __init__(self, app, host, port, log_level="info"):
+            served["app"] = app
+
+        def run(self):
+            served["ran"] = True
+
+    monkeypatch.setattr(http_server, "Server", CapturedServer)
+    embedding, rerank = folders
+    argv = ["serve", "--model", str(embedding), "--served-model-name", "mini", "--rerank-model", str(rerank)]
+    assert main(argv) == 0 and served["ran"]
+    from fastapi.testclient import TestClient
+
+    with TestClient(served["app"]) as test_client:
+        assert {m["id"] for m in test_client.get("/v1/models").json()["data"]} == {"mini", "tiny-rerank"}
+        assert test_client.post("/v1/embeddings", json={"model": "mini", "input": "a cat"}).status_code == 200
