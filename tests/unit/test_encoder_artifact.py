@@ -62,3 +62,17 @@ def test_bad_requests_name_the_fix(folders, tmp_path):
     with pytest.raises(InvalidRequestError, match="int4 only"):
         Embedder(tmp_path / "q4", precision="int8")
     assert json.loads((tmp_path / "q4" / "quantization.json").read_text())["layers"]["layers.0.qkv"]["bits"] == 4
+
+
+def test_the_quantize_cli_takes_an_encoder(folders, tmp_path, capsys):
+    from leanlm.cli.main import main
+
+    source = folders[0]
+    assert (
+        main(["quantize", "--model", str(source), "--method", "int8", "-o", str(tmp_path / "q"), "--eval-pairs", "0"])
+        == 0
+    )
+    assert "int8 encoder: 8 layers" in capsys.readouterr().out
+    assert Embedder(tmp_path / "q").precision == "int8"
+    assert main(["quantize", "--model", str(source), "--method", "int4", "--bits", "3", "-o", str(tmp_path / "x")]) == 1
+    assert "leave out --bits" in capsys.readouterr().err
