@@ -102,6 +102,8 @@ def read_encoder_artifact(path: Path, raw_config: dict) -> tuple[EncoderConfig, 
     except KeyError as exc:
         raise ModelFormatError(f"{path} lacks {exc} that {MANIFEST} names; the artifact is incomplete.") from exc
     encoder = build_encoder(config, tensors, modules)
+    for layer in encoder.layers:  # as apply_precision sets it: int8 layers add the residual in their epilogue
+        layer.adds_residual = all(isinstance(m, Int8DynamicLinear) for m in (layer.attn_out, layer.down))
     return config, encoder, manifest["precision"]
 
 

@@ -92,6 +92,7 @@ def apply_precision(encoder: nn.Module, precision: str, calibration=None) -> nn.
         for name, child in list(layer.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(layer, name, _quantized(child, precision, maxima.get(child)))
+        layer.adds_residual = precision == "int8"  # Int8DynamicLinear adds the residual in its epilogue
     return encoder
 
 

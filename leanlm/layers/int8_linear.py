@@ -89,22 +89,26 @@ class Int8DynamicLinear(nn.Module):
         out = F.linear(codes.float() * scale, self.dequantize(), self.bias)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T + b, plus `residual` when given (the fused kernel adds it in its epilogue: one pass less)."""
         if self.kernel == "reference":
-            return self.reference_forward(x)
-        if self.kernel == "fused":
+            out = self.reference_forward(x)
+            return out if residual is None else residual + out
+        if self.kernel == "fused" and (residual is None or residual.dtype == torch.float32):
             codes, scale = torch.ops.leanlm_int8.quantize_rows(
                 x.reshape(-1, self.in_features).float().contiguous(), self.inverse_smoothing
             )
+            flat_residual = None if residual is None else residual.reshape(-1, self.out_features)
             out = torch.ops.leanlm_int8.scale_int32(
-                torch._int_mm(codes, self.codes_t), scale, self.weight_scale, self.bias
+                torch._int_mm(codes, self.codes_t), scale, self.weight_scale, self.bias, flat_residual
             )
             return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
         codes, scale = quantize_rows(self._smoothed(x))
         out = torch._int_mm(codes, self.codes_t).float().mul_(scale).mul_(self.weight_scale)
         if self.bias is not None:
             out.add_(self.bias)
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out if residual is None else residual + out
 
     def extra_repr(self) -> str:
         smoothed = self.inverse_smoothing is not None

@@ -38,6 +38,7 @@ def test_the_artifact_embeds_as_the_quantized_model_and_records_quality(folders,
 
     artifact = Embedder(tmp_path / "out")
     assert artifact.precision == method
+    assert artifact.encoder.layers[0].adds_residual == (method == "int8")
     np.testing.assert_array_equal(artifact.embed(TEXTS), Embedder(source, precision=method).embed(TEXTS))
     stored = (tmp_path / "out" / "model.safetensors").stat().st_size
     assert stored < (source / "model.safetensors").stat().st_size

@@ -68,20 +68,26 @@ std::vector<at::Tensor> quantize_rows(const at::Tensor& x, const c10::optional<a
   return {codes, scales};
 }
 
-// acc (M, N) int32, row_scales (M, 1), column_scales (N), bias (N) or none -> (M, N) float32:
-// out = float(acc) * row_scale * column_scale + bias.
+// acc (M, N) int32, row_scales (M, 1), column_scales (N), bias (N) or none, residual (M, N) or none -> (M, N)
+// float32: out = float(acc) * row_scale * column_scale + bias, then + residual (the encoder's x + W h, one pass).
 at::Tensor scale_int32(const at::Tensor& acc, const at::Tensor& row_scales, const at::Tensor& column_scales,
-                       const c10::optional<at::Tensor>& bias) {
+                       const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& residual) {
   TORCH_CHECK(acc.dim() == 2 && acc.scalar_type() == at::kInt, "acc must be (M, N) int32");
   const int64_t rows = acc.size(0), cols = acc.size(1);
   auto a = acc.contiguous();
   auto rs = row_scales.contiguous();
   auto cs = column_scales.contiguous();
-  at::Tensor b;
+  at::Tensor b, res;
   const float* bp = nullptr;
+  const float* resp = nullptr;
   if (bias.has_value()) {
     b = bias->contiguous();
     bp = b.data_ptr<float>();
+  }
+  if (residual.has_value()) {
+    res = residual->contiguous();
+    TORCH_CHECK(res.scalar_type() == at::kFloat && res.numel() == rows * cols, "residual must be (M, N) float32");
+    resp = res.data_ptr<float>();
   }
   auto out = at::empty({rows, cols}, acc.options().dtype(at::kFloat));
   const int32_t* ap = a.data_ptr<int32_t>();
@@ -94,9 +100,16 @@ at::Tensor scale_int32(const at::Tensor& acc, const at::Tensor& row_scales, cons
       float* dst = op + m * cols;
       const float r = rp[m];
       if (bp) {
+#pragma omp simd
         for (int64_t n = 0; n < cols; ++n) dst[n] = static_cast<float>(src[n]) * r * cp[n] + bp[n];
       } else {
+#pragma omp simd
         for (int64_t n = 0; n < cols; ++n) dst[n] = static_cast<float>(src[n]) * r * cp[n];
+      }
+      if (resp) {
+        const float* add = resp + m * cols;
+#pragma omp simd
+        for (int64_t n = 0; n < cols; ++n) dst[n] = dst[n] + add[n];
       }
     }
   });
@@ -107,7 +120,7 @@ at::Tensor scale_int32(const at::Tensor& acc, const at::Tensor& row_scales, cons
 
 TORCH_LIBRARY(leanlm_int8, m) {
   m.def("quantize_rows(Tensor x, Tensor? inverse_smoothing) -> Tensor[]");
-  m.def("scale_int32(Tensor acc, Tensor row_scales, Tensor column_scales, Tensor? bias) -> Tensor");
+  m.def("scale_int32(Tensor acc, Tensor row_scales, Tensor column_scales, Tensor? bias, Tensor? residual=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(leanlm_int8, CPU, m) {
