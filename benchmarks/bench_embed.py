@@ -9,6 +9,7 @@ Quality: retrieval on wiki.utf8 (paragraph = document, its first sentence = quer
 recall@1, nDCG@10, their ratio to float32, cosine to float32 and top-1 agreement with float32.
 
     python benchmarks/bench_embed.py [--repetitions 5] [--pairs 500] [--threads 2] [--out out/bench_embed.json]
+                                     [--engines 'leanlm float32,ctranslate2 float32']
 """
 
 from __future__ import annotations
@@ -227,12 +228,20 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=500, help="retrieval queries (0: skip the quality table)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="out/bench_embed.json")
+    parser.add_argument(
+        "--engines",
+        default="",
+        help="only these engines, comma-separated (e.g. 'leanlm float32,ctranslate2 float32'; default: all)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     reference = Embedder(MODEL)
     texts = workload_texts(reference)
     with tempfile.TemporaryDirectory() as scratch:
         engines, notes = build_engines(args.threads, Path(scratch), reference)
+        if args.engines:
+            wanted = {name.strip() for name in args.engines.split(",")}
+            engines = [engine for engine in engines if engine.name in wanted]
         print(f"engines: {', '.join(e.name for e in engines)}", flush=True)
         speed = time_speed(engines, texts, args.repetitions)
         quality_engines = [e for e in engines if e.name in QUALITY_ENGINES]

@@ -48,12 +48,23 @@ def add_parser(subparsers) -> None:
         default=2048,
         help="wiki tokens for the quality check recorded in quantization.json (0 = skip)",
     )
+    q.add_argument(
+        "--eval-pairs",
+        type=int,
+        default=300,
+        help="encoders: wiki queries for the retrieval check against float32 recorded in quantization.json "
+        "(0 = skip; default %(default)s)",
+    )
     add_model_options(q)
 
 
 def run(args: argparse.Namespace) -> int:
     from leanlm.compress.config import QuantConfig
     from leanlm.compress.pipelines import quantize_to_folder
+    from leanlm.embed.loading import encoder_role
+
+    if encoder_role(args.model) is not None:
+        return _quantize_encoder(args)
 
     config = QuantConfig(
         method=args.method,
@@ -89,4 +100,35 @@ def run(args: argparse.Namespace) -> int:
             f"(original {q['baseline_perplexity']:.3f}, x{q['ppl_ratio']:.4f}), KL {q['kl_mean']:.4f}, "
             f"top-1 {100 * q['top1_agreement']:.1f}%"
         )
+    return 0
+
+
+def _quantize_encoder(args: argparse.Namespace) -> int:
+    """An embedding model or cross-encoder: int8 (W8A8) or int4 (groups of 32), with its retrieval quality."""
+    from leanlm.compress.encoders import quantize_encoder_to_folder
+    from leanlm.errors import InvalidRequestError
+
+    if args.bits or args.group_size or args.export_gguf:
+        raise InvalidRequestError(
+            "Encoders quantize with fixed settings (int8: per-row weights, per-token activations; int4: groups of "
+            "32): leave out --bits, --group-size and --export-gguf."
+        )
+    manifest = quantize_encoder_to_folder(
+        args.model, args.method, args.output, threads=args.threads, eval_pairs=args.eval_pairs
+    )
+    report = manifest["report"]
+    print(
+        f"{args.method} encoder: {report['quantized_layers']} layers, {report['dense_bytes'] / 2**20:.1f} MiB -> "
+        f"{report['quantized_bytes'] / 2**20:.1f} MiB in {report['seconds']} s -> {args.output}"
+    )
+    if "quality" in manifest and "cosine_mean" in manifest["quality"]:
+        q = manifest["quality"]
+        print(
+            f"quality on {q['pairs']} wiki queries: recall@1 {q['recall@1']:.4f} (float32 {q['float32_recall@1']:.4f}, "
+            f"x{q['recall@1_ratio']:.4f}), nDCG@10 {q['ndcg@10']:.4f} (x{q['ndcg@10_ratio']:.4f}), top-1 agreement "
+            f"{100 * q['top1_agreement']:.1f}%, cosine to float32 mean {q['cosine_mean']:.5f} min {q['cosine_min']:.5f}"
+        )
+    elif "quality" in manifest:
+        q = manifest["quality"]
+        print(f"quality on {q['pairs']} wiki queries: top-1 agreement with float32 {100 * q['top1_agreement']:.1f}%")
     return 0

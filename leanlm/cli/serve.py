@@ -15,7 +15,9 @@ def add_parser(subparsers) -> None:
         "serve",
         help="serve the model over an OpenAI-compatible HTTP API",
         description="Serve POST /v1/completions and /v1/chat/completions (streaming with stream: true), "
-        "GET /v1/models, /health and /metrics (Prometheus). Listens on 127.0.0.1 unless --host says otherwise.",
+        "GET /v1/models, /health and /metrics (Prometheus). Listens on 127.0.0.1 unless --host says otherwise. "
+        "An encoder as --model (e.g. all-minilm-l6-v2, or a cross-encoder folder) serves POST /v1/embeddings (or "
+        "/v1/rerank) without a generator.",
     )
     group = serve.add_argument_group("server")
     group.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s, local only)")
@@ -168,6 +170,11 @@ def run(args: argparse.Namespace) -> int:
 
     if _is_speech_model(args.model):
         return _serve_speech(args, settings)
+    from leanlm.embed.loading import encoder_role
+
+    role = encoder_role(args.model)
+    if role is not None:
+        return _serve_encoders_only(args, settings, role)
     llm = _load_on_a_passing_thread(args)
     if tensor_parallel:  # under torchrun: rank 0 serves, the other ranks follow its engine step by step
         from leanlm.distributed.lockstep import LockstepEngine, follow
@@ -240,7 +247,11 @@ def _load_encoders(args: argparse.Namespace):
 
     def load() -> None:  # on a passing thread, as the generator (see below): no OpenMP team left behind
         try:
-            names = served_model_name
+            renamed = getattr(args, "served_names", {})
+
+            def names(model) -> str:
+                return renamed.get(model) or served_model_name(model)
+
             loaded["embedders"] = {names(m): Embedder(m, precision=precision) for m in args.embedding_model}
             loaded["rerankers"] = {names(m): CrossEncoder(m, precision=precision) for m in args.rerank_model}
         except BaseException as exc:
@@ -252,6 +263,25 @@ def _load_encoders(args: argparse.Namespace):
     if "error" in loaded:
         raise loaded["error"]
     return EncoderServing(loaded["embedders"], loaded["rerankers"])
+
+
+def _serve_encoders_only(args: argparse.Namespace, settings, role: str) -> int:
+    """--model is an encoder: serve it (and any --embedding-model / --rerank-model) without a generator, as vLLM
+    serves an embedding model: /v1/embeddings (or /v1/rerank for a cross-encoder), /v1/models, /health."""
+    from leanlm.server.encoder_app import build_encoder_app
+    from leanlm.server.http_server import Server
+
+    if settings.model_name:  # --served-model-name renames --model
+        args.served_names = {args.model: settings.model_name}
+    (args.embedding_model if role == "embedding" else args.rerank_model).insert(0, args.model)
+    encoders = _load_encoders(args)
+    print(
+        f"leanlm: serving the {role} model(s) {', '.join(encoders.names)} on http://{args.host}:{args.port}/v1 "
+        "(no generator)",
+        file=sys.stderr,
+    )
+    Server(build_encoder_app(encoders, settings), args.host, args.port, log_level=args.log_level).run()
+    return 0
 
 
 def _is_speech_model(model) -> bool:

@@ -49,7 +49,7 @@ class Embedder:
             loaded.tokenizer,
         )
         self.pipeline = read_sentence_pipeline(self.path)
-        self.precision, self.batch_size, self.threads = precision, batch_size, threads
+        self.precision, self.batch_size, self.threads = loaded.precision, batch_size, threads
         self.name = str(model)
         limit = self.config.max_tokens
         wanted = max_seq_length or self.pipeline.max_seq_length or limit

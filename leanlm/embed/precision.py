@@ -76,7 +76,7 @@ def apply_precision(encoder: nn.Module, precision: str, calibration=None) -> nn.
     `calibration`: (input_ids, attention_mask) batches that int8 smooths with (None: no smoothing)."""
     check_precision(precision)
     if precision == "float32":
-        return encoder
+        return use_onednn(encoder)
     if precision == "bf16":
         if not cpu_has_fast_bf16():
             warnings.warn(
@@ -92,6 +92,23 @@ def apply_precision(encoder: nn.Module, precision: str, calibration=None) -> nn.
         for name, child in list(layer.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(layer, name, _quantized(child, precision, maxima.get(child)))
+        layer.adds_residual = precision == "int8"  # Int8DynamicLinear adds the residual in its epilogue
+    return encoder
+
+
+def use_onednn(encoder: nn.Module) -> nn.Module:
+    """float32: the layers' products on oneDNN (layers/onednn_linear.py), `up` with its activation fused and
+    attn_out / down with the residual added."""
+    from leanlm.layers.onednn_linear import OneDNNLinear, onednn_linear_available
+
+    if not onednn_linear_available():
+        return encoder
+    for layer in encoder.layers:
+        for name, child in list(layer.named_children()):
+            if isinstance(child, nn.Linear):
+                fused_act = encoder.config.hidden_act if name == "up" else None
+                setattr(layer, name, OneDNNLinear.from_linear(child, fused_act))
+        layer.up_applies_act = layer.adds_residual = True
     return encoder
 
 

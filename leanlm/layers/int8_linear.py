@@ -52,6 +52,24 @@ class Int8DynamicLinear(nn.Module):
         self.kernel = "fused" if load_int8_rows() else "int_mm"
 
     @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        weight_scale: torch.Tensor,
+        bias: torch.Tensor | None,
+        inverse_smoothing: torch.Tensor | None = None,
+    ) -> Int8DynamicLinear:
+        """The layer from its stored form ((N, K) int8 codes, (N,) scales, 1/s), as an artifact holds it."""
+        # A zero weight (and unit smoothing) only sizes the buffers, which the stored ones then replace.
+        unit = None if inverse_smoothing is None else torch.ones(codes.shape[1])
+        layer = cls(torch.zeros(codes.shape), bias, unit)
+        layer.codes_t = codes.to(torch.int8).t()
+        layer.weight_scale = weight_scale.float().reshape(-1)
+        if inverse_smoothing is not None:
+            layer.inverse_smoothing = inverse_smoothing.float()
+        return layer
+
+    @classmethod
     def from_linear(cls, linear: nn.Linear, input_absmax: torch.Tensor | None = None) -> Int8DynamicLinear:
         """input_absmax: each input channel's largest |x| on calibration text, to smooth with (None: no smoothing)."""
         smoothing = None if input_absmax is None else smoothing_factors(input_absmax, linear.weight)
@@ -71,22 +89,26 @@ class Int8DynamicLinear(nn.Module):
         out = F.linear(codes.float() * scale, self.dequantize(), self.bias)
         return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x W^T + b, plus `residual` when given (the fused kernel adds it in its epilogue: one pass less)."""
         if self.kernel == "reference":
-            return self.reference_forward(x)
-        if self.kernel == "fused":
+            out = self.reference_forward(x)
+            return out if residual is None else residual + out
+        if self.kernel == "fused" and (residual is None or residual.dtype == torch.float32):
             codes, scale = torch.ops.leanlm_int8.quantize_rows(
                 x.reshape(-1, self.in_features).float().contiguous(), self.inverse_smoothing
             )
+            flat_residual = None if residual is None else residual.reshape(-1, self.out_features)
             out = torch.ops.leanlm_int8.scale_int32(
-                torch._int_mm(codes, self.codes_t), scale, self.weight_scale, self.bias
+                torch._int_mm(codes, self.codes_t), scale, self.weight_scale, self.bias, flat_residual
             )
             return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
         codes, scale = quantize_rows(self._smoothed(x))
         out = torch._int_mm(codes, self.codes_t).float().mul_(scale).mul_(self.weight_scale)
         if self.bias is not None:
             out.add_(self.bias)
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        out = out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return out if residual is None else residual + out
 
     def extra_repr(self) -> str:
         smoothed = self.inverse_smoothing is not None

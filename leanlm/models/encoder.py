@@ -107,6 +107,8 @@ class EncoderLayer(nn.Module):
         self.mlp_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
         self.act = ACTIVATIONS[config.hidden_act]
         self.reference = False  # True: the attention formula written out (the fast path's reference)
+        self.up_applies_act = False  # True once `up` computes act(up(x)) itself (a fused oneDNN post-op)
+        self.adds_residual = False  # True once attn_out / down take the residual to add (oneDNN's binary post-op)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         """mask: (B, 1, 1, T) True for real keys, or None when every key is real (SDPA's faster unmasked path)."""
@@ -118,8 +120,12 @@ class EncoderLayer(nn.Module):
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         context = context.transpose(1, 2).reshape(b, t, h)
-        x = self.attn_norm(x + self.attn_out(context))
-        return self.mlp_norm(x + self.down(self.act(self.up(x))))
+        x = self.attn_norm(self._plus(self.attn_out, context, x))
+        hidden = self.up(x) if self.up_applies_act else self.act(self.up(x))
+        return self.mlp_norm(self._plus(self.down, hidden, x))
+
+    def _plus(self, linear: nn.Module, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return linear(h, residual) if self.adds_residual else residual + linear(h)
 
 
 class TextEncoder(nn.Module):
@@ -176,11 +182,17 @@ class TextEncoder(nn.Module):
         return self.head_out(first).float()
 
 
-def build_encoder(config: EncoderConfig, weights: dict[str, torch.Tensor]) -> TextEncoder:
-    """The module tree with `weights` (leanlm's names, see the families' `encoder_weights`) assigned, in float32."""
+def build_encoder(
+    config: EncoderConfig, weights: dict[str, torch.Tensor], modules: dict[str, nn.Module] | None = None
+) -> TextEncoder:
+    """The module tree with `weights` (leanlm's names, see the families' `encoder_weights`) assigned, in float32;
+    `modules` replace the layers' linear layers of those names (a quantized artifact's, already built)."""
     with torch.device("meta"):
         model = TextEncoder(config)
-    expected = {name for name, _ in model.named_parameters()}
+    for name, module in (modules or {}).items():
+        model.set_submodule(name, module)
+    replaced = tuple(f"{name}." for name in modules or {})
+    expected = {name for name, _ in model.named_parameters() if not name.startswith(replaced)}
     missing, unexpected = expected - weights.keys(), weights.keys() - expected
     if missing or unexpected:
         raise ModelFormatError(

@@ -77,7 +77,12 @@ def build_app(llm, settings: ServerSettings, engine: AsyncEngine | None = None, 
     authorized = [Depends(_api_key_check(settings.api_key))]
     if settings.api_key is None:  # a browser's cross-site "simple" POST (text/plain, forms) must not generate
         authorized.append(Depends(_json_content_type))
-    document = openapi_document(settings.model_name, settings.max_tokens_limit)
+    document = openapi_document(
+        settings.model_name,
+        settings.max_tokens_limit,
+        list(encoders.embedders) if encoders else (),
+        list(encoders.rerankers) if encoders else (),
+    )
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi() -> Response:
@@ -329,3 +334,6 @@ class BodySizeLimit:
 # Shared with the speech app (server/speech_app.py): the same error bodies and API-key check.
 add_error_handlers = _add_error_handlers
 api_key_check = _api_key_check
+# And with the encoder-only app (server/encoder_app.py): the body parser and the JSON content-type check.
+parse_body = _parse
+json_content_type = _json_content_type

@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, Field, PlainValidator
+from pydantic import BaseModel, Field, PlainValidator, WithJsonSchema
 from starlette.responses import JSONResponse
 
 from leanlm.server.errors import BadRequest, NotFound
@@ -40,10 +40,21 @@ def _embedding_input(value: Any) -> list[str] | list[list[int]]:
     return value
 
 
+_TOKENS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+INPUT_SCHEMA = {  # what _embedding_input accepts, for /openapi.json
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 64},
+        _TOKENS,
+        {"type": "array", "items": _TOKENS, "minItems": 1, "maxItems": 64},
+    ]
+}
+
+
 class EmbeddingRequest(BaseModel):
     model_config = STRICT
     model: str
-    input: Annotated[Any, PlainValidator(_embedding_input)]
+    input: Annotated[Any, PlainValidator(_embedding_input), WithJsonSchema(INPUT_SCHEMA)]
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
     user: str | None = None
@@ -57,6 +68,46 @@ class RerankRequest(BaseModel):
     top_n: int | None = Field(default=None, ge=1)
     return_documents: bool = True
     model_config = STRICT
+
+
+# The answers' shapes, for /openapi.json (the routes build the same fields as plain dicts).
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # str: base64 of little-endian float32 (encoding_format "base64")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+
+class RerankDocument(BaseModel):
+    text: str
+
+
+class RerankResult(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None  # left out with return_documents: false
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]
 
 
 class EncoderServing:

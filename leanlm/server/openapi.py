@@ -6,10 +6,12 @@ them explicitly, so that clients and fuzzers (schemathesis) know every route, bo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel
 
+from leanlm.server.encoders import EmbeddingRequest, EmbeddingResponse, RerankRequest, RerankResponse
 from leanlm.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
@@ -27,7 +29,14 @@ from leanlm.server.protocol import (
 )
 
 
-def openapi_document(model_name: str, max_tokens: int = 4096) -> dict[str, Any]:
+def openapi_document(
+    model_name: str | None,
+    max_tokens: int = 4096,
+    embedding_models: Sequence[str] = (),
+    rerank_models: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The document of a server with a generator named `model_name` (None: an encoder-only server) and the
+    encoders it serves beside it (/v1/embeddings, /v1/rerank)."""
     components: dict[str, Any] = {}
 
     def ref(model: type[BaseModel], mode: str = "validation") -> dict[str, str]:
@@ -71,7 +80,7 @@ def openapi_document(model_name: str, max_tokens: int = 4096) -> dict[str, Any]:
             }
         }
 
-    paths = {
+    generator_paths = {
         "/v1/completions": post("Complete a prompt", CompletionRequest, CompletionResponse, CompletionResponse),
         "/v1/chat/completions": post(
             "Answer a conversation", ChatCompletionRequest, ChatCompletionResponse, ChatCompletionChunk
@@ -84,7 +93,35 @@ def openapi_document(model_name: str, max_tokens: int = 4096) -> dict[str, Any]:
         "/detokenize": post("Text of token ids", DetokenizeRequest, DetokenizeResponse, None),
         "/tokenizer_info": get("The tokenizer's special tokens and chat template", TokenizerInfo, 401),
     }
-    for name in ("CompletionRequest", "ChatCompletionRequest"):  # what this server accepts, not just the types
+    paths = {path: generator_paths[path] for path in ("/v1/models", "/v1/models/{model}", "/health")}
+    if model_name is not None:
+        paths = generator_paths
+        _restrict_generation(components, model_name, max_tokens)
+    served = [model_name] if model_name is not None else []
+    served += [*embedding_models, *rerank_models]
+    paths["/v1/models/{model}"]["get"]["parameters"] = [
+        {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}, "example": served[0]}
+    ]
+    if embedding_models:
+        paths["/v1/embeddings"] = post("Embed texts or token lists", EmbeddingRequest, EmbeddingResponse, None)
+        components["EmbeddingRequest"]["properties"]["model"] = {"type": "string", "enum": list(embedding_models)}
+    if rerank_models:
+        paths["/v1/rerank"] = post("Order documents by relevance to a query", RerankRequest, RerankResponse, None)
+        components["RerankRequest"]["properties"]["model"] = {"type": "string", "enum": list(rerank_models)}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "leanlm", "version": "1", "description": "OpenAI-compatible API of leanlm"},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _restrict_generation(components: dict[str, Any], model_name: str, max_tokens: int) -> None:
+    """What this server accepts, not just the types: its model's name, its max_tokens limit."""
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
         properties = components[name]["properties"]
         properties["model"] = {"type": "string", "enum": [model_name]}
         for field in ("max_tokens", "max_completion_tokens"):
@@ -99,18 +136,6 @@ def openapi_document(model_name: str, max_tokens: int = 4096) -> dict[str, Any]:
             {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1, "maxItems": 16},
             {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 1000}, "minItems": 1},
         ]
-    }
-    paths["/v1/models/{model}"]["get"]["parameters"] = [
-        {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}, "example": model_name}
-    ]
-    return {
-        "openapi": "3.1.0",
-        "info": {"title": "leanlm", "version": "1", "description": "OpenAI-compatible API of leanlm"},
-        "paths": paths,
-        "components": {
-            "schemas": components,
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-        },
     }
 
 

@@ -88,8 +88,11 @@ def test_int8_linear_equals_its_reference_and_stays_near_float(smoothed):
     with torch.no_grad():
         fast, reference, exact = layer(x), layer.reference_forward(x), linear(x)
         solo = torch.stack([layer(x[:, t : t + 1])[:, 0] for t in range(7)], dim=1)
+        residual = torch.randn(5, 7, 40)
+        fused_plus = layer(x, residual)
         layer.kernel = "int_mm"  # the same steps as torch ops: leanlm's fused kernels must give the same bits
         assert torch.equal(layer(x), fast)
+        assert torch.equal(layer(x, residual), fused_plus) and torch.equal(fused_plus, residual + fast)
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-5)  # int32 sums are exact; float32 rounding only
     assert torch.equal(fast, solo)  # per-token scales: a row's result does not depend on its batch
     relative = (fast - exact).norm(dim=-1) / exact.norm(dim=-1)

@@ -31,6 +31,7 @@ LEVELS = {
     "leanlm.translate": 3,  # Marian/T5 generation (HF-style greedy and beam search) and instruct-model prompts
     "leanlm.compress.measure": 4,  # the manifests' speed and quality figures come from evaluate/
     "leanlm.compress.pipelines": 4,
+    "leanlm.compress.encoders": 4,  # quantized encoder artifacts record evaluate/'s retrieval figures
     "leanlm.evaluate": 4,
     "leanlm.bench": 4,
     "leanlm.optimize": 5,  # decisions: searches over compress/, evaluate/ and bench/ measurements

@@ -1,5 +1,6 @@
 """schemathesis against the served OpenAPI document, bounded: positive and negative cases for every operation
-(completions, chat, tokenize, models, health, metrics) over the fake engine. No request may get a 5xx. The full
+(completions, chat, tokenize, models, health, metrics) over the fake engine, and embeddings / rerank over tiny
+random encoders served beside it. No request may get a 5xx. The full
 run, on the real model, is `benchmarks/fuzz_server.py --schemathesis`."""
 
 import pytest
@@ -15,15 +16,26 @@ schemathesis = pytest.importorskip("schemathesis")
 
 MODEL = "fake"
 MAX_TOKENS = 16
-schema = schemathesis.openapi.from_dict(openapi_document(MODEL, MAX_TOKENS))
+EMBEDDER, RERANKER = "tiny-embed", "tiny-rerank"
+schema = schemathesis.openapi.from_dict(openapi_document(MODEL, MAX_TOKENS, [EMBEDDER], [RERANKER]))
 schema.config.generation.update(modes=list(schemathesis.GenerationMode))
 
 
 @pytest.fixture(scope="module")
-def url():
+def url(tmp_path_factory):
+    from tiny_encoders import tiny_folder
+
+    from leanlm.embed import CrossEncoder, Embedder
+    from leanlm.server.encoders import EncoderServing
+
+    root = tmp_path_factory.mktemp("encoders")
+    encoders = EncoderServing(
+        {EMBEDDER: Embedder(tiny_folder(root / "embed", "bert")[0])},
+        {RERANKER: CrossEncoder(tiny_folder(root / "rerank", "bert", num_labels=1)[0])},
+    )
     engine = FakeEngine(max_num_seqs=16, context_length=4096, max_cached_tokens=4096)
     settings_ = ServerSettings(model_name=MODEL, max_tokens_limit=MAX_TOKENS, max_queue=64)
-    with running_server(build_app(FakeLLM(engine), settings_)) as (base, _):
+    with running_server(build_app(FakeLLM(engine), settings_, encoders=encoders)) as (base, _):
         yield base
 
 
