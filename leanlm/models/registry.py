@@ -73,7 +73,8 @@ def build_model(
     if isinstance(plan, torch.dtype):
         quantized = any(isinstance(t, QuantizedTensor) for t in weights.values())
         plan = resolve_plan(str(device), plan, kernels).for_weights(quantized)
-        plan = dataclasses.replace(plan, compute_dtype=plan.dtype)  # the dtype given is the one to compute in
+        if not plan.half_weights:  # the dtype given is the one to compute in (16-bit weights: float32 around them)
+            plan = dataclasses.replace(plan, compute_dtype=plan.dtype)
     family = family_for_model_type(config.model_type)
     with torch.device("meta"):  # no random init: parameters are assigned from the checkpoint
         model = family.model_class(config)

@@ -211,7 +211,8 @@ def test_ops_pass_torch_library_checks():
         torch.ops.leanlm.q8_linear.default, (torch.randn(2, 64), p.codes, p.scales, p.offsets, None, p.rows, True)
     )
     torch.library.opcheck(torch.ops.leanlm.silu_mul.default, (torch.randn(3, 8),))
-    torch.library.opcheck(torch.ops.leanlm.half_linear.default, (torch.randn(2, 40), torch.randn(5, 40).bfloat16(), None))
+    half = (torch.randn(2, 40), torch.randn(5, 40).bfloat16(), None)
+    torch.library.opcheck(torch.ops.leanlm.half_linear.default, half)
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
