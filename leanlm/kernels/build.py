@@ -136,7 +136,7 @@ def _register_fake_kernels() -> None:
     torch.library.register_fake("leanlm::q8_linear")(linear_shape)
     torch.library.register_fake("leanlm::dequantize")(dequantize_shape)
     torch.library.register_fake("leanlm::half_linear")(
-        lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0])
+        lambda x, weight, bias, round_activations=False: x.new_empty(*x.shape[:-1], weight.shape[0])
     )
     torch.library.register_fake("leanlm::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
     torch.library.register_fake("leanlm::rotary")(lambda x, cos, sin: x.new_empty(x.shape))

@@ -17,9 +17,14 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 class HalfLinear(nn.Linear):
     """y = x W^T + b with W bfloat16/float16 and x float32, accumulated in float32 by leanlm's kernel
-    ("leanlm-bf16" / "leanlm-f16"); `reference_forward` is the definition it is tested against."""
+    ("leanlm-bf16" / "leanlm-f16"); `reference_forward` is the definition it is tested against.
+
+    round_activations (kernel mode "auto", bfloat16 weights): x is rounded to bfloat16 first, as llama.cpp does for
+    BF16 files, so that AVX-512 BF16's vdpbf16ps multiplies two pairs per lane (twice the prefill throughput);
+    mode "exact" keeps float32 activations."""
 
     kernel = "leanlm"
+    round_activations = False
 
     @property
     def half_kernel(self) -> bool:
@@ -33,7 +38,7 @@ class HalfLinear(nn.Linear):
         if not self.half_kernel:  # e.g. converted to float32 after the plan changed
             return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         bias = None if self.bias is None else self.bias.float()
-        return torch.ops.leanlm.half_linear(x, self.weight.detach(), bias)
+        return torch.ops.leanlm.half_linear(x, self.weight.detach(), bias, self.round_activations)
 
     def runtime_bytes(self) -> int:
         return self.weight.numel() * self.weight.element_size()
@@ -46,7 +51,7 @@ class HalfEmbedding(nn.Embedding):
         return super().forward(ids).float()
 
 
-def use_half_kernels(model: nn.Module, enabled: bool) -> int:
+def use_half_kernels(model: nn.Module, enabled: bool, round_activations: bool = False) -> int:
     """Run every nn.Linear with a 16-bit CPU weight on leanlm's kernel, and the token embedding's 16-bit rows as
     float32 (enabled), or turn such modules back into plain nn.Linear / nn.Embedding. Returns how many linears
     run the kernel. Only the class changes: parameters (and their sharing) stay as they are."""
@@ -55,6 +60,8 @@ def use_half_kernels(model: nn.Module, enabled: bool) -> int:
         if type(module) in (nn.Linear, HalfLinear):
             half = enabled and module.weight.dtype in HALF_DTYPES and module.weight.device.type == "cpu"
             module.__class__ = HalfLinear if half else nn.Linear
+            if half:
+                module.round_activations = round_activations and module.weight.dtype == torch.bfloat16
             count += half
         elif type(module) in (nn.Embedding, HalfEmbedding):
             half = enabled and module.weight.dtype in HALF_DTYPES

@@ -91,7 +91,7 @@ def prepare_runtime(model: nn.Module, plan: RuntimePlan) -> None:
     the C++ stack (rebuilt here, the one place that changes kernel layouts). Call again after compress/ swaps
     layers or changes the plan."""
     model.plan = plan
-    use_half_kernels(model, plan.half_weights)  # 16-bit linears (and the embedding) keep their dtype below
+    use_half_kernels(model, plan.half_weights, plan.kernels == "auto")  # 16-bit linears (and the embedding) keep their dtype below
     if plan.half_weights:
         _to_dtype_except(model, plan.compute_dtype, half_weight_ids(model))
     elif model.embed_tokens.weight.dtype != plan.compute_dtype:  # e.g. float32 activations after quantization

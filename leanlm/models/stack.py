@@ -63,8 +63,8 @@ def build_decoder_stack(model: nn.Module):
     flat = [p for layer in projections for p in layer]
     if not flat or not all(_on_kernels(p) for p in flat):
         return None, "some projections do not run leanlm's kernels"
-    # 16-bit projections compute in float32 whatever the mode; the quantized ones must agree on theirs
-    modes = {p._int8_activations for p in flat if isinstance(p, QuantizedLinear)} or {False}
+    # one activation mode: "auto" (int8 activations for quantized weights, bfloat16 for bfloat16 ones) or "exact"
+    modes = {p.round_activations if isinstance(p, HalfLinear) else p._int8_activations for p in flat}
     norms = [(layer.input_layernorm.weight, layer.post_attention_layernorm.weight) for layer in model.layers]
     if len(modes) != 1:
         return None, "the projections mix int8 and float activations"

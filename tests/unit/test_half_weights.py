@@ -64,9 +64,15 @@ def test_a_16_bit_model_runs_the_kernels_with_its_weights_held_once(tiny_folder,
     assert all(t.dim() == 1 for t in model.state_dict().values() if t.dtype == torch.float32)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_16_bit_logits_match_the_float32_module_path(tiny_folder, dtype):
-    half = llm(tiny_folder, dtype)
+@pytest.mark.parametrize("dtype,kernels", [("bfloat16", "exact"), ("float16", "exact"), ("bfloat16", "auto")])
+def test_16_bit_logits_match_the_float32_module_path(tiny_folder, dtype, kernels):
+    """exact: float32 activations, within 1e-4 and the same greedy tokens. auto: bfloat16 activations into the
+    bfloat16 projections (as llama.cpp runs BF16 files): within 2e-2 (each activation rounded by up to 2^-9)."""
+    from leanlm import LLM
+    from leanlm.sampling_params import SamplingParams
+
+    half = LLM(str(tiny_folder), dtype=dtype, threads=2, kernels=kernels)
+    assert all(m.round_activations == (kernels == "auto") for m in half.model.modules() if isinstance(m, HalfLinear))
     reference = llm(tiny_folder, "float32")  # the same bfloat16 values, read exactly into float32
     if dtype == "float16":  # bfloat16 -> float16 rounds: the reference runs the float16 values
         for module in reference.model.modules():
@@ -75,19 +81,20 @@ def test_16_bit_logits_match_the_float32_module_path(tiny_folder, dtype):
     assert not reference.plan.half_weights
     ids = list(range(3, 40))
     got, want = full_logits(half.model, ids), full_logits(reference.model, ids)
-    assert float((got - want).norm() / want.norm()) < 1e-4
-    from leanlm.sampling_params import SamplingParams
-
-    prompt = "w5 w9 w33 w2"
-    params = SamplingParams(**GREEDY)
-    assert half.generate(prompt, params)[0].token_ids == reference.generate(prompt, params)[0].token_ids
+    assert float((got - want).norm() / want.norm()) < (1e-4 if kernels == "exact" else 2e-2)
+    if kernels == "exact":
+        prompt, params = "w5 w9 w33 w2", SamplingParams(**GREEDY)
+        assert half.generate(prompt, params)[0].token_ids == reference.generate(prompt, params)[0].token_ids
 
 
-def test_the_stack_equals_the_16_bit_module_path_bit_for_bit(tiny_folder):
+@pytest.mark.parametrize("kernels", ["auto", "exact"])
+def test_the_stack_equals_the_16_bit_module_path_bit_for_bit(tiny_folder, kernels):
+    from leanlm import LLM
     from leanlm.cache.paged_kv import PagedKVCache
     from leanlm.engine.paged_attention import SequenceSlice, build_paged_attention
 
-    model = llm(tiny_folder, "bfloat16").model
+    model = LLM(str(tiny_folder), dtype="bfloat16", threads=2, kernels=kernels).model
+    assert model.decoder_stack is not None
     c = model.config
     outputs = {}
     saved = model.decoder_stack

@@ -334,19 +334,29 @@ def test_half_linear_matches_reference(dtype, rows, batch, columns):
     assert out.dtype == torch.float32 and out.shape == (batch, rows)
     assert relative_error(out, reference) < EXACT_TOLERANCE
     assert relative_error(torch.ops.leanlm.half_linear(x.bfloat16(), weight, None).float(), reference - bias) < 1e-2
+    # mode "auto": bfloat16 activations (vdpbf16ps where the CPU has it); float16 weights keep float32 activations
+    rounded = torch.ops.leanlm.half_linear(x, weight, bias, True)
+    x_read = x.bfloat16() if dtype == torch.bfloat16 else x
+    assert relative_error(rounded, x_read.double() @ weight.double().t() + bias.double()) < EXACT_TOLERANCE
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_linear_rows_do_not_depend_on_the_batch(dtype):
+@pytest.mark.parametrize(
+    "dtype,round_activations", [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)]
+)
+def test_half_linear_rows_do_not_depend_on_the_batch(dtype, round_activations):
     """Bit for bit, as for the quantized kernels: a row alone, in a tile of 4 or among the single rows."""
     generator = torch.Generator().manual_seed(5)
     weight = torch.randn(75, 100, generator=generator).to(dtype)  # rows: 4 tiles of 16, then 8 + 3 singles
+
+    def run(x):
+        return torch.ops.leanlm.half_linear(x, weight, None, round_activations)
+
     x = torch.randn(2, 31, 100, generator=generator)
-    batched = torch.ops.leanlm.half_linear(x, weight, None).reshape(-1, 75)
+    batched = run(x).reshape(-1, 75)
     rows = x.reshape(-1, 100)
     for i in (0, 5, 30, 61):
-        assert torch.equal(torch.ops.leanlm.half_linear(rows[i : i + 1], weight, None)[0], batched[i])
-    assert torch.equal(torch.ops.leanlm.half_linear(rows[:3], weight, None), batched[:3])
+        assert torch.equal(run(rows[i : i + 1])[0], batched[i])
+    assert torch.equal(run(rows[:3]), batched[:3])
 
 
 def test_half_linear_refuses_other_weights():

@@ -67,7 +67,7 @@ struct PackedLinear {
   void operator()(const float* x, int64_t m, float* out, bool int8_activations) const {
     if (half) {
       RECORD_FUNCTION("leanlm::half_linear", c10::ArrayRef<const c10::IValue>{});
-      leanlm::half_matmul_into(half_weights, x, m, out, width());
+      leanlm::half_matmul_into(half_weights, x, m, out, width(), int8_activations);  // "auto": bf16 activations
     } else {
       RECORD_FUNCTION(weights.q4 ? "leanlm::q4_linear" : "leanlm::q8_linear", c10::ArrayRef<const c10::IValue>{});
       leanlm::matmul_into(weights, x, m, out, int8_activations);

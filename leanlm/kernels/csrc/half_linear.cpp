@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "kernels.h"
 
@@ -134,6 +135,109 @@ void matmul(const HalfWeights& w, const float* x, int64_t m_total, int64_t x_str
   });
 }
 
+// ---- bfloat16 weights times bfloat16-rounded activations (kernel mode "auto", as llama.cpp runs BF16 files) ----
+// Lane j of 16 takes inputs 32s + 2j and 32s + 2j + 1: acc += w[odd] x[odd], then acc += w[even] x[even], each
+// product exact in float32: what one vdpbf16ps does (AVX-512 BF16); other builds run the same two FMAs.
+
+// x (float32) rounded to the nearest bfloat16, ties to even (NaN stays NaN), width padded with zeros to `padded`.
+void round_rows_to_bf16(const float* x, int64_t m, int64_t cols, int64_t padded, uint16_t* out) {
+  for (int64_t r = 0; r < m; ++r) {
+    for (int64_t k = 0; k < padded; ++k) {
+      uint32_t bits = 0;
+      if (k < cols) std::memcpy(&bits, x + r * cols + k, sizeof(bits));
+      const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+      out[r * padded + k] = nan ? static_cast<uint16_t>((bits >> 16) | 0x40) : static_cast<uint16_t>(
+                                                                                     (bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
+    }
+  }
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#define LEANLM_DPBF16 1
+inline Vec dot_pairs(const uint16_t* w, const uint16_t* x, Vec acc) {
+  const __m512i wv = _mm512_loadu_si512(w), xv = _mm512_loadu_si512(x);
+  return {_mm512_dpbf16_ps(acc.v, reinterpret_cast<const __m512bh&>(wv), reinterpret_cast<const __m512bh&>(xv))};
+}
+#else
+// 32 bfloat16 as 16 dwords: the even element is the low half (shift it up), the odd one the high half (mask).
+inline void split(const uint16_t* p, int half, __m256& even, __m256& odd) {
+  const __m256i d = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16 * half));
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(d, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(d, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+#if defined(__AVX512F__)
+inline Vec dot_pairs(const uint16_t* w, const uint16_t* x, Vec acc) {
+  const __m512i wd = _mm512_loadu_si512(w), xd = _mm512_loadu_si512(x);
+  const __m512i mask = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  acc.v = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(wd, mask)),
+                          _mm512_castsi512_ps(_mm512_and_si512(xd, mask)), acc.v);
+  return {_mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(wd, 16)),
+                          _mm512_castsi512_ps(_mm512_slli_epi32(xd, 16)), acc.v)};
+}
+#else
+inline Vec dot_pairs(const uint16_t* w, const uint16_t* x, Vec acc) {
+  __m256 we, wo, xe, xo;
+  split(w, 0, we, wo);
+  split(x, 0, xe, xo);
+  acc.lo = _mm256_fmadd_ps(we, xe, _mm256_fmadd_ps(wo, xo, acc.lo));
+  split(w, 1, we, wo);
+  split(x, 1, xe, xo);
+  acc.hi = _mm256_fmadd_ps(we, xe, _mm256_fmadd_ps(wo, xo, acc.hi));
+  return acc;
+}
+#endif
+#endif
+
+constexpr int64_t kPair = 32;  // inputs per step
+
+template <int R, int T>
+void tile_bf16(const HalfWeights& w, const uint16_t* x, int64_t x_stride, float* out, int64_t out_stride, int64_t r0,
+               int64_t m0) {
+  Vec acc[R][T];
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) acc[i][t] = zero();
+  const int64_t full = w.cols / kPair * kPair;
+  for (int64_t k = 0; k < full; k += kPair)
+    for (int i = 0; i < R; ++i)
+      for (int t = 0; t < T; ++t) acc[i][t] = dot_pairs(w.data + (r0 + i) * w.cols + k, x + (m0 + t) * x_stride + k, acc[i][t]);
+  if (const int64_t tail = w.cols - full) {  // the activations are zero-padded already; the weights here
+    alignas(64) uint16_t wpad[kPair];
+    for (int i = 0; i < R; ++i) {
+      std::fill(wpad, wpad + kPair, uint16_t{0});
+      std::memcpy(wpad, w.data + (r0 + i) * w.cols + full, tail * sizeof(uint16_t));
+      for (int t = 0; t < T; ++t) acc[i][t] = dot_pairs(wpad, x + (m0 + t) * x_stride + full, acc[i][t]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) out[(m0 + t) * out_stride + r0 + i] = sum_lanes(acc[i][t]);
+}
+
+void matmul_bf16_activations(const HalfWeights& w, const float* x, int64_t m_total, float* out, int64_t out_stride) {
+  const int64_t padded = (w.cols + kPair - 1) / kPair * kPair;
+  std::vector<uint16_t> xb(m_total * padded);
+  round_rows_to_bf16(x, m_total, w.cols, padded, xb.data());
+  const int64_t blocks = (w.rows + kRowBlock - 1) / kRowBlock;
+  const int64_t grain = std::max<int64_t>(1, blocks / (8 * at::get_num_threads()));
+  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t r_begin = b * kRowBlock, r_end = std::min(w.rows, r_begin + kRowBlock);
+      int64_t m = 0;
+      for (; m + kTileBatch <= m_total; m += kTileBatch) {
+        int64_t r = r_begin;
+        for (; r + kTileRows <= r_end; r += kTileRows)
+          tile_bf16<kTileRows, kTileBatch>(w, xb.data(), padded, out, out_stride, r, m);
+        for (; r < r_end; ++r) tile_bf16<1, kTileBatch>(w, xb.data(), padded, out, out_stride, r, m);
+      }
+      for (; m < m_total; ++m) {
+        int64_t r = r_begin;
+        for (; r + kSingleRows <= r_end; r += kSingleRows)
+          tile_bf16<kSingleRows, 1>(w, xb.data(), padded, out, out_stride, r, m);
+        for (; r < r_end; ++r) tile_bf16<1, 1>(w, xb.data(), padded, out, out_stride, r, m);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 namespace leanlm {
@@ -147,18 +251,21 @@ HalfWeights check_half_weights(const at::Tensor& weight) {
                      weight.scalar_type() == at::kBFloat16};
 }
 
-void half_matmul_into(const HalfWeights& w, const float* x, int64_t m, float* out, int64_t out_stride) {
-  if (w.bf16) matmul<true>(w, x, m, w.cols, out, out_stride);
+void half_matmul_into(const HalfWeights& w, const float* x, int64_t m, float* out, int64_t out_stride,
+                      bool round_activations) {
+  if (w.bf16 && round_activations) matmul_bf16_activations(w, x, m, out, out_stride);
+  else if (w.bf16) matmul<true>(w, x, m, w.cols, out, out_stride);
   else matmul<false>(w, x, m, w.cols, out, out_stride);
 }
 
-at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       bool round_activations) {
   const HalfWeights w = check_half_weights(weight);
   TORCH_CHECK(x.device().is_cpu(), "half_linear: x must be on the CPU");
   TORCH_CHECK(x.size(-1) == w.cols, "half_linear: x has ", x.size(-1), " features, the weight expects ", w.cols);
   const at::Tensor x2d = x.reshape({-1, w.cols}).to(at::kFloat).contiguous();
   at::Tensor out = at::empty({x2d.size(0), w.rows}, x2d.options());
-  half_matmul_into(w, x2d.data_ptr<float>(), x2d.size(0), out.data_ptr<float>(), w.rows);
+  half_matmul_into(w, x2d.data_ptr<float>(), x2d.size(0), out.data_ptr<float>(), w.rows, round_activations);
   if (bias.has_value()) out.add_(bias->to(at::kFloat));
   if (x.scalar_type() != at::kFloat) out = out.to(x.scalar_type());
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -168,6 +275,8 @@ at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const c10:
 
 }  // namespace leanlm
 
-TORCH_LIBRARY_FRAGMENT(leanlm, m) { m.def("half_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(leanlm, m) { 
+  m.def("half_linear(Tensor x, Tensor weight, Tensor? bias, bool round_activations=False) -> Tensor");
+ }
 
 TORCH_LIBRARY_IMPL(leanlm, CPU, m) { m.impl("half_linear", &leanlm::half_linear); }

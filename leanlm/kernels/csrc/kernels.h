@@ -75,8 +75,11 @@ struct HalfWeights {
 };
 HalfWeights check_half_weights(const at::Tensor& weight);
 // out (m, out_stride)[:, :rows] = x (m, cols) W^T in float32; a row's result is the same for every m.
-void half_matmul_into(const HalfWeights& w, const float* x, int64_t m, float* out, int64_t out_stride);
-at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+// round_activations (bfloat16 weights only; kernel mode "auto"): x rounded to bfloat16 first, as vdpbf16ps reads it.
+void half_matmul_into(const HalfWeights& w, const float* x, int64_t m, float* out, int64_t out_stride,
+                      bool round_activations);
+at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       bool round_activations);
 
 // exp of 8 floats (Cephes' polynomial, within 2 ulp of std::exp over float's normal range; inputs are clamped to
 // +-88.38). Vectorized because libm's scalar exp dominated SiLU and softmax.
