@@ -91,7 +91,8 @@ def prepare_runtime(model: nn.Module, plan: RuntimePlan) -> None:
     the C++ stack (rebuilt here, the one place that changes kernel layouts). Call again after compress/ swaps
     layers or changes the plan."""
     model.plan = plan
-    use_half_kernels(model, plan.half_weights, plan.kernels == "auto")  # 16-bit linears (and the embedding) keep their dtype below
+    # 16-bit linears (and the embedding) keep their dtype below; "auto" rounds their activations to bfloat16
+    use_half_kernels(model, plan.half_weights, plan.kernels == "auto")
     if plan.half_weights:
         _to_dtype_except(model, plan.compute_dtype, half_weight_ids(model))
     elif model.embed_tokens.weight.dtype != plan.compute_dtype:  # e.g. float32 activations after quantization
