@@ -60,6 +60,8 @@ def use_half_kernels(model: nn.Module, enabled: bool, round_activations: bool = 
         if type(module) in (nn.Linear, HalfLinear):
             half = enabled and module.weight.dtype in HALF_DTYPES and module.weight.device.type == "cpu"
             module.__class__ = HalfLinear if half else nn.Linear
+            if half and not module.weight.is_contiguous():  # a shard's slice: the kernel reads whole rows
+                module.weight.data = module.weight.data.contiguous()
             if half:
                 module.round_activations = round_activations and module.weight.dtype == torch.bfloat16
             count += half
