@@ -26,7 +26,14 @@ from leanlm.formats.assets import default_model_path
 
 CATEGORIES = {
     "matrix products": (
-        "q4_linear", "q8_linear", "half_linear", "int4pack", "int8pack", "aten::mm", "aten::addmm", "aten::linear"
+        "q4_linear",
+        "q8_linear",
+        "half_linear",
+        "int4pack",
+        "int8pack",
+        "aten::mm",
+        "aten::addmm",
+        "aten::linear",
     ),
     "attention": ("scaled_dot_product", "attention", "aten::bmm", "aten::baddbmm", "aten::_softmax"),
 }
