@@ -54,7 +54,9 @@ def full_logits(model, ids: list[int]) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_a_16_bit_model_runs_the_kernels_with_its_weights_held_once(tiny_folder, dtype):
-    model = llm(tiny_folder, dtype).model
+    engine = llm(tiny_folder, dtype)
+    assert engine.precision == f"{dtype} (float32 act.)"
+    model = engine.model
     assert model.plan.half_weights and model.plan.compute_dtype == torch.float32
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(isinstance(m, HalfLinear) and m.weight.dtype == getattr(torch, dtype) for m in linears)
