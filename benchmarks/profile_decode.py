@@ -25,7 +25,16 @@ from leanlm import LLM, SamplingParams
 from leanlm.formats.assets import default_model_path
 
 CATEGORIES = {
-    "matrix products": ("q4_linear", "q8_linear", "int4pack", "int8pack", "aten::mm", "aten::addmm", "aten::linear"),
+    "matrix products": (
+        "q4_linear",
+        "q8_linear",
+        "half_linear",
+        "int4pack",
+        "int8pack",
+        "aten::mm",
+        "aten::addmm",
+        "aten::linear",
+    ),
     "attention": ("scaled_dot_product", "attention", "aten::bmm", "aten::baddbmm", "aten::_softmax"),
 }
 

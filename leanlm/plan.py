@@ -16,6 +16,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # bfloat16 is the default on CPU: torch's bf16 matmuls read half the bytes and run faster than float32 here
 # (benchmarks/bench_core.py); float32 stays available and is what parity tests use.
 DEFAULT_DTYPE = "bfloat16"
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 KV_CACHE_TYPES = ("auto", "int8")  # float (the compute dtype), or int8 with per-vector scales
 
 
@@ -48,6 +49,8 @@ class RuntimePlan:
     attention: str = "sdpa"
     kv_cache: str = "auto"
     dequantize: bool = False  # GGUF blocks become dense weights instead of running at their own precision
+    # dense bfloat16/float16 weights run leanlm's 16-bit kernels (layers/half_linear.py) with float32 activations
+    half_weights: bool = False
 
     def __post_init__(self) -> None:
         for name, value, allowed in (
@@ -72,10 +75,14 @@ class RuntimePlan:
         """The plan once the checkpoint is known: quantized weights on leanlm's kernels compute in float32
         (float32 norms, RoPE and attention beat bfloat16 on CPU, and the kernels read float32 activations)."""
         compute = torch.float32 if quantized and self.leanlm_kernels else self.dtype
-        return dataclasses.replace(self, compute_dtype=compute)
+        # Dense 16-bit weights stay 16-bit (read once per token, converted in registers) and compute in float32
+        # too, on the same C++ stack as quantized ones.
+        half = not quantized and self.leanlm_kernels and self.device.type == "cpu" and self.dtype in HALF_DTYPES
+        return dataclasses.replace(self, compute_dtype=torch.float32 if half else compute, half_weights=half)
 
     def describe(self) -> str:
         kernels = "leanlm's kernels" if self.leanlm_kernels else "torch's kernels"
+        kernels += " (16-bit weights)" if self.half_weights else ""
         return (
             f"{self.device.type}, weights {_name(self.dtype)}, activations {_name(self.compute_dtype)}, "
             f"{kernels} ({self.kernels}), attention {self.attention}, KV cache {self.kv_cache}"

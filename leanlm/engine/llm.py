@@ -181,6 +181,8 @@ class LLM:
         projections = Counter(t for name, t in self.weight_types.items() if name.endswith("proj.weight"))
         if not any(isinstance(m, QuantizedLinear) for m in self.model.modules()):
             stored = sorted(t for t in projections if t.upper() not in ("F32", "F16", "BF16") and "float" not in t)
+            if self.plan.half_weights:  # 16-bit weights on leanlm's kernels, float32 activations
+                compute = f"{str(self.plan.dtype).removeprefix('torch.')} ({compute} act.)"
             return f"{compute} (dequantized from {'/'.join(stored)})" if stored else compute
         return f"{projections.most_common(1)[0][0]} ({compute} act.)" if projections else compute
 

@@ -22,7 +22,7 @@ import torch
 from leanlm.errors import InvalidRequestError
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = [CSRC / name for name in ("quant_linear.cpp", "fused_ops.cpp", "decoder_stack.cpp")]
+SOURCES = [CSRC / name for name in ("quant_linear.cpp", "half_linear.cpp", "fused_ops.cpp", "decoder_stack.cpp")]
 HEADERS = sorted(CSRC.glob("*.h"))
 # -march=native: the build is per machine, so it may use what this CPU has beyond AVX2 (VNNI's dpbusd on newer
 # x86 cores; the results are the same bits). fp-contract off: a written multiply-then-add stays two roundings
@@ -135,6 +135,9 @@ def _register_fake_kernels() -> None:
     torch.library.register_fake("leanlm::q4_linear")(linear_shape)
     torch.library.register_fake("leanlm::q8_linear")(linear_shape)
     torch.library.register_fake("leanlm::dequantize")(dequantize_shape)
+    torch.library.register_fake("leanlm::half_linear")(
+        lambda x, weight, bias, round_activations=False: x.new_empty(*x.shape[:-1], weight.shape[0])
+    )
     torch.library.register_fake("leanlm::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
     torch.library.register_fake("leanlm::rotary")(lambda x, cos, sin: x.new_empty(x.shape))
     torch.library.register_fake("leanlm::causal_attention")(lambda q, k, v, mask, scale: torch.empty_like(q))

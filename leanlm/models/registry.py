@@ -10,6 +10,7 @@ from torch import nn
 
 from leanlm.config import ModelConfig
 from leanlm.errors import UnsupportedArchitectureError
+from leanlm.layers.half_linear import half_weight_ids, use_half_kernels
 from leanlm.layers.quantized_linear import QuantizedLinear
 from leanlm.layers.quantized_tensor import QuantizedTensor
 from leanlm.models import gemma3, llama
@@ -72,11 +73,13 @@ def build_model(
     if isinstance(plan, torch.dtype):
         quantized = any(isinstance(t, QuantizedTensor) for t in weights.values())
         plan = resolve_plan(str(device), plan, kernels).for_weights(quantized)
-        plan = dataclasses.replace(plan, compute_dtype=plan.dtype)  # the dtype given is the one to compute in
+        if not plan.half_weights:  # the dtype given is the one to compute in (16-bit weights: float32 around them)
+            plan = dataclasses.replace(plan, compute_dtype=plan.dtype)
     family = family_for_model_type(config.model_type)
     with torch.device("meta"):  # no random init: parameters are assigned from the checkpoint
         model = family.model_class(config)
-    dtype = plan.compute_dtype
+    # 16-bit weights load as they are (the plan's dtype); prepare_runtime puts the rest in the compute dtype
+    dtype = plan.dtype if plan.half_weights else plan.compute_dtype
     model.load_weights({name: t.to(dtype) if isinstance(t, torch.Tensor) else t for name, t in weights.items()}, dtype)
     model = model.to(plan.device).eval()
     prepare_runtime(model, plan)
@@ -88,10 +91,25 @@ def prepare_runtime(model: nn.Module, plan: RuntimePlan) -> None:
     the C++ stack (rebuilt here, the one place that changes kernel layouts). Call again after compress/ swaps
     layers or changes the plan."""
     model.plan = plan
-    if model.embed_tokens.weight.dtype != plan.compute_dtype:  # e.g. float32 activations after quantization
+    # 16-bit linears (and the embedding) keep their dtype below; "auto" rounds their activations to bfloat16
+    use_half_kernels(model, plan.half_weights, plan.kernels == "auto")
+    if plan.half_weights:
+        _to_dtype_except(model, plan.compute_dtype, half_weight_ids(model))
+    elif model.embed_tokens.weight.dtype != plan.compute_dtype:  # e.g. float32 activations after quantization
         model.to(plan.compute_dtype)  # quantized layers keep their integer codes; only floating tensors change
     for module in model.modules():
         if isinstance(module, QuantizedLinear):
             module.prepare_runtime(plan.compute_dtype, plan.device, plan.kernels)
     model.set_attention_backend(plan.attention)
     model.set_fused_ops(plan.fused_ops)
+
+
+def _to_dtype_except(model: nn.Module, dtype: torch.dtype, keep: set[int]) -> None:
+    """model.to(dtype) for floating tensors, but for the Parameters in `keep` (ids); in place, so sharing holds."""
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and param.is_floating_point() and id(param) not in keep and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                module._buffers[name] = buffer.to(dtype)

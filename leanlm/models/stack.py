@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from leanlm.layers.half_linear import HalfLinear
 from leanlm.layers.quantized_linear import QuantizedLinear
 from leanlm.models.family import ModelSpec
 
@@ -60,9 +61,10 @@ def build_decoder_stack(model: nn.Module):
         for layer in model.layers
     ]  # fmt: skip
     flat = [p for layer in projections for p in layer]
-    if not flat or not all(isinstance(p, QuantizedLinear) and p.kernel.startswith("leanlm") for p in flat):
-        return None, "some projections do not run leanlm's quantized kernels"
-    modes = {p._int8_activations for p in flat}
+    if not flat or not all(_on_kernels(p) for p in flat):
+        return None, "some projections do not run leanlm's kernels"
+    # one activation mode: "auto" (int8 activations for quantized weights, bfloat16 for bfloat16 ones) or "exact"
+    modes = {p.round_activations if isinstance(p, HalfLinear) else p._int8_activations for p in flat}
     norms = [(layer.input_layernorm.weight, layer.post_attention_layernorm.weight) for layer in model.layers]
     if len(modes) != 1:
         return None, "the projections mix int8 and float activations"
@@ -79,13 +81,22 @@ def build_decoder_stack(model: nn.Module):
     for (input_norm, post_norm), linears in zip(norms, projections, strict=True):
         tensors = []
         for linear in linears:
-            codes, scales, offsets, scale_base, offset_base = (
-                none if t is None else t for t in linear._packed.tensors()
-            )
+            if isinstance(linear, HalfLinear):  # the 16-bit matrix itself, shared with the module (no copy)
+                codes, scales, offsets, scale_base, offset_base = linear.weight.detach(), none, none, none, none
+            else:
+                codes, scales, offsets, scale_base, offset_base = (
+                    none if t is None else t for t in linear._packed.tensors()
+                )
             bias = linear.bias.detach().float() if linear.bias is not None else none
             tensors += [codes, scales, offsets, bias, scale_base, offset_base]
         stack.add_layer(input_norm.detach(), post_norm.detach(), tensors, list(shapes))
     return stack, None
+
+
+def _on_kernels(linear: nn.Module) -> bool:
+    if isinstance(linear, HalfLinear):
+        return linear.half_kernel and linear.weight.is_contiguous()
+    return isinstance(linear, QuantizedLinear) and linear.kernel.startswith("leanlm")
 
 
 def _inner(linear: nn.Module, group: str | None) -> nn.Module:

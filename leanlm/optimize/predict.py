@@ -22,6 +22,7 @@ from torch import nn
 from leanlm.bench.machine import memory_bandwidth_gbs
 from leanlm.compress.rtn import quantize_rtn
 from leanlm.kernels.threads import scoped_threads
+from leanlm.layers.half_linear import use_half_kernels
 from leanlm.layers.quantized_linear import QuantizedLinear
 from leanlm.optimize.formats import FormatSpec
 from leanlm.optimize.memory import activation_bytes, kv_cache_plan, module_tensors
@@ -94,7 +95,13 @@ def layer_for(spec: FormatSpec, rows: int, cols: int, bias: bool, plan: RuntimeP
             layer.weight.copy_(weight)
             if bias:
                 layer.bias.copy_(bias_tensor)
-        return layer.to(plan.compute_dtype)
+        if not plan.half_weights:
+            return layer.to(plan.compute_dtype)
+        layer.to(plan.dtype)  # 16-bit weights on leanlm's kernels (layers/half_linear.py), a float32 bias
+        if bias:
+            layer.bias.data = layer.bias.data.float()
+        use_half_kernels(layer, True, plan.kernels == "auto")
+        return layer
     config = spec.quant_config()
     layer = QuantizedLinear(quantize_rtn(weight, config.bits, config.group_size, config.symmetric), bias_tensor)
     layer.prepare_runtime(plan.compute_dtype, plan.device, plan.kernels)
@@ -170,14 +177,16 @@ def linear_shapes(model: nn.Module, spec: FormatSpec, tied: bool) -> dict[tuple[
     return counts
 
 
-def other_bytes(model: nn.Module, dtype: torch.dtype) -> int:
-    """Embedding, norms and buffers: everything outside the linear layers. Parameters load at the runtime dtype;
-    buffers (RoPE's inverse frequencies) keep the dtype they are built in."""
+def other_bytes(model: nn.Module, dtype: torch.dtype, embedding_dtype: torch.dtype | None = None) -> int:
+    """Embedding, norms and buffers: everything outside the linear layers. Parameters load at the runtime dtype
+    (the embedding at `embedding_dtype` when given: 16-bit weights keep it 16-bit); buffers (RoPE's inverse
+    frequencies) keep the dtype they are built in."""
     total = 0
     for module in model.modules():
         if isinstance(module, nn.Linear):
             continue
-        total += sum(t.numel() * dtype.itemsize for t in module.parameters(recurse=False))
+        size = (embedding_dtype or dtype).itemsize if isinstance(module, nn.Embedding) else dtype.itemsize
+        total += sum(t.numel() * size for t in module.parameters(recurse=False))
         total += sum(t.numel() * t.element_size() for t in module.buffers(recurse=False))
     return total
 
@@ -225,7 +234,7 @@ def predict(
             )
             prefill_s += attention_flops(config, workload.prompt_tokens) / matmul_flops_per_s(plan.compute_dtype)
             bandwidth = bandwidth_gbs or memory_bandwidth_gbs(workload.threads, size_mib=256, repeats=5)
-    weights = linear_bytes + other_bytes(model, plan.compute_dtype)
+    weights = linear_bytes + other_bytes(model, plan.compute_dtype, plan.dtype if plan.half_weights else None)
     kv = kv_cache_plan(config, workload.context, workload.batch, workload.kv_cache)
     # decode reads, per step, the KV cache of every sequence at its current length (half the context on average)
     decode_s += workload.batch * kv["bytes_per_token"] * workload.context / 2 / (bandwidth * 1e9)

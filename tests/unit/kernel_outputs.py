@@ -13,6 +13,7 @@ import torch
 # (rows, batch, columns): rows not a multiple of the 8-row interleave, batches around the 4-row tile and the
 # 4-row threshold of the 512-bit group pairs, widths of 1 to 48 blocks.
 LINEAR_SHAPES = [(13, 1, 64), (70, 3, 96), (200, 4, 160), (577, 9, 576), (64, 17, 1536)]
+HALF_SHAPES = [(29, 5, 577), (3, 2, 7)]  # 16-bit weights take any width: a tail past the last 16 inputs
 K_QUANT_SHAPES = [(13, 1, 256), (70, 5, 512)]
 
 
@@ -68,6 +69,11 @@ def kernel_outputs() -> dict[str, torch.Tensor]:
             for int8_activations in (True, False):
                 key = f"{kind} {rows}x{columns} batch {batch} {'int8' if int8_activations else 'float'} act."
                 outputs[key] = op(x, *p.tensors()[:3], None, p.rows, int8_activations, *p.tensors()[3:])
+    for rows, batch, columns in LINEAR_SHAPES + HALF_SHAPES:  # 16-bit weights, float32 activations
+        x = torch.randn(batch, columns, generator=generator)
+        weight = torch.randn(rows, columns, generator=generator) * 0.1
+        for dtype in (torch.bfloat16, torch.float16):
+            outputs[f"{dtype} {rows}x{columns} batch {batch}"] = torch.ops.leanlm.half_linear(x, weight.to(dtype), None)
     x = torch.randn(3, 7, 576, generator=generator) * 4
     outputs["rms_norm"] = torch.ops.leanlm.rms_norm(x, torch.rand(576, generator=generator) + 0.5, 1e-5)
     outputs["silu_mul"] = torch.ops.leanlm.silu_mul(torch.randn(2, 5, 2 * 96, generator=generator) * 3)

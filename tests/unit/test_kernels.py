@@ -211,6 +211,8 @@ def test_ops_pass_torch_library_checks():
         torch.ops.leanlm.q8_linear.default, (torch.randn(2, 64), p.codes, p.scales, p.offsets, None, p.rows, True)
     )
     torch.library.opcheck(torch.ops.leanlm.silu_mul.default, (torch.randn(3, 8),))
+    half = (torch.randn(2, 40), torch.randn(5, 40).bfloat16(), None)
+    torch.library.opcheck(torch.ops.leanlm.half_linear.default, half)
 
 
 def test_failed_build_falls_back_with_one_warning(monkeypatch, tmp_path):
@@ -312,3 +314,53 @@ def test_a_layer_on_the_kernels_holds_its_weight_once(weight):
     assert layer.prepare_runtime(torch.float32, torch.device("cpu"), "torch") in ("int4pack", "int8pack", "dense")
     assert torch.equal(layer.codes, weight.codes)
     assert relative_error(layer(x), fast.double()) < EXACT_TOLERANCE
+
+
+# ---- 16-bit weights (kernels/csrc/half_linear.cpp): bfloat16/float16 matrices, float32 activations ----------------
+# Tolerance: the weights are converted exactly, so only float32 summation differs from float64: 1e-5 relative.
+# Shapes: rows around the 8- and 4-row tiles and the 16-row task blocks, batches around the 4-row tile, widths
+# with and without a tail past the last 16 inputs.
+HALF_SHAPES = [(1, 1, 1), (13, 1, 37), (29, 5, 577), (64, 4, 576), (70, 9, 96), (131, 3, 1536)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,batch,columns", HALF_SHAPES)
+def test_half_linear_matches_reference(dtype, rows, batch, columns):
+    generator = torch.Generator().manual_seed(rows + columns)
+    weight = (torch.randn(rows, columns, generator=generator) * 0.1).to(dtype)
+    x, bias = torch.randn(batch, columns, generator=generator), torch.randn(rows, generator=generator)
+    reference = x.double() @ weight.double().t() + bias.double()
+    out = torch.ops.leanlm.half_linear(x, weight, bias)
+    assert out.dtype == torch.float32 and out.shape == (batch, rows)
+    assert relative_error(out, reference) < EXACT_TOLERANCE
+    assert relative_error(torch.ops.leanlm.half_linear(x.bfloat16(), weight, None).float(), reference - bias) < 1e-2
+    # mode "auto": bfloat16 activations (vdpbf16ps where the CPU has it); float16 weights keep float32 activations
+    rounded = torch.ops.leanlm.half_linear(x, weight, bias, True)
+    x_read = x.bfloat16() if dtype == torch.bfloat16 else x
+    assert relative_error(rounded, x_read.double() @ weight.double().t() + bias.double()) < EXACT_TOLERANCE
+
+
+@pytest.mark.parametrize(
+    "dtype,round_activations", [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)]
+)
+def test_half_linear_rows_do_not_depend_on_the_batch(dtype, round_activations):
+    """Bit for bit, as for the quantized kernels: a row alone, in a tile of 4 or among the single rows."""
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(75, 100, generator=generator).to(dtype)  # rows: 4 tiles of 16, then 8 + 3 singles
+
+    def run(x):
+        return torch.ops.leanlm.half_linear(x, weight, None, round_activations)
+
+    x = torch.randn(2, 31, 100, generator=generator)
+    batched = run(x).reshape(-1, 75)
+    rows = x.reshape(-1, 100)
+    for i in (0, 5, 30, 61):
+        assert torch.equal(run(rows[i : i + 1])[0], batched[i])
+    assert torch.equal(run(rows[:3]), batched[:3])
+
+
+def test_half_linear_refuses_other_weights():
+    with pytest.raises(RuntimeError, match="bfloat16 or float16"):
+        torch.ops.leanlm.half_linear(torch.randn(2, 8), torch.randn(4, 8), None)
+    with pytest.raises(RuntimeError, match="x has 7 features, the weight expects 8"):
+        torch.ops.leanlm.half_linear(torch.randn(2, 7), torch.randn(4, 8).bfloat16(), None)

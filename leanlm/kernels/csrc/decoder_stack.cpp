@@ -11,6 +11,7 @@
 //                   gate_up, down), rows)
 //   x = stack.forward(x (N, hidden), cos (N, D), sin (N, D), keys, values (L, H_kv, slots, D),
 //                     block_tables (B, W), block_size, row_sequence (N,), row_position (N,))
+//                   (a 16-bit projection: codes = its bfloat16/float16 (rows, cols) weight, the rest empty)
 //   stack.set_all_reduce_group(name)  tensor parallelism: the o and down outputs of this rank are partial sums,
 //                                     summed over the ranks of torch.distributed group `name` (distributed/)
 
@@ -34,29 +35,47 @@ c10::optional<at::Tensor> present(const at::Tensor& t) {
   return t.numel() ? c10::optional<at::Tensor>(t) : c10::nullopt;
 }
 
+// One projection: a packed quantized weight (kernels/layout.py), or a 16-bit matrix as the checkpoint holds it
+// (half_linear.cpp: codes is then the bfloat16 or float16 (rows, cols) weight and the other tensors are empty).
 struct PackedLinear {
   at::Tensor codes, scales, offsets, bias, scale_base, offset_base;  // all but codes, scales: empty when absent
-  leanlm::Weights weights;
-  int64_t width() const { return weights.groups * leanlm::kRows; }  // output row stride, padding included
+  bool half;
+  leanlm::Weights weights{};
+  leanlm::HalfWeights half_weights{};
+  int64_t rows() const { return half ? half_weights.rows : weights.rows; }
+  // output row stride, padding included
+  int64_t width() const { return half ? half_weights.rows : weights.groups * leanlm::kRows; }
 
   PackedLinear(at::Tensor codes_, at::Tensor scales_, at::Tensor offsets_, at::Tensor bias_, at::Tensor scale_base_,
                at::Tensor offset_base_, int64_t rows)
       : codes(std::move(codes_)), scales(std::move(scales_)), offsets(std::move(offsets_)), bias(bias_.contiguous()),
         scale_base(std::move(scale_base_)), offset_base(std::move(offset_base_)),
-        weights(leanlm::check_weights(codes, scales, present(offsets), rows, codes.size(2) == 128,
-                                      present(scale_base), present(offset_base))) {
+        half(codes.scalar_type() == at::kBFloat16 || codes.scalar_type() == at::kHalf) {
+    if (half) {
+      half_weights = leanlm::check_half_weights(codes);
+      TORCH_CHECK(half_weights.rows == rows, "DecoderStack: a 16-bit weight has ", half_weights.rows,
+                  " rows, the layer expects ", rows);
+    } else {
+      weights = leanlm::check_weights(codes, scales, present(offsets), rows, codes.size(2) == 128, present(scale_base),
+                                      present(offset_base));
+    }
     TORCH_CHECK(!bias.numel() || (bias.scalar_type() == at::kFloat && bias.numel() == rows),
                 "DecoderStack: a bias must be float32 with one value per output");
   }
 
   // out (m, width()) = x (m, cols) W^T + bias
   void operator()(const float* x, int64_t m, float* out, bool int8_activations) const {
-    RECORD_FUNCTION(weights.q4 ? "leanlm::q4_linear" : "leanlm::q8_linear", c10::ArrayRef<const c10::IValue>{});
-    leanlm::matmul_into(weights, x, m, out, int8_activations);
+    if (half) {
+      RECORD_FUNCTION("leanlm::half_linear", c10::ArrayRef<const c10::IValue>{});
+      leanlm::half_matmul_into(half_weights, x, m, out, width(), int8_activations);  // "auto": bf16 activations
+    } else {
+      RECORD_FUNCTION(weights.q4 ? "leanlm::q4_linear" : "leanlm::q8_linear", c10::ArrayRef<const c10::IValue>{});
+      leanlm::matmul_into(weights, x, m, out, int8_activations);
+    }
     if (bias.numel()) {
       const float* b = bias.data_ptr<float>();
       for (int64_t r = 0; r < m; ++r)
-        for (int64_t i = 0; i < weights.rows; ++i) out[r * width() + i] += b[i];
+        for (int64_t i = 0; i < rows(); ++i) out[r * width() + i] += b[i];
     }
   }
 };
@@ -156,7 +175,7 @@ struct DecoderStack : torch::CustomClassHolder {
     const Layer& first = layers.front();
     std::vector<float> normed(rows * hidden), qkv(rows * first.qkv.width()), q(rows * heads * dim),
         attended(rows * heads * dim), projected(rows * std::max(first.o.width(), first.down.width())),
-        gate_up(rows * first.gate_up.width()), activated(rows * first.gate_up.weights.rows / 2);
+        gate_up(rows * first.gate_up.width()), activated(rows * first.gate_up.rows() / 2);
     float* xp = x.data_ptr<float>();
     const float sc = static_cast<float>(scale);
     for (size_t l = 0; l < layers.size(); ++l) {
@@ -206,7 +225,7 @@ struct DecoderStack : torch::CustomClassHolder {
         leanlm::rms_norm_row(xp + r * hidden, layer.post_norm.data_ptr<float>(), normed.data() + r * hidden, hidden,
                              eps);
       layer.gate_up(normed.data(), rows, gate_up.data(), int8_activations);
-      const int64_t half = layer.gate_up.weights.rows / 2;
+      const int64_t half = layer.gate_up.rows() / 2;
       for (int64_t r = 0; r < rows; ++r)
         leanlm::silu_mul_row(gate_up.data() + r * layer.gate_up.width(), activated.data() + r * half, half);
       layer.down(activated.data(), rows, projected.data(), int8_activations);

@@ -67,6 +67,20 @@ at::Tensor dequantize(const at::Tensor& codes, const at::Tensor& scales, const c
                       int64_t rows, const c10::optional<at::Tensor>& scale_base,
                       const c10::optional<at::Tensor>& offset_base);
 
+// A 16-bit weight (half_linear.cpp): the checkpoint's (rows, cols) bfloat16 or float16 matrix as it is.
+struct HalfWeights {
+  const uint16_t* data;
+  int64_t rows, cols;
+  bool bf16;  // else float16
+};
+HalfWeights check_half_weights(const at::Tensor& weight);
+// out (m, out_stride)[:, :rows] = x (m, cols) W^T in float32; a row's result is the same for every m.
+// round_activations (bfloat16 weights only; kernel mode "auto"): x rounded to bfloat16 first, as vdpbf16ps reads it.
+void half_matmul_into(const HalfWeights& w, const float* x, int64_t m, float* out, int64_t out_stride,
+                      bool round_activations);
+at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                       bool round_activations);
+
 // exp of 8 floats (Cephes' polynomial, within 2 ulp of std::exp over float's normal range; inputs are clamped to
 // +-88.38). Vectorized because libm's scalar exp dominated SiLU and softmax.
 inline __m256 exp_ps(__m256 x) {
