@@ -24,6 +24,7 @@ from torch import nn
 
 from leanlm.errors import ModelFormatError
 from leanlm.kernels.threads import scoped_threads
+from leanlm.layers.onednn_linear import OneDNNLinear, onednn_linear_available
 from leanlm.models.seq2seq import (
     SMALL_STEP_TOKENS,
     Attention,
@@ -163,7 +164,7 @@ class WhisperModel(nn.Module):
         else:
             hidden = self._decode_layers(tokens, cache, rows)
         with scoped_threads(head_threads):
-            return (hidden @ self.embed_tokens.weight.t()).float()
+            return vocabulary_logits(hidden, self.embed_tokens.weight)
 
     def _decode_layers(self, tokens: torch.Tensor, cache: DecoderCache, rows: torch.Tensor | None) -> torch.Tensor:
         step = DecodeStep.plan(cache, rows, tokens.shape[1], self.config.max_target_positions)
@@ -290,6 +291,27 @@ def config_from_ct2(variables: dict[str, torch.Tensor]) -> WhisperConfig:
     )
 
 
+def vocabulary_logits(hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+    """hidden @ embedding^T in float32. Several float32 rows go to oneDNN (3x MKL's AVX2 sgemm on AMD at 5 rows x
+    51865 words); a single row stays on torch's matmul, which is faster there."""
+    if hidden.dtype == torch.float32 and hidden.shape[:-1].numel() > 1 and onednn_linear_available():
+        return torch.ops.mkldnn._linear_pointwise(hidden.contiguous(), embedding, None, "none", [], "")
+    return (hidden @ embedding.t()).float()
+
+
+def use_onednn(model: WhisperModel) -> WhisperModel:
+    """Swap the float32 layer Linears for OneDNNLinear (same names, same math): on AMD CPUs torch's F.linear runs
+    MKL's AVX2 sgemm, and oneDNN's AVX-512 kernels did Whisper base's encoder products 2.4-3.2x faster."""
+    if not onednn_linear_available():
+        return model
+    for layer in [*model.encoder_layers, *model.decoder_layers]:
+        for module in list(layer.modules()):
+            for name, child in list(module.named_children()):
+                if isinstance(child, nn.Linear) and child.weight.dtype == torch.float32:
+                    setattr(module, name, OneDNNLinear.from_linear(child))
+    return model
+
+
 def build(config: WhisperConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> WhisperModel:
     with torch.device("meta"):
         model = WhisperModel(config)
@@ -298,7 +320,7 @@ def build(config: WhisperConfig, state: dict[str, torch.Tensor], dtype: torch.dt
     if missing:
         raise ModelFormatError(f"the Whisper checkpoint lacks {sorted(missing)[:5]}: is it a complete Whisper model?")
     model.load_state_dict({name: t.to(dtype) for name, t in state.items()}, strict=True, assign=True)
-    return model.eval()
+    return use_onednn(model.eval())
 
 
 def load_whisper(path: str | Path, dtype: torch.dtype = torch.float32) -> WhisperModel:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.layers.attention import ATTENTION_BACKENDS
-from leanlm.models.whisper import WhisperModel
+from leanlm.models.whisper import WhisperModel, vocabulary_logits
 
 CrossKV = list[tuple[torch.Tensor, torch.Tensor]]  # per decoder layer: (1, H, S, hd) keys and values
 
@@ -98,4 +98,4 @@ class WhisperForEngine(nn.Module):
             x = x[:, -1:]
         elif logits_indices is not None:
             x = x[:, logits_indices]
-        return (model.decoder_norm(x) @ model.embed_tokens.weight.t()).float()
+        return vocabulary_logits(model.decoder_norm(x), model.embed_tokens.weight)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import nn
 
 from leanlm.layers.int8_linear import Int8DynamicLinear
+from leanlm.layers.onednn_linear import OneDNNLinear
 from leanlm.models.whisper import WhisperModel
 
 FLOAT_LINEARS = ("fc2",)  # kept in float32 (see above)
@@ -23,6 +24,6 @@ def quantize_int8(model: WhisperModel) -> WhisperModel:
     for layer in [*model.encoder_layers, *model.decoder_layers]:
         for module in list(layer.modules()):
             for name, child in list(module.named_children()):
-                if isinstance(child, nn.Linear) and name not in FLOAT_LINEARS:
+                if isinstance(child, (nn.Linear, OneDNNLinear)) and name not in FLOAT_LINEARS:
                     setattr(module, name, Int8DynamicLinear.from_linear(child))
     return model
