@@ -75,3 +75,14 @@ class OneDNNLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, activation={self.activation}, onednn={self.fused}"
+
+
+def use_onednn(root: nn.Module) -> nn.Module:
+    """Swap every float32 nn.Linear under `root` for an OneDNNLinear (same names, same math), in place."""
+    if not onednn_linear_available():
+        return root
+    for module in list(root.modules()):
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child.weight.dtype == torch.float32:
+                setattr(module, name, OneDNNLinear.from_linear(child))
+    return root

@@ -17,6 +17,7 @@ from leanlm.errors import InvalidRequestError, ModelFormatError, ModelNotFoundEr
 from leanlm.formats.loader import read_hf_config, read_hf_weights
 from leanlm.formats.marian_tokenizer import MarianTokenizer, is_marian_tokenizer_folder
 from leanlm.formats.tokenizer import Tokenizer
+from leanlm.layers.onednn_linear import use_onednn
 from leanlm.models import marian, t5
 from leanlm.models.seq2seq import EncoderDecoderLM
 from leanlm.translate.prompts import marian_target_token, t5_prefix
@@ -150,7 +151,7 @@ def load_seq2seq(path: str | Path, dtype: torch.dtype = torch.float32) -> Seq2Se
         raise ModelFormatError(
             f"{path} has model_type {raw.get('model_type')!r}; leanlm's text encoder-decoders are {sorted(FAMILIES)}."
         )
-    model = family.from_hf(raw, read_hf_weights(path), dtype)
+    model = use_onednn(family.from_hf(raw, read_hf_weights(path), dtype))  # float32 products on oneDNN, not MKL
     generation_file = path / "generation_config.json"
     generation = json.loads(generation_file.read_text()) if generation_file.is_file() else {}
     defaults = search_defaults(raw, generation, model)
