@@ -31,7 +31,9 @@ class Speculator:
         # its tuner says drafting pays; the tuner's geometric acceptance model would cut its long, sure copies short.
         self.drafter_sizes_drafts = getattr(drafter, "sizes_its_drafts", False)
         self.costs = StepCosts()
-        self.draft_seconds_per_token = 0.0  # the drafter's measure; prompt lookup costs next to nothing
+        # The drafter's measure (None until a model drafter has run); prompt lookup costs next to nothing.
+        measures = hasattr(drafter, "seconds_per_token")
+        self.draft_seconds_per_token: float | None = drafter.seconds_per_token if measures else 0.0
         self.stats = SpeculativeStats()
         self._tuners: dict[str, DraftTuner] = {}
         # (lists, width) -> rank 0's lists, set under tensor parallelism (distributed/tensor_parallel.py): draft
