@@ -25,6 +25,7 @@ import torch
 from leanlm import LLM, SamplingParams
 from leanlm.bench.machine import describe
 from leanlm.engine.paged_attention import SequenceSlice, build_paged_attention
+from leanlm.engine.speculative.factory import first_layers_cache
 from leanlm.engine.speculative.model_drafter import first_layers
 from leanlm.kernels.threads import scoped_threads
 
@@ -66,7 +67,10 @@ def main() -> None:
         positions = torch.arange(ids.shape[1])[None]
         span = slice(len(prompt) - 1, ids.shape[1] - 1)  # the rows that predict each output token
         full = model(ids, positions)[0, span].argmax(-1)
-        agreement = {n: float((views[n](ids, positions)[0, span].argmax(-1) == full).float().mean()) for n in layers}
+        agreement = {}
+        for n in layers:
+            agreement[n] = float((views[n](ids, positions)[0, span].argmax(-1) == full).float().mean())
+            print(f"self:{n}: greedy agreement with the full model {agreement[n]:.1%}", flush=True)
 
         engine.add_request("timing", list(range(1000, 1000 + CONTEXT)), SamplingParams(max_tokens=1000))
         while engine.scheduler.running == [] or engine.scheduler.running[0].num_computed_tokens < CONTEXT:
@@ -76,9 +80,11 @@ def main() -> None:
         engine.block_manager.allocate("timing", request.num_tokens + max(ROWS))
         start = request.num_computed_tokens
 
+        caches = {id(model): engine.cache} | {id(views[n]): first_layers_cache(engine.cache, n) for n in layers}
+
         def forward(net, rows: int) -> None:  # a decode step of `rows` rows after the context (cache rewritten)
             sequence = SequenceSlice(start, rows, table.ids, table.contiguous)
-            attend = build_paged_attention(engine.cache, net.attention, [sequence], engine.device)
+            attend = build_paged_attention(caches[id(net)], net.attention, [sequence], engine.device)
             net(
                 torch.tensor([list(range(5, 5 + rows))]),
                 torch.tensor([list(range(start, start + rows))]),
