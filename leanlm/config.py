@@ -169,7 +169,7 @@ class EngineConfig:
     # drafts for itself), "self:N" (its first N layers draft), "self" (int4 for a dense model, else half the
     # layers); "draft:M" (model M, sharing the tokenizer, drafts); None = off.
     speculative: str | None = None
-    num_speculative_tokens: int = 5  # most tokens drafted per step
+    num_speculative_tokens: int | None = None  # most tokens drafted per step; None: the method's (ngram 10, else 5)
     speculative_adaptive: bool = True  # each request tunes its draft length, down to none when it does not pay
     # Encoder-decoder models (Whisper): new encoder inputs one step may encode. Encoding a 30 s window costs as much
     # as many decoder steps, so admissions are spread out and running requests keep decoding (vLLM's encoder budget).
@@ -189,7 +189,8 @@ class EngineConfig:
             raise InvalidRequestError(f"num_kv_blocks must be an integer >= 1, got {self.num_kv_blocks!r}.")
         if self.speculative is not None:
             check_speculative(self.speculative)
-        if not isinstance(self.num_speculative_tokens, int) or not 1 <= self.num_speculative_tokens <= 32:
+        count = self.num_speculative_tokens
+        if count is not None and (not isinstance(count, int) or not 1 <= count <= 32):
             raise InvalidRequestError(
                 f"num_speculative_tokens must be an integer in 1..32, got {self.num_speculative_tokens!r}."
             )

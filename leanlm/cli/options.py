@@ -85,8 +85,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     engine.add_argument(
         "--num-speculative-tokens",
         type=int,
-        default=5,
-        help="most tokens drafted per step with --speculative (default: %(default)s)",
+        default=None,
+        help="most tokens drafted per step with --speculative (default: 10 for ngram, whose drafts grow with the "
+        "match length, 5 for a draft model)",
     )
 
 
@@ -133,7 +134,7 @@ def engine_config_from(args: argparse.Namespace):
         kv_cache_memory=None if args.kv_cache_memory is None else parse_size(args.kv_cache_memory),
         enable_prefix_caching=not args.no_prefix_caching,
         speculative=getattr(args, "speculative", None),
-        num_speculative_tokens=getattr(args, "num_speculative_tokens", 5),
+        num_speculative_tokens=getattr(args, "num_speculative_tokens", None),
     )
 
 

@@ -154,6 +154,39 @@ def synchronize_sampling(runner, device: torch.device) -> None:
     runner._sample = sample_like_rank_0
 
 
+def broadcast_lists(lists: list[list[int]], width: int, device: torch.device) -> list[list[int]]:
+    """Rank 0's lists of at most `width` non-negative ints (the same number of lists on every rank)."""
+    table = torch.full((len(lists), width), -1, dtype=torch.int64, device=device)
+    for row, values in enumerate(lists):
+        table[row, : len(values)] = torch.tensor(values, dtype=torch.int64)
+    dist.broadcast(table, src=0)
+    return [[value for value in row if value >= 0] for row in table.tolist()]
+
+
+def synchronize_speculation(engine, device: torch.device) -> None:
+    """Speculative decoding on every rank as on rank 0: the draft lengths (each rank's tuner times its own steps),
+    the drafts, and the tokens each verify step keeps (rejection sampling draws like any sampler). Every rank then
+    runs the same rows and the same collectives, and keeps the same tokens."""
+    speculator, runner = engine.speculator, engine.runner
+    if speculator is None:
+        return
+    speculator.synchronize = lambda lists, width: broadcast_lists(lists, width, device)
+    verify = runner._verify
+
+    def verify_like_rank_0(verified, logits):
+        kept = verify(verified, logits)  # request id -> the accepted drafts and one more token
+        ids = [entry.request.request_id for entry, _ in verified]
+        width = max(entry.num_draft_tokens for entry, _ in verified) + 1
+        tokens = broadcast_lists([[t.token_id for t in kept[rid]] for rid in ids], width, device)
+        for rid, entry_tokens in zip(ids, tokens, strict=True):
+            # A request that speculates has no penalty or grammar: its sampling state keeps nothing per token.
+            if [t.token_id for t in kept[rid]] != entry_tokens:
+                kept[rid] = [type(kept[rid][0])(token) for token in entry_tokens]
+        return kept
+
+    runner._verify = verify_like_rank_0
+
+
 def build_rank(checkpoint, plan, size: int, engine_config=None, threads: int | None = None):
     """(model, engine) of this process's rank: join the process group, shard the checkpoint, build the model over
     the shard (quantized layers pack only their part), wrap the row-parallel layers, and build an engine whose
@@ -169,4 +202,5 @@ def build_rank(checkpoint, plan, size: int, engine_config=None, threads: int | N
     engine = LLMEngine(model, checkpoint.tokenizer, engine_config, plan.kv_cache, threads)
     torch.manual_seed(shared_seed(plan.device))
     synchronize_sampling(engine.runner, plan.device)
+    synchronize_speculation(engine, plan.device)
     return model, engine

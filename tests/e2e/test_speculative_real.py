@@ -36,5 +36,10 @@ def test_greedy_tokens_equal_plain_decoding_in_a_batch(llm):
         outs = llm.chat(REQUESTS, params)
         assert [out.token_ids for out in outs] == plain, method
         assert sum(out.metrics.num_draft_tokens for out in outs) > 0
-        if method == "ngram":  # the rewrite copies most of the function
-            assert outs[0].metrics.num_accepted_tokens >= 0.5 * outs[0].metrics.num_draft_tokens
+        if method == "ngram":  # the rewrite copies much of the function: accepted drafts give a third of its tokens
+            # (not a share of the drafts: after a long match the drafter drafts up to 10 tokens, tail rows and all)
+            m = outs[0].metrics
+            assert (
+                m.num_accepted_tokens >= m.num_generated_tokens / 3
+                and m.num_accepted_tokens >= 0.3 * m.num_draft_tokens
+            )

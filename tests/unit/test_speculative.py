@@ -362,3 +362,47 @@ def test_metrics_and_usage_report_acceptance(model):
     drafted = engine.stats().speculative.num_draft_tokens
     assert f"leanlm_spec_decode_draft_tokens_total {drafted}" in text
     assert "leanlm_spec_decode_acceptance_rate 1.0" in text
+
+
+# ---- prompt lookup draft lengths and costly drafters -----------------------------------------------------------
+
+
+class Tokens:
+    """A request as the drafter sees it."""
+
+    def __init__(self, request_id, tokens):
+        self.request_id, self.all_token_ids = request_id, tokens
+
+
+def test_prompt_lookup_drafts_more_after_a_longer_match():
+    """A match of n tokens drafts up to n + 2 of what followed it; the longest matching n-gram (<= 8) wins."""
+    drafter = NgramDrafter()
+    copied = list(range(10, 30))  # 20 tokens copied once already: the copy in progress matches 8 tokens and more
+    long_match = copied + [99] + copied[:8]
+    short_match = [1, 2, 3, 4, 5, 6, 7, 8, 50, 51, 9, 9, 50, 51]  # only the 2-gram (50, 51) occurred before
+    drafts = drafter.propose([Tokens("a", long_match), Tokens("b", short_match)], [10, 10])
+    assert drafts == {"a": copied[8:18], "b": [9, 9, 50, 51]}
+    assert drafter.propose([Tokens("a", long_match)], [3]) == {"a": copied[8:11]}  # the cap still holds
+    assert drafter.propose([Tokens("c", [1, 2, 3, 4])], [10]) == {}  # nothing repeats: no draft
+
+
+def test_default_draft_cap_depends_on_the_method(model):
+    assert engine_for(model, "ngram").speculator.max_draft_tokens == 10
+    assert engine_for(model, "self:2").speculator.max_draft_tokens == 5
+    assert engine_for(model, "ngram", num_speculative_tokens=3).speculator.max_draft_tokens == 3
+
+
+def test_a_drafter_of_unknown_cost_starts_with_one_token_and_a_costly_one_probes_rarely():
+    """A model drafter's cost per token is unknown until it ran: one token first. Switched off, a drafter costing
+    half a step per token probes so rarely that probes stay within about 2% of the decoding time."""
+    costs = {k: 1.0 + 0.2 * k for k in range(6)}
+    assert DraftTuner(max_tokens=5).choose(costs.get, None) == 1
+    assert DraftTuner(max_tokens=5).choose(costs.get, 0.0) > 1  # prompt lookup: free, full length at first
+    for draft_cost, most_probes in ((0.5, 4), (0.0, 8)):
+        tuner = DraftTuner(max_tokens=5)
+        for _ in range(5):
+            tuner.record(5, 0)
+        choices = [tuner.choose(costs.get, draft_cost) for _ in range(256)]
+        probes = sum(1 for k in choices if k)
+        cost = probes * (0.2 + draft_cost)  # each probe: one verify row and one drafted token
+        assert 0 < probes <= most_probes and cost / 256 <= 0.02 + 1e-9

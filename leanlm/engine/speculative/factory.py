@@ -17,6 +17,8 @@ from leanlm.engine.speculative.speculator import Speculator
 from leanlm.errors import InvalidRequestError
 from leanlm.formats.tokenizer import Tokenizer
 
+DEFAULT_DRAFT_TOKENS = 5  # a model drafter's cap without num_speculative_tokens (prompt lookup sizes its own)
+
 # Text whose tokens a draft model's tokenizer must give exactly as the target's does.
 TOKENIZER_PROBE = "Hello, world! def add(a, b):\n    return a + b  # 123 éà 你好"
 
@@ -51,7 +53,8 @@ def build_speculator(
             draft_model, draft_tokenizer = load_draft_model(arg, model)
             check_same_tokenizer(tokenizer, draft_tokenizer, arg)
         drafter = _separate_drafter(f"draft:{arg}", draft_model, model, blocks)
-    return Speculator(drafter, config.num_speculative_tokens, config.speculative_adaptive)
+    max_tokens = config.num_speculative_tokens or getattr(drafter, "default_max_tokens", DEFAULT_DRAFT_TOKENS)
+    return Speculator(drafter, max_tokens, config.speculative_adaptive)
 
 
 def _quantized(model: nn.Module) -> bool:

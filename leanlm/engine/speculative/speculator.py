@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from leanlm.engine.request import Request
@@ -27,10 +27,18 @@ class Speculator:
         """adaptive=False drafts max_draft_tokens every step (tests, measurements); True lets each request's tuner
         choose, down to nothing."""
         self.drafter, self.max_draft_tokens, self.adaptive = drafter, max_draft_tokens, adaptive
+        # A drafter that sizes its drafts itself (prompt lookup: by the match length) gets the whole cap whenever
+        # its tuner says drafting pays; the tuner's geometric acceptance model would cut its long, sure copies short.
+        self.drafter_sizes_drafts = getattr(drafter, "sizes_its_drafts", False)
         self.costs = StepCosts()
-        self.draft_seconds_per_token = 0.0  # the drafter's measure; prompt lookup costs next to nothing
+        # The drafter's measure (None until a model drafter has run); prompt lookup costs next to nothing.
+        measures = hasattr(drafter, "seconds_per_token")
+        self.draft_seconds_per_token: float | None = drafter.seconds_per_token if measures else 0.0
         self.stats = SpeculativeStats()
         self._tuners: dict[str, DraftTuner] = {}
+        # (lists, width) -> rank 0's lists, set under tensor parallelism (distributed/tensor_parallel.py): draft
+        # lengths come from each rank's own timings, and every rank must run the same rows.
+        self.synchronize: Callable[[list[list[int]], int], list[list[int]]] | None = None
 
     @property
     def name(self) -> str:
@@ -39,22 +47,27 @@ class Speculator:
     def propose(self, running: Sequence[Request]) -> None:
         """Set draft_token_ids on the running requests that decode this step and whose tuner wants drafts."""
         decoding = [r for r in running if r.num_computed_tokens == r.num_tokens - 1 and speculable(r.params)]
+        if not decoding:
+            return
         others = len(running) - 1  # rows of the rest of the batch, roughly: one each
-        chosen, lengths = [], []
+        lengths = []
         for request in decoding:
             room = request.max_tokens - len(request.output_token_ids) - 1  # the target adds a token of its own
-            k = min(self._length(request, others), room)
-            if k > 0:
-                chosen.append(request)
-                lengths.append(k)
+            lengths.append(max(0, min(self._length(request, others), room)))
+        if self.synchronize is not None:  # tensor parallelism: every rank drafts as rank 0 chose
+            lengths = [k for (k,) in self.synchronize([[k] for k in lengths], 1)]
+        chosen = [(request, k) for request, k in zip(decoding, lengths, strict=True) if k > 0]
         if not chosen:
             return
-        drafts = self.drafter.propose(chosen, lengths)
+        drafts = self.drafter.propose([r for r, _ in chosen], [k for _, k in chosen])
         measured = getattr(self.drafter, "seconds_per_token", None)
         if measured is not None:
             self.draft_seconds_per_token = measured
-        for request in chosen:
-            request.draft_token_ids = drafts.get(request.request_id, [])
+        proposals = [drafts.get(request.request_id, [])[:k] for request, k in chosen]
+        if self.synchronize is not None:  # and verifies rank 0's drafts
+            proposals = self.synchronize(proposals, max(k for _, k in chosen))
+        for (request, _), draft in zip(chosen, proposals, strict=True):
+            request.draft_token_ids = list(draft)
 
     def _length(self, request: Request, others: int) -> int:
         if not self.adaptive:
@@ -68,7 +81,8 @@ class Speculator:
             total = self.costs.estimate(others + 1 + k)
             return None if total is None or base is None else total - base
 
-        return tuner.choose(step_cost, self.draft_seconds_per_token)
+        k = tuner.choose(step_cost, self.draft_seconds_per_token)
+        return self.max_draft_tokens if k and tuner.enabled and self.drafter_sizes_drafts else k
 
     def observe_step(self, rows: int, seconds: float) -> None:
         self.costs.observe(rows, seconds)
