@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from leanlm.formats.quantized_folder import MANIFEST, pack_codes
+from leanlm.kernels.layout import fits_float16
 from leanlm.layers.quantized_linear import QuantizedLinear
 
 
@@ -70,6 +73,12 @@ def save_quantized(llm, folder: str | Path, manifest: dict) -> Path:
     return Path(folder)
 
 
+def as_float16_if_exact(params: torch.Tensor) -> torch.Tensor:
+    """Group scales/offsets in float16 (half the bytes; compress/quantize.py rounds them so) unless that would
+    change a value (parameters from elsewhere), then as they are. The reader widens them to float32."""
+    return params.half() if fits_float16(params) else params
+
+
 def write_quantized(llm, scratch: Path, manifest: dict) -> None:
     """The files of a quantized artifact, written into the (scratch) folder `scratch`."""
     from safetensors.torch import save_file
@@ -83,9 +92,9 @@ def write_quantized(llm, scratch: Path, manifest: dict) -> None:
                 "symmetric": module.offset is None,
             }
             tensors[f"{name}.codes"] = pack_codes(module.codes, module.bits)
-            tensors[f"{name}.scale"] = module.scale
+            tensors[f"{name}.scale"] = as_float16_if_exact(module.scale)
             if module.offset is not None:
-                tensors[f"{name}.offset"] = module.offset
+                tensors[f"{name}.offset"] = as_float16_if_exact(module.offset)
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias.detach()
     quantized_prefixes = tuple(f"{name}." for name in layers)

@@ -61,6 +61,11 @@ def _quantize_to_folder(
     # Quantize from float32 copies of the original weights; the artifact keeps dense tensors in runtime_dtype.
     llm = LLM(model, dtype="float32", device="cpu", threads=threads, dequantize=True)
     started = time.perf_counter()
+    mixed = None
+    if config.mixed and not config.layer_bits:
+        from leanlm.compress.mixed import plan_mixed
+
+        config, mixed = plan_mixed(llm, config, progress)
     report = quantize(llm, config)
     report["seconds"] = round(time.perf_counter() - started, 1)
     adopt_storage_dtype(llm, runtime_dtype)
@@ -73,6 +78,8 @@ def _quantize_to_folder(
         "dtype": str(runtime_dtype).removeprefix("torch."),
         "report": report,
     }
+    if mixed is not None:
+        manifest["mixed"] = mixed
     if config.method in ("gptq", "awq"):
         manifest["calibration"] = _calibration(config.calibration_samples, config.calibration_length)
     manifest["speed"] = measure_speed(llm)

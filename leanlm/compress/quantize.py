@@ -29,9 +29,17 @@ def install(model: nn.Module, quantized: dict[str, QuantizedTensor]) -> None:
 
 def quantize_weights_rtn(model: nn.Module, config: QuantConfig) -> dict[str, QuantizedTensor]:
     return {
-        name: quantize_rtn(linear.weight.detach().float().cpu(), config.bits, config.group_size, config.symmetric)
+        name: quantize_rtn(
+            linear.weight.detach().float().cpu(), config.bits_for(name), config.group_size, config.symmetric_for(name)
+        )
         for name, linear in target_linears(model, config).items()
     }
+
+
+def half_parameters(weight: QuantizedTensor) -> QuantizedTensor:
+    """Scale and offset rounded to float16, as the artifact stores them: the model in memory is the saved one."""
+    offset = None if weight.offset is None else weight.offset.half().float()
+    return QuantizedTensor(weight.codes, weight.scale.half().float(), offset, weight.bits, weight.group_size)
 
 
 @torch.inference_mode()
@@ -45,6 +53,7 @@ def quantize(llm, config: QuantConfig, calibration_ids: list[list[int]] | None =
         from leanlm.compress.calibrated import quantize_weights_calibrated
 
         quantized = quantize_weights_calibrated(llm, config, calibration_ids)
+    quantized = {name: half_parameters(weight) for name, weight in quantized.items()}
     after = sum(w.storage_bytes() for w in quantized.values())
     install(model, quantized)
     # Run as the saved artifact will load: float32 activations around leanlm's kernels (bfloat16 -> float32 is

@@ -1,0 +1,82 @@
+"""Mixed precision: probe each layer's sensitivity, then give the most sensitive ones more bits within a size margin.
+
+`plan_mixed` returns the QuantConfig with its per-layer bits (layer_bits) filled in, and the report that
+quantization.json records: each group's measured KL at every width probed, its size and the bits it got.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from leanlm.compress.allocate import allocate_bits, stored_bytes
+from leanlm.compress.config import QuantConfig
+from leanlm.compress.sensitivity import layer_sensitivity, probe_groups
+
+
+def sensitivity_ids(llm, config: QuantConfig):
+    """(S, T) c4 token ids for the probe: the calibration corpus (never the evaluation text), another seed."""
+    from leanlm.compress.calibrated import calibration_tensor
+
+    probe = dataclasses.replace(
+        config,
+        calibration_samples=config.sensitivity_samples,
+        calibration_length=config.sensitivity_length,
+        seed=config.seed + 1,
+    )
+    return calibration_tensor(llm, probe, None)
+
+
+def group_sizes(model, config: QuantConfig, widths: tuple[int, ...]) -> dict[str, dict[int, int]]:
+    """{group: {bits: bytes in the artifact}} for the probe's groups."""
+    sizes = {}
+    for group, names in probe_groups(model, config).items():
+        shapes = [model.get_submodule(n).weight.shape for n in names]
+        sizes[group] = {
+            b: sum(stored_bytes(r, c, b, config.group_size, config.symmetric_at(b)) for r, c in shapes) for b in widths
+        }
+    return sizes
+
+
+def plan_mixed(llm, config: QuantConfig, progress: bool = False) -> tuple[QuantConfig, dict]:
+    """Probe, allocate, and return (the config with layer_bits, the report for quantization.json)."""
+    widths = (config.bits, config.mixed_bits)
+    ids = sensitivity_ids(llm, config)
+    kl = layer_sensitivity(llm.model, config, ids, widths, progress)
+    sizes = group_sizes(llm.model, config, widths)
+    uniform = sum(s[config.bits] for s in sizes.values())
+    budget = int(uniform * (1 + config.mixed))
+    allocation = allocate_bits(kl, sizes, budget)
+    layer_bits = tuple((g, b) for g, b in allocation.items() if b != config.bits)
+    report = {
+        "probe": {"corpus": "c4.utf8", "samples": int(ids.shape[0]), "tokens_per_sample": int(ids.shape[1])},
+        "granularity": config.mixed_granularity,
+        "widths": list(widths),
+        "uniform_bytes": uniform,
+        "budget_bytes": budget,
+        "allocated_bytes": sum(sizes[g][b] for g, b in allocation.items()),
+        "predicted_kl_sum": {
+            "uniform": sum(k[config.bits] for k in kl.values()),
+            "mixed": sum(kl[g][b] for g, b in allocation.items()),
+        },
+        "groups": [
+            {"group": g, "bits": allocation[g], "kl": {str(b): kl[g][b] for b in widths}, "bytes": {str(b): sizes[g][b] for b in widths}}
+            for g in sorted(kl, key=sort_key)
+        ],
+    }
+    return dataclasses.replace(config, layer_bits=tuple(sorted(layer_bits, key=lambda x: sort_key(x[0])))), report
+
+
+def sort_key(group: str) -> tuple:
+    """layers.2 before layers.10, the LM head last."""
+    parts = group.split(".")
+    return (0, int(parts[1]), group) if parts[0] == "layers" else (1, 0, group)
+
+
+def sensitivity_table(report: dict) -> str:
+    """The KL report per layer as a plain-text table (`leanlm sensitivity`, `leanlm quantize --mixed`)."""
+    widths = report["widths"]
+    lines = [f"{'group':<32}" + "".join(f"{f'KL@{b}bit':>12}" for b in widths) + f"{'bits':>6}"]
+    for row in report["groups"]:
+        kls = "".join(f"{row['kl'][str(b)]:>12.5f}" for b in widths)
+        lines.append(f"{row['group']:<32}{kls}{row['bits']:>6}")
+    return "\n".join(lines)
