@@ -37,33 +37,48 @@ def group_sizes(model, config: QuantConfig, widths: tuple[int, ...]) -> dict[str
     return sizes
 
 
-def plan_mixed(llm, config: QuantConfig, progress: bool = False) -> tuple[QuantConfig, dict]:
-    """Probe, allocate, and return (the config with layer_bits, the report for quantization.json)."""
-    widths = (config.bits, config.mixed_bits)
+def sensitivity_report(llm, config: QuantConfig, widths: tuple[int, ...], progress: bool = False) -> dict:
+    """The KL report per layer: each group's measured KL at every width in `widths` and its size in the artifact."""
     ids = sensitivity_ids(llm, config)
     kl = layer_sensitivity(llm.model, config, ids, widths, progress)
     sizes = group_sizes(llm.model, config, widths)
-    uniform = sum(s[config.bits] for s in sizes.values())
-    budget = int(uniform * (1 + config.mixed))
-    allocation = allocate_bits(kl, sizes, budget)
-    layer_bits = tuple((g, b) for g, b in allocation.items() if b != config.bits)
-    report = {
+    return {
         "probe": {"corpus": "c4.utf8", "samples": int(ids.shape[0]), "tokens_per_sample": int(ids.shape[1])},
+        "method": "round-to-nearest, one group at a time",
+        "group_size": config.group_size,
         "granularity": config.mixed_granularity,
         "widths": list(widths),
-        "uniform_bytes": uniform,
-        "budget_bytes": budget,
-        "allocated_bytes": sum(sizes[g][b] for g, b in allocation.items()),
-        "predicted_kl_sum": {
-            "uniform": sum(k[config.bits] for k in kl.values()),
-            "mixed": sum(kl[g][b] for g, b in allocation.items()),
-        },
         "groups": [
-            {"group": g, "bits": allocation[g], "kl": {str(b): kl[g][b] for b in widths}, "bytes": {str(b): sizes[g][b] for b in widths}}
+            {"group": g, "kl": {str(b): kl[g][b] for b in widths}, "bytes": {str(b): sizes[g][b] for b in widths}}
             for g in sorted(kl, key=sort_key)
         ],
     }
-    return dataclasses.replace(config, layer_bits=tuple(sorted(layer_bits, key=lambda x: sort_key(x[0])))), report
+
+
+def plan_mixed(llm, config: QuantConfig, progress: bool = False) -> tuple[QuantConfig, dict]:
+    """Probe, allocate, and return (the config with layer_bits, the report for quantization.json)."""
+    widths = (config.bits, config.mixed_bits)
+    report = sensitivity_report(llm, config, widths, progress)
+    kl = {row["group"]: {b: row["kl"][str(b)] for b in widths} for row in report["groups"]}
+    sizes = {row["group"]: {b: row["bytes"][str(b)] for b in widths} for row in report["groups"]}
+    uniform = sum(s[config.bits] for s in sizes.values())
+    budget = int(uniform * (1 + config.mixed))
+    allocation = allocate_bits(kl, sizes, budget)
+    for row in report["groups"]:
+        row["bits"] = allocation[row["group"]]
+    report.update(
+        {
+            "uniform_bytes": uniform,
+            "budget_bytes": budget,
+            "allocated_bytes": sum(sizes[g][b] for g, b in allocation.items()),
+            "predicted_kl_sum": {
+                "uniform": sum(k[config.bits] for k in kl.values()),
+                "mixed": sum(kl[g][b] for g, b in allocation.items()),
+            },
+        }
+    )
+    layer_bits = sorted(((g, b) for g, b in allocation.items() if b != config.bits), key=lambda x: sort_key(x[0]))
+    return dataclasses.replace(config, layer_bits=tuple(layer_bits)), report
 
 
 def sort_key(group: str) -> tuple:
@@ -75,8 +90,11 @@ def sort_key(group: str) -> tuple:
 def sensitivity_table(report: dict) -> str:
     """The KL report per layer as a plain-text table (`leanlm sensitivity`, `leanlm quantize --mixed`)."""
     widths = report["widths"]
-    lines = [f"{'group':<32}" + "".join(f"{f'KL@{b}bit':>12}" for b in widths) + f"{'bits':>6}"]
+    allocated = all("bits" in row for row in report["groups"])
+    header = f"{'group':<32}" + "".join(f"{f'KL@{b}bit':>12}" for b in widths) + f"{'MiB@' + str(widths[0]):>10}"
+    lines = [header + (f"{'bits':>6}" if allocated else "")]
     for row in report["groups"]:
         kls = "".join(f"{row['kl'][str(b)]:>12.5f}" for b in widths)
-        lines.append(f"{row['group']:<32}{kls}{row['bits']:>6}")
+        size = row["bytes"][str(widths[0])] / 2**20
+        lines.append(f"{row['group']:<32}{kls}{size:>10.2f}" + (f"{row['bits']:>6}" if allocated else ""))
     return "\n".join(lines)

@@ -161,8 +161,37 @@ def test_quantize_to_folder_allocates_bits_within_the_size_margin(tiny_folder, t
         group = name if name == "lm_head" else ".".join(name.split(".")[:2])
         assert layer["bits"] == (8 if group in upgraded else 4), name
     llm = LLM(tiny_folder, dtype="float32", dequantize=True)
-    assert sum(group_sizes(llm.model, config, (4,))[g][4] for g in probe_groups(llm.model, config)) == mixed[
-        "uniform_bytes"
-    ]
+    assert (
+        sum(group_sizes(llm.model, config, (4,))[g][4] for g in probe_groups(llm.model, config))
+        == mixed["uniform_bytes"]
+    )
     assert "KL@4bit" in sensitivity_table(mixed) and "layers.1" in sensitivity_table(mixed)
     LLM(tmp_path / "out").generate("w1 w2 w3")  # the folder loads and runs
+
+
+def test_sensitivity_command_prints_and_writes_the_kl_report(tiny_folder, tmp_path, capsys):
+    from leanlm.cli.main import main
+
+    out = tmp_path / "report.json"
+    assert (
+        main(
+            [
+                "sensitivity",
+                "--model",
+                str(tiny_folder),
+                "--bits",
+                "4,8",
+                "--samples",
+                "1",
+                "--length",
+                "32",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    report = json.loads(out.read_text())
+    assert [row["group"] for row in report["groups"]] == ["layers.0", "layers.1", "lm_head"]
+    assert all(row["kl"]["4"] > row["kl"]["8"] for row in report["groups"])
+    assert "KL@8bit" in capsys.readouterr().out
