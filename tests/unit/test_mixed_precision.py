@@ -195,3 +195,12 @@ def test_sensitivity_command_prints_and_writes_the_kl_report(tiny_folder, tmp_pa
     assert [row["group"] for row in report["groups"]] == ["layers.0", "layers.1", "lm_head"]
     assert all(row["kl"]["4"] > row["kl"]["8"] for row in report["groups"])
     assert "KL@8bit" in capsys.readouterr().out
+
+
+def test_mixed_formats_join_optimize_search_space():
+    from leanlm.optimize.formats import FORMATS
+
+    spec = FORMATS["gptq4-g32-mix10"]
+    assert spec.quant_config().mixed == 0.1 and spec.quant_config().mixed_bits == 8
+    assert spec.at_least_as_fine_as(FORMATS["gptq4-g32"])  # a failed mixed format rules out the uniform one
+    assert not FORMATS["gptq4-g32"].at_least_as_fine_as(spec)
