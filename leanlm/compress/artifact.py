@@ -79,6 +79,15 @@ def as_float16_if_exact(params: torch.Tensor) -> torch.Tensor:
     return params.half() if fits_float16(params) else params
 
 
+def quantized_embedding(model):
+    """The embedding's codes when compress/quantize.py rounded it and the table still holds exactly their values."""
+    weight = getattr(model.embed_tokens, "quantized", None)
+    table = model.embed_tokens.weight
+    if weight is None or not torch.equal(weight.dequantize(table.dtype).to(table.device), table):
+        return None
+    return weight
+
+
 def write_quantized(llm, scratch: Path, manifest: dict) -> None:
     """The files of a quantized artifact, written into the (scratch) folder `scratch`."""
     from safetensors.torch import save_file
@@ -97,7 +106,21 @@ def write_quantized(llm, scratch: Path, manifest: dict) -> None:
                 tensors[f"{name}.offset"] = as_float16_if_exact(module.offset)
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias.detach()
-    quantized_prefixes = tuple(f"{name}." for name in layers)
+    embedding = quantized_embedding(llm.model)
+    if embedding is not None:
+        tensors["embed_tokens.codes"] = pack_codes(embedding.codes, embedding.bits)
+        tensors["embed_tokens.scale"] = as_float16_if_exact(embedding.scale)
+        if embedding.offset is not None:
+            tensors["embed_tokens.offset"] = as_float16_if_exact(embedding.offset)
+        manifest = {
+            **manifest,
+            "embedding": {
+                "bits": embedding.bits,
+                "group_size": embedding.group_size,
+                "symmetric": embedding.offset is None,
+            },
+        }
+    quantized_prefixes = tuple(f"{name}." for name in layers) + (("embed_tokens.",) if embedding is not None else ())
     for name, tensor in llm.model.state_dict().items():
         if not name.startswith(quantized_prefixes) and name not in tensors:
             tensors[name] = tensor

@@ -29,6 +29,9 @@ class QuantConfig:
     mixed_granularity: str = "layer"  # "layer" (a decoder layer's linears together) or "tensor"
     sensitivity_samples: int = 4
     sensitivity_length: int = 128
+    # The token embedding in the artifact: 0 = dense at the model's dtype; 8 = int8 rows in groups of 32 with float16
+    # scales (llama.cpp's Q8_0 layout), dequantized on load. Only with the LM head quantized (else it stays tied).
+    embedding_bits: int = 8
     # Per-layer bits, ((name or name prefix, bits), ...): set by the mixed allocation, or given directly.
     layer_bits: tuple[tuple[str, int], ...] = ()
 
@@ -62,6 +65,8 @@ class QuantConfig:
             raise InvalidRequestError(f"mixed granularity is 'layer' or 'tensor', got '{self.mixed_granularity}'.")
         if self.sensitivity_samples < 1 or self.sensitivity_length < 16:
             raise InvalidRequestError("the sensitivity probe needs at least 1 sample of at least 16 tokens.")
+        if self.embedding_bits and not 2 <= self.embedding_bits <= 8:
+            raise InvalidRequestError(f"embedding_bits must be 0 (dense) or 2 to 8, got {self.embedding_bits}.")
         object.__setattr__(self, "layer_bits", tuple((str(n), int(b)) for n, b in self.layer_bits))
         for name, bits in self.layer_bits:
             if not 2 <= bits <= 8:

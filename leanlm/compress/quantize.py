@@ -42,6 +42,21 @@ def half_parameters(weight: QuantizedTensor) -> QuantizedTensor:
     return QuantizedTensor(weight.codes, weight.scale.half().float(), offset, weight.bits, weight.group_size)
 
 
+EMBEDDING_GROUP = 32
+
+
+def quantize_embedding(model: nn.Module, bits: int) -> QuantizedTensor:
+    """Round the token embedding's rows (groups of 32, symmetric above 4 bits) and make the model's table their
+    dequantized values; `embed_tokens.quantized` keeps the codes for the artifact (compress/artifact.py), which the
+    loader dequantizes back to exactly this table."""
+    table = model.embed_tokens.weight
+    weight = half_parameters(quantize_rtn(table.detach().float().cpu(), bits, EMBEDDING_GROUP, symmetric=bits > 4))
+    # A new parameter: a dense LM head tied to the old table keeps it.
+    model.embed_tokens.weight = nn.Parameter(weight.dequantize(table.dtype).to(table.device), requires_grad=False)
+    model.embed_tokens.quantized = weight
+    return weight
+
+
 @torch.inference_mode()
 def quantize(llm, config: QuantConfig, calibration_ids: list[list[int]] | None = None) -> dict:
     """Quantize `llm` (a leanlm.LLM) in place. Returns a small report (method, sizes before and after)."""
@@ -56,6 +71,9 @@ def quantize(llm, config: QuantConfig, calibration_ids: list[list[int]] | None =
     quantized = {name: half_parameters(weight) for name, weight in quantized.items()}
     after = sum(w.storage_bytes() for w in quantized.values())
     install(model, quantized)
+    if config.embedding_bits and config.include_lm_head:
+        embedding = quantize_embedding(model, config.embedding_bits)
+        after += embedding.storage_bytes()
     # Run as the saved artifact will load: float32 activations around leanlm's kernels (bfloat16 -> float32 is
     # exact for the dense tensors), so saving and reloading changes no logit.
     llm.plan = llm.plan.for_weights(quantized=True)
