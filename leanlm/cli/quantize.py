@@ -30,6 +30,12 @@ def add_parser(subparsers) -> None:
         help="weights per scale/offset (default: per channel for int8, 128 otherwise; -1 = per channel)",
     )
     q.add_argument("--no-lm-head", action="store_true", help="keep the LM head in the model's dtype")
+    q.add_argument(
+        "--embedding-bits",
+        type=int,
+        default=8,
+        help="the token embedding in the artifact: 8 = int8 rows in groups of 32 (default), 0 = the model's dtype",
+    )
     q.add_argument("--calibration-samples", type=int, default=32, help="GPTQ/AWQ: c4 sequences (default 32)")
     q.add_argument("--calibration-length", type=int, default=256, help="GPTQ/AWQ: tokens per sequence (default 256)")
     q.add_argument(
@@ -47,6 +53,11 @@ def add_parser(subparsers) -> None:
     mixed.add_argument("--mixed-bits", type=int, default=8, help="bits of the raised layers (default 8)")
     mixed.add_argument(
         "--mixed-per", choices=["layer", "tensor"], default="layer", help="what gets its own bits (default: layer)"
+    )
+    mixed.add_argument(
+        "--sensitivity",
+        help="reuse a KL report written by `leanlm sensitivity --json` (same group size, widths covering --bits and "
+        "--mixed-bits) instead of probing again",
     )
     mixed.add_argument(
         "--sensitivity-samples", type=int, default=4, help="c4 sequences of 128 tokens for the probe (default 4)"
@@ -82,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         mixed_bits=args.mixed_bits,
         mixed_granularity=args.mixed_per,
         sensitivity_samples=args.sensitivity_samples,
+        embedding_bits=args.embedding_bits,
     )
     manifest = quantize_to_folder(
         args.model,
@@ -91,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         eval_tokens=args.eval_tokens,
         export_gguf=args.export_gguf,
+        sensitivity=args.sensitivity,
     )
     if args.export_gguf:
         print(f"wrote {args.export_gguf}")

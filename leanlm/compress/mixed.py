@@ -11,6 +11,7 @@ import dataclasses
 from leanlm.compress.allocate import allocate_bits, stored_bytes
 from leanlm.compress.config import QuantConfig
 from leanlm.compress.sensitivity import layer_sensitivity, probe_groups
+from leanlm.errors import InvalidRequestError
 
 
 def sensitivity_ids(llm, config: QuantConfig):
@@ -55,10 +56,43 @@ def sensitivity_report(llm, config: QuantConfig, widths: tuple[int, ...], progre
     }
 
 
-def plan_mixed(llm, config: QuantConfig, progress: bool = False) -> tuple[QuantConfig, dict]:
-    """Probe, allocate, and return (the config with layer_bits, the report for quantization.json)."""
+def reuse_report(report: dict, llm, config: QuantConfig, widths: tuple[int, ...]) -> dict:
+    """A saved KL report checked against this model and config, cut to `widths`."""
+    groups = probe_groups(llm.model, config)
+    mismatch = [
+        what
+        for what, ok in (
+            ("the group size", report.get("group_size") == config.group_size),
+            ("the granularity", report.get("granularity") == config.mixed_granularity),
+            (f"the widths {list(widths)}", set(widths) <= set(report.get("widths", []))),
+            ("the layers", sorted(row["group"] for row in report.get("groups", [])) == sorted(groups)),
+        )
+        if not ok
+    ]
+    if mismatch:
+        raise InvalidRequestError(
+            f"The sensitivity report does not match this quantization ({', '.join(mismatch)}): rerun "
+            "`leanlm sensitivity` with the same --group-size, --per and bits, or leave --sensitivity out."
+        )
+    rows = [
+        {
+            "group": r["group"],
+            "kl": {str(b): r["kl"][str(b)] for b in widths},
+            "bytes": {str(b): r["bytes"][str(b)] for b in widths},
+        }
+        for r in report["groups"]
+    ]
+    return {**report, "widths": list(widths), "groups": rows}
+
+
+def plan_mixed(llm, config: QuantConfig, progress: bool = False, saved: dict | None = None) -> tuple[QuantConfig, dict]:
+    """Probe (or reuse the `saved` KL report), allocate, and return (the config with layer_bits, the report for
+    quantization.json)."""
     widths = (config.bits, config.mixed_bits)
-    report = sensitivity_report(llm, config, widths, progress)
+    if saved is not None:
+        report = reuse_report(saved, llm, config, widths)
+    else:
+        report = sensitivity_report(llm, config, widths, progress)
     kl = {row["group"]: {b: row["kl"][str(b)] for b in widths} for row in report["groups"]}
     sizes = {row["group"]: {b: row["bytes"][str(b)] for b in widths} for row in report["groups"]}
     uniform = sum(s[config.bits] for s in sizes.values())

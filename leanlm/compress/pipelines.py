@@ -49,10 +49,12 @@ def _quantize_to_folder(
     eval_tokens: int = 2048,
     export_gguf: str | Path | None = None,
     progress: bool = True,
+    sensitivity: str | Path | dict | None = None,
 ) -> dict:
     """Quantize `model` with `config` and write the folder `output` (atomically); `dtype` is the dtype of the
     artifact's dense tensors. `eval_tokens` wiki tokens measure quality against the original (0 = skip).
-    `export_gguf` also writes a GGUF file for llama.cpp. Returns quantization.json as written."""
+    `export_gguf` also writes a GGUF file for llama.cpp. `sensitivity`: a KL report (`leanlm sensitivity --json`,
+    a path or its dict) that mixed precision reuses instead of probing. Returns quantization.json as written."""
     from leanlm.compress.artifact import save_quantized
     from leanlm.compress.quantize import quantize
     from leanlm.formats.quantized_folder import MANIFEST
@@ -65,7 +67,9 @@ def _quantize_to_folder(
     if config.mixed and not config.layer_bits:
         from leanlm.compress.mixed import plan_mixed
 
-        config, mixed = plan_mixed(llm, config, progress)
+        if isinstance(sensitivity, str | Path):
+            sensitivity = json.loads(Path(sensitivity).read_text())
+        config, mixed = plan_mixed(llm, config, progress, sensitivity)
     report = quantize(llm, config)
     report["seconds"] = round(time.perf_counter() - started, 1)
     adopt_storage_dtype(llm, runtime_dtype)

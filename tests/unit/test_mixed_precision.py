@@ -204,6 +204,17 @@ def test_sensitivity_command_prints_and_writes_the_kl_report(tiny_folder, tmp_pa
     assert all(row["kl"]["4"] > row["kl"]["8"] for row in report["groups"])
     assert "KL@8bit" in capsys.readouterr().out
 
+    from leanlm.compress.pipelines import quantize_to_folder
+
+    # quantize --mixed reuses the report instead of probing again; a report for other groups is refused
+    config = QuantConfig("int4", group_size=32, mixed=0.3)
+    manifest = quantize_to_folder(tiny_folder, config, tmp_path / "q", eval_tokens=0, progress=False, sensitivity=out)
+    assert [row["kl"] for row in manifest["mixed"]["groups"]] == [row["kl"] for row in report["groups"]]
+    with pytest.raises(InvalidRequestError, match="the group size"):
+        quantize_to_folder(
+            tiny_folder, QuantConfig("int4", group_size=64, mixed=0.3), tmp_path / "r", eval_tokens=0, sensitivity=out
+        )
+
 
 def test_mixed_formats_join_optimize_search_space():
     from leanlm.optimize.formats import FORMATS
