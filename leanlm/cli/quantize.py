@@ -67,6 +67,12 @@ def add_parser(subparsers) -> None:
         help="also write a GGUF file for llama.cpp (int8 -> Q8_0, 4 bits or fewer -> Q4_1); needs a GGUF source",
     )
     q.add_argument(
+        "--gguf-kquants",
+        action="store_true",
+        help="with --export-gguf: a Q4_K_M-style file, 4-bit layers as Q4_K and 8-bit ones (int8, --mixed) as Q6_K "
+        "where rows are multiples of 256 (re-rounded onto the K-quant grid); Q4_1/Q8_0 elsewhere",
+    )
+    q.add_argument(
         "--eval-tokens",
         type=int,
         default=2048,
@@ -104,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
         eval_tokens=args.eval_tokens,
         export_gguf=args.export_gguf,
         sensitivity=args.sensitivity,
+        gguf_kquants=args.gguf_kquants,
     )
     if args.export_gguf:
         print(f"wrote {args.export_gguf}")

@@ -50,11 +50,13 @@ def _quantize_to_folder(
     export_gguf: str | Path | None = None,
     progress: bool = True,
     sensitivity: str | Path | dict | None = None,
+    gguf_kquants: bool = False,
 ) -> dict:
     """Quantize `model` with `config` and write the folder `output` (atomically); `dtype` is the dtype of the
-    artifact's dense tensors. `eval_tokens` wiki tokens measure quality against the original (0 = skip).
-    `export_gguf` also writes a GGUF file for llama.cpp. `sensitivity`: a KL report (`leanlm sensitivity --json`,
-    a path or its dict) that mixed precision reuses instead of probing. Returns quantization.json as written."""
+        artifact's dense tensors. `eval_tokens` wiki tokens measure quality against the original (0 = skip).
+        `export_gguf` also writes a GGUF file for llama.cpp. `sensitivity`: a KL report (`leanlm sensitivity --json`,
+        a path or its dict) that mixed precision reuses instead of probing; `gguf_kquants`: the GGUF export as Q4_K/Q6_K
+    where rows allow. Returns quantization.json as written."""
     from leanlm.compress.artifact import save_quantized
     from leanlm.compress.quantize import quantize
     from leanlm.formats.quantized_folder import MANIFEST
@@ -94,7 +96,7 @@ def _quantize_to_folder(
     if export_gguf:
         from leanlm.compress.gguf_writer import write_gguf
 
-        write_gguf(llm, llm.model_path, export_gguf)
+        write_gguf(llm, llm.model_path, export_gguf, kquants=gguf_kquants)
     return json.loads((folder / MANIFEST).read_text())
 
 
