@@ -71,11 +71,11 @@ def quantize(llm, config: QuantConfig, calibration_ids: list[list[int]] | None =
     quantized = {name: half_parameters(weight) for name, weight in quantized.items()}
     after = sum(w.storage_bytes() for w in quantized.values())
     install(model, quantized)
-    if config.embedding_bits and config.include_lm_head:
-        embedding = quantize_embedding(model, config.embedding_bits)
-        after += embedding.storage_bytes()
+    report = {"quantized_layers": len(quantized), "dense_bytes": before, "quantized_bytes": after}
     # Run as the saved artifact will load: float32 activations around leanlm's kernels (bfloat16 -> float32 is
     # exact for the dense tensors), so saving and reloading changes no logit.
     llm.plan = llm.plan.for_weights(quantized=True)
     prepare_runtime(model, llm.plan)
-    return {"quantized_layers": len(quantized), "dense_bytes": before, "quantized_bytes": after}
+    if config.embedding_bits and config.include_lm_head:  # after: the table is at the compute dtype, as on reload
+        report["embedding_bytes"] = quantize_embedding(model, config.embedding_bits).storage_bytes()
+    return report
