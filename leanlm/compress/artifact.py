@@ -80,11 +80,16 @@ def as_float16_if_exact(params: torch.Tensor) -> torch.Tensor:
 
 
 def quantized_embedding(model):
-    """The embedding's codes when compress/quantize.py rounded it and the table still holds exactly their values."""
+    """The embedding's codes when compress/quantize.py rounded it and the table still holds exactly their values
+    (and, tied, the head still runs on them)."""
     weight = getattr(model.embed_tokens, "quantized", None)
     table = model.embed_tokens.weight
     if weight is None or not torch.equal(weight.dequantize(table.dtype).to(table.device), table):
         return None
+    if getattr(model.embed_tokens, "ties_head", False):
+        head = model.lm_head
+        if not isinstance(head, QuantizedLinear) or not torch.equal(head.dequantize(table.dtype), table.cpu()):
+            return None
     return weight
 
 
@@ -108,18 +113,15 @@ def write_quantized(llm, scratch: Path, manifest: dict) -> None:
                 tensors[f"{name}.bias"] = module.bias.detach()
     embedding = quantized_embedding(llm.model)
     if embedding is not None:
-        tensors["embed_tokens.codes"] = pack_codes(embedding.codes, embedding.bits)
-        tensors["embed_tokens.scale"] = as_float16_if_exact(embedding.scale)
-        if embedding.offset is not None:
-            tensors["embed_tokens.offset"] = as_float16_if_exact(embedding.offset)
-        manifest = {
-            **manifest,
-            "embedding": {
-                "bits": embedding.bits,
-                "group_size": embedding.group_size,
-                "symmetric": embedding.offset is None,
-            },
-        }
+        described = {"bits": embedding.bits, "group_size": embedding.group_size, "symmetric": embedding.offset is None}
+        if getattr(llm.model.embed_tokens, "ties_head", False):
+            described["tied_to"] = "lm_head"  # the head's codes, stored once
+        else:
+            tensors["embed_tokens.codes"] = pack_codes(embedding.codes, embedding.bits)
+            tensors["embed_tokens.scale"] = as_float16_if_exact(embedding.scale)
+            if embedding.offset is not None:
+                tensors["embed_tokens.offset"] = as_float16_if_exact(embedding.offset)
+        manifest = {**manifest, "embedding": described}
     quantized_prefixes = tuple(f"{name}." for name in layers) + (("embed_tokens.",) if embedding is not None else ())
     for name, tensor in llm.model.state_dict().items():
         if not name.startswith(quantized_prefixes) and name not in tensors:

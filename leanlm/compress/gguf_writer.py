@@ -124,6 +124,8 @@ def _hf_tensors(model):
         "mlp.gate_up_proj": (("gate", cfg.intermediate_size), ("up", cfg.intermediate_size)),
     }
     tied = not isinstance(model.lm_head, QuantizedLinear) and model.lm_head.weight is model.embed_tokens.weight
+    # a head on the int8 embedding's own codes (compress/quantize.py): llama.cpp ties a file without output.weight
+    tied = tied or (getattr(model.embed_tokens, "ties_head", False) and exact_embedding(model.embed_tokens) is not None)
     for module_name, module in model.named_modules():
         if module_name == "lm_head" and tied:
             continue

@@ -11,7 +11,7 @@ from torch import nn
 
 from leanlm.compress.config import QuantConfig
 from leanlm.compress.rtn import quantize_rtn
-from leanlm.compress.targets import target_linears
+from leanlm.compress.targets import head_ties_embedding, target_linears
 from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
 from leanlm.models.registry import prepare_runtime
 
@@ -45,23 +45,30 @@ def half_parameters(weight: QuantizedTensor) -> QuantizedTensor:
 EMBEDDING_GROUP = 32
 
 
-def quantize_embedding(model: nn.Module, bits: int) -> QuantizedTensor:
-    """Round the token embedding's rows (groups of 32, symmetric above 4 bits) and make the model's table their
-    dequantized values; `embed_tokens.quantized` keeps the codes for the artifact (compress/artifact.py), which the
-    loader dequantizes back to exactly this table."""
+def embedding_codes(model: nn.Module, bits: int) -> QuantizedTensor:
+    """The token embedding's rows rounded in groups of 32 (symmetric above 4 bits), parameters in float16."""
+    table = model.embed_tokens.weight.detach().float().cpu()
+    return half_parameters(quantize_rtn(table, bits, EMBEDDING_GROUP, symmetric=bits > 4))
+
+
+def quantize_embedding(model: nn.Module, weight: QuantizedTensor, tied_head: bool) -> None:
+    """Make the model's table the dequantized values of `weight`; `embed_tokens.quantized` keeps the codes for the
+    artifact (compress/artifact.py), whose loader dequantizes them back to exactly this table. `tied_head`: the LM
+    head runs on these same codes, and the artifact stores them once."""
     table = model.embed_tokens.weight
-    weight = half_parameters(quantize_rtn(table.detach().float().cpu(), bits, EMBEDDING_GROUP, symmetric=bits > 4))
     # A new parameter: a dense LM head tied to the old table keeps it.
     model.embed_tokens.weight = nn.Parameter(weight.dequantize(table.dtype).to(table.device), requires_grad=False)
     model.embed_tokens.quantized = weight
-    return weight
+    model.embed_tokens.ties_head = tied_head
 
 
 @torch.inference_mode()
 def quantize(llm, config: QuantConfig, calibration_ids: list[list[int]] | None = None) -> dict:
     """Quantize `llm` (a leanlm.LLM) in place. Returns a small report (method, sizes before and after)."""
     model = llm.model
-    before = sum(m.weight.numel() * m.weight.element_size() for m in target_linears(model, config).values())
+    tied = head_ties_embedding(model, config)
+    targets = target_linears(model, config) | ({"lm_head": model.lm_head} if tied else {})
+    before = sum(m.weight.numel() * m.weight.element_size() for m in targets.values())
     if config.method in ("int8", "int4"):
         quantized = quantize_weights_rtn(model, config)
     else:
@@ -69,6 +76,11 @@ def quantize(llm, config: QuantConfig, calibration_ids: list[list[int]] | None =
 
         quantized = quantize_weights_calibrated(llm, config, calibration_ids)
     quantized = {name: half_parameters(weight) for name, weight in quantized.items()}
+    embedding = (
+        embedding_codes(model, config.embedding_bits) if config.embedding_bits and config.include_lm_head else None
+    )
+    if tied:
+        quantized["lm_head"] = embedding
     after = sum(w.storage_bytes() for w in quantized.values())
     install(model, quantized)
     report = {"quantized_layers": len(quantized), "dense_bytes": before, "quantized_bytes": after}
@@ -76,6 +88,7 @@ def quantize(llm, config: QuantConfig, calibration_ids: list[list[int]] | None =
     # exact for the dense tensors), so saving and reloading changes no logit.
     llm.plan = llm.plan.for_weights(quantized=True)
     prepare_runtime(model, llm.plan)
-    if config.embedding_bits and config.include_lm_head:  # after: the table is at the compute dtype, as on reload
-        report["embedding_bytes"] = quantize_embedding(model, config.embedding_bits).storage_bytes()
+    if embedding is not None:  # after: the table is at the compute dtype, as on reload
+        quantize_embedding(model, embedding, tied)
+        report["embedding_bytes"] = 0 if tied else embedding.storage_bytes()  # tied: counted as the head
     return report

@@ -40,8 +40,9 @@ def read_quantized_weights(folder: Path, raw: dict[str, torch.Tensor]) -> dict[s
     manifest = json.loads((folder / MANIFEST).read_text())
     weights = dict(raw)
     layers = dict(manifest.get("layers", {}))
-    if "embedding" in manifest:  # a quantized token embedding: the model dequantizes it into its lookup table
-        layers["embed_tokens"] = manifest["embedding"]
+    embedding = manifest.get("embedding")  # a quantized token embedding: the model dequantizes it into its table
+    if embedding and "tied_to" not in embedding:
+        layers["embed_tokens"] = embedding
     for name, layer in layers.items():
         try:
             codes = unpack_codes(weights.pop(f"{name}.codes"), layer["bits"])
@@ -53,4 +54,6 @@ def read_quantized_weights(folder: Path, raw: dict[str, torch.Tensor]) -> dict[s
         weights[f"{name}.weight"] = QuantizedTensor(
             codes, scale.float(), None if offset is None else offset.float(), layer["bits"], group
         )
+    if embedding and "tied_to" in embedding:  # stored once, as the head's codes
+        weights["embed_tokens.weight"] = weights[f"{embedding['tied_to']}.weight"]
     return weights

@@ -239,3 +239,24 @@ def test_the_int8_embedding_shrinks_the_artifact_and_costs_little(tiny_folder, t
     assert sizes[0] - sizes[8] > table * (2 - 1.1)  # bfloat16 (2 bytes) -> int8 + a float16 scale per 32
     kl = (outputs[0].exp() * (outputs[0] - outputs[8])).sum(-1).mean()
     assert kl < 0.01, kl  # measured 0.003 on this random model, whose std-1 embedding feeds every layer
+
+
+def test_a_tied_head_runs_on_the_int8_embedding_codes_stored_once(tiny_folder, tmp_path):
+    from safetensors import safe_open
+
+    llm = LLM(tiny_folder, dtype="float32", dequantize=True)
+    llm.model.lm_head.weight = llm.model.embed_tokens.weight  # a tied model, as SmolLM2 and Gemma are
+    report = quantize(llm, QuantConfig("int4", group_size=32))
+    head = llm.model.lm_head
+    assert isinstance(head, QuantizedLinear) and head.bits == 8 and head.offset is None  # the embedding's int8 rows
+    assert torch.equal(head.dequantize(), llm.model.embed_tokens.weight)
+    assert report["quantized_layers"] == 2 * 4 + 1
+    folder = save_quantized(llm, tmp_path / "tied", {"method": "int4"})
+    manifest = json.loads((folder / "quantization.json").read_text())
+    assert manifest["embedding"]["tied_to"] == "lm_head" and manifest["layers"]["lm_head"]["bits"] == 8
+    with safe_open(folder / "model.safetensors", "pt") as f:
+        assert not any(k.startswith("embed_tokens") for k in f.keys())  # stored once, as the head
+    loaded = LLM(folder, dtype="float32")
+    assert torch.equal(logits(loaded, IDS[:1]), logits(llm, IDS[:1]))
+    if loaded.model.layers[0].mlp.down_proj.kernel.startswith("leanlm"):
+        assert loaded.model.lm_head.kernel == "leanlm-q8"  # the head runs on the quantized kernels
