@@ -260,3 +260,14 @@ def test_a_tied_head_runs_on_the_int8_embedding_codes_stored_once(tiny_folder, t
     assert torch.equal(logits(loaded, IDS[:1]), logits(llm, IDS[:1]))
     if loaded.model.layers[0].mlp.down_proj.kernel.startswith("leanlm"):
         assert loaded.model.lm_head.kernel == "leanlm-q8"  # the head runs on the quantized kernels
+
+
+def test_quantize_command_prints_the_allocation(tiny_folder, tmp_path, capsys):
+    from leanlm.cli.main import main
+
+    out = tmp_path / "cli-mixed"
+    args = ["quantize", "--model", str(tiny_folder), "--method", "int4", "--group-size", "32", "--mixed", "30%"]
+    assert main([*args, "--sensitivity-samples", "1", "--eval-tokens", "0", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "KL@8bit" in printed and "groups at 8 bits" in printed
+    assert json.loads((out / "quantization.json").read_text())["config"]["mixed"] == 0.3
