@@ -34,6 +34,7 @@ COMMANDS = {
     "bench": "leanlm.cli.bench",
     "quantize": "leanlm.cli.quantize",
     "prune": "leanlm.cli.prune",
+    "sensitivity": "leanlm.cli.sensitivity",
     "plan": "leanlm.cli.plan",
     "optimize": "leanlm.cli.optimize",
     "serve": "leanlm.cli.serve",

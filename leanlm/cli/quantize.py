@@ -30,6 +30,12 @@ def add_parser(subparsers) -> None:
         help="weights per scale/offset (default: per channel for int8, 128 otherwise; -1 = per channel)",
     )
     q.add_argument("--no-lm-head", action="store_true", help="keep the LM head in the model's dtype")
+    q.add_argument(
+        "--embedding-bits",
+        type=int,
+        default=8,
+        help="the token embedding in the artifact: 8 = int8 rows in groups of 32 (default), 0 = the model's dtype",
+    )
     q.add_argument("--calibration-samples", type=int, default=32, help="GPTQ/AWQ: c4 sequences (default 32)")
     q.add_argument("--calibration-length", type=int, default=256, help="GPTQ/AWQ: tokens per sequence (default 256)")
     q.add_argument(
@@ -38,9 +44,33 @@ def add_parser(subparsers) -> None:
         help="GPTQ: keep the stored column order (default: decreasing Hessian diagonal, which measured better)",
     )
     q.add_argument("--damp", type=float, default=0.01, help="GPTQ: dampening fraction (default 0.01)")
+    mixed = q.add_argument_group("mixed precision per layer (int4, gptq, awq)")
+    mixed.add_argument(
+        "--mixed",
+        help="raise the layers whose quantization moves the logits most (KL measured one layer at a time on c4 text) "
+        "to --mixed-bits, keeping the artifact at most this much larger than the uniform one, e.g. 10%%",
+    )
+    mixed.add_argument("--mixed-bits", type=int, default=8, help="bits of the raised layers (default 8)")
+    mixed.add_argument(
+        "--mixed-per", choices=["layer", "tensor"], default="layer", help="what gets its own bits (default: layer)"
+    )
+    mixed.add_argument(
+        "--sensitivity",
+        help="reuse a KL report written by `leanlm sensitivity --json` (same group size, widths covering --bits and "
+        "--mixed-bits) instead of probing again",
+    )
+    mixed.add_argument(
+        "--sensitivity-samples", type=int, default=4, help="c4 sequences of 128 tokens for the probe (default 4)"
+    )
     q.add_argument(
         "--export-gguf",
         help="also write a GGUF file for llama.cpp (int8 -> Q8_0, 4 bits or fewer -> Q4_1); needs a GGUF source",
+    )
+    q.add_argument(
+        "--gguf-kquants",
+        action="store_true",
+        help="with --export-gguf: a Q4_K_M-style file, 4-bit layers as Q4_K and 8-bit ones (int8, --mixed) as Q6_K "
+        "where rows are multiples of 256 (re-rounded onto the K-quant grid); Q4_1/Q8_0 elsewhere",
     )
     q.add_argument(
         "--eval-tokens",
@@ -62,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from leanlm.compress.config import QuantConfig
     from leanlm.compress.pipelines import quantize_to_folder
     from leanlm.embed.loading import encoder_role
+    from leanlm.optimize.search import parse_percent
 
     if encoder_role(args.model) is not None:
         return _quantize_encoder(args)
@@ -75,6 +106,11 @@ def run(args: argparse.Namespace) -> int:
         calibration_length=args.calibration_length,
         act_order=not args.no_act_order,
         damp=args.damp,
+        mixed=0.0 if args.mixed is None else parse_percent(args.mixed),
+        mixed_bits=args.mixed_bits,
+        mixed_granularity=args.mixed_per,
+        sensitivity_samples=args.sensitivity_samples,
+        embedding_bits=args.embedding_bits,
     )
     manifest = quantize_to_folder(
         args.model,
@@ -84,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         eval_tokens=args.eval_tokens,
         export_gguf=args.export_gguf,
+        sensitivity=args.sensitivity,
+        gguf_kquants=args.gguf_kquants,
     )
     if args.export_gguf:
         print(f"wrote {args.export_gguf}")
@@ -93,6 +131,17 @@ def run(args: argparse.Namespace) -> int:
         f"{config.method} {config.bits}-bit g{config.group_size}: {report['quantized_layers']} layers, "
         f"{report['dense_bytes'] / 2**20:.0f} MiB -> {mib:.0f} MiB in {report['seconds']} s -> {args.output}"
     )
+    if "mixed" in manifest:
+        from leanlm.compress.mixed import sensitivity_table
+
+        m = manifest["mixed"]
+        raised = sum(row["bits"] != config.bits for row in m["groups"])
+        print(sensitivity_table(m))
+        print(
+            f"mixed: {raised} of {len(m['groups'])} groups at {config.mixed_bits} bits, "
+            f"{m['allocated_bytes'] / 2**20:.1f} MiB of quantized weights (uniform {m['uniform_bytes'] / 2**20:.1f}, "
+            f"budget {m['budget_bytes'] / 2**20:.1f})"
+        )
     if "quality" in manifest:
         q = manifest["quality"]
         print(

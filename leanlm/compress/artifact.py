@@ -15,7 +15,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+
 from leanlm.formats.quantized_folder import MANIFEST, pack_codes
+from leanlm.kernels.layout import fits_float16
 from leanlm.layers.quantized_linear import QuantizedLinear
 
 
@@ -70,6 +73,26 @@ def save_quantized(llm, folder: str | Path, manifest: dict) -> Path:
     return Path(folder)
 
 
+def as_float16_if_exact(params: torch.Tensor) -> torch.Tensor:
+    """Group scales/offsets in float16 (half the bytes; compress/quantize.py rounds them so) unless that would
+    change a value (parameters from elsewhere), then as they are. The reader widens them to float32."""
+    return params.half() if fits_float16(params) else params
+
+
+def quantized_embedding(model):
+    """The embedding's codes when compress/quantize.py rounded it and the table still holds exactly their values
+    (and, tied, the head still runs on them)."""
+    weight = getattr(model.embed_tokens, "quantized", None)
+    table = model.embed_tokens.weight
+    if weight is None or not torch.equal(weight.dequantize(table.dtype).to(table.device), table):
+        return None
+    if getattr(model.embed_tokens, "ties_head", False):
+        head = model.lm_head
+        if not isinstance(head, QuantizedLinear) or not torch.equal(head.dequantize(table.dtype), table.cpu()):
+            return None
+    return weight
+
+
 def write_quantized(llm, scratch: Path, manifest: dict) -> None:
     """The files of a quantized artifact, written into the (scratch) folder `scratch`."""
     from safetensors.torch import save_file
@@ -83,12 +106,23 @@ def write_quantized(llm, scratch: Path, manifest: dict) -> None:
                 "symmetric": module.offset is None,
             }
             tensors[f"{name}.codes"] = pack_codes(module.codes, module.bits)
-            tensors[f"{name}.scale"] = module.scale
+            tensors[f"{name}.scale"] = as_float16_if_exact(module.scale)
             if module.offset is not None:
-                tensors[f"{name}.offset"] = module.offset
+                tensors[f"{name}.offset"] = as_float16_if_exact(module.offset)
             if module.bias is not None:
                 tensors[f"{name}.bias"] = module.bias.detach()
-    quantized_prefixes = tuple(f"{name}." for name in layers)
+    embedding = quantized_embedding(llm.model)
+    if embedding is not None:
+        described = {"bits": embedding.bits, "group_size": embedding.group_size, "symmetric": embedding.offset is None}
+        if getattr(llm.model.embed_tokens, "ties_head", False):
+            described["tied_to"] = "lm_head"  # the head's codes, stored once
+        else:
+            tensors["embed_tokens.codes"] = pack_codes(embedding.codes, embedding.bits)
+            tensors["embed_tokens.scale"] = as_float16_if_exact(embedding.scale)
+            if embedding.offset is not None:
+                tensors["embed_tokens.offset"] = as_float16_if_exact(embedding.offset)
+        manifest = {**manifest, "embedding": described}
+    quantized_prefixes = tuple(f"{name}." for name in layers) + (("embed_tokens.",) if embedding is not None else ())
     for name, tensor in llm.model.state_dict().items():
         if not name.startswith(quantized_prefixes) and name not in tensors:
             tensors[name] = tensor

@@ -66,7 +66,7 @@ def quantize_weights_calibrated(
         if config.method == "gptq":
             layer = gptq_layer(work, hidden, ctx, names, config, prefix)
         else:
-            layer = awq_layer(work, hidden, ctx, names, config)
+            layer = awq_layer(work, hidden, ctx, names, config, prefix)
         for name, weight in layer.items():
             quantized[prefix + name] = weight
         if config.method == "awq":
@@ -153,7 +153,14 @@ def _gptq_linear(weight: torch.Tensor, inputs: torch.Tensor, config: QuantConfig
     for chunk in inputs.reshape(-1, inputs.shape[-1]).split(2048):
         hessian, count = accumulate_hessian(hessian, count, chunk)
     return gptq_quantize(
-        weight, hessian, config.bits, config.group_size, config.symmetric, config.damp, config.act_order, name=name
+        weight,
+        hessian,
+        config.bits_for(name),
+        config.group_size,
+        config.symmetric_for(name),
+        config.damp,
+        config.act_order,
+        name=name,
     )
 
 
@@ -161,27 +168,29 @@ def _gptq_linear(weight: torch.Tensor, inputs: torch.Tensor, config: QuantConfig
 
 
 def awq_layer(
-    work: nn.Module, hidden: torch.Tensor, ctx: ForwardContext, names: list[str], config: QuantConfig
+    work: nn.Module, hidden: torch.Tensor, ctx: ForwardContext, names: list[str], config: QuantConfig, prefix: str = ""
 ) -> dict[str, QuantizedTensor]:
-    """Search and fold the four scale vectors of a Llama decoder layer, then round the rescaled weights."""
+    """Search and fold the four scale vectors of a Llama decoder layer, then round the rescaled weights
+    (each linear at its own bits: `prefix` + its name in config.bits_for)."""
     attn, mlp = work.self_attn, work.mlp
     # Folding never changes another linear's input, so one float pass captures all four.
     qkv_in, o_in, gate_up_in, down_in = capture_inputs(
         work, [attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj], hidden, ctx
     )
-    search = _searcher(config)
+    search = _searcher(config, prefix)
     q_size = attn.num_heads * attn.head_dim
     kv_size = attn.num_kv_heads * attn.head_dim
     tie, to_v = tie_heads(attn.num_heads, attn.num_kv_heads)
 
-    _fold_into_norm(work.input_layernorm, attn.qkv_proj, search(qkv_in, attn.qkv_proj.weight).scales)
-    o_scales = search(o_in, attn.o_proj.weight, tie=tie).scales
+    _fold_into_norm(work.input_layernorm, attn.qkv_proj, search(qkv_in, attn.qkv_proj.weight, "self_attn.qkv_proj"))
+    o_scales = search(o_in, attn.o_proj.weight, "self_attn.o_proj", tie=tie)
     attn.qkv_proj.weight[q_size + kv_size :].div_(to_v(o_scales).unsqueeze(1))  # v rows: (H_kv * D, hidden)
     if attn.qkv_proj.bias is not None:
         attn.qkv_proj.bias[q_size + kv_size :].div_(to_v(o_scales))
     attn.o_proj.weight.mul_(o_scales)
-    _fold_into_norm(work.post_attention_layernorm, mlp.gate_up_proj, search(gate_up_in, mlp.gate_up_proj.weight).scales)
-    down_scales = search(down_in, mlp.down_proj.weight).scales
+    gate_up_scales = search(gate_up_in, mlp.gate_up_proj.weight, "mlp.gate_up_proj")
+    _fold_into_norm(work.post_attention_layernorm, mlp.gate_up_proj, gate_up_scales)
+    down_scales = search(down_in, mlp.down_proj.weight, "mlp.down_proj")
     up = slice(mlp.intermediate_size, 2 * mlp.intermediate_size)
     mlp.gate_up_proj.weight[up].div_(down_scales.unsqueeze(1))
     if mlp.gate_up_proj.bias is not None:
@@ -189,7 +198,12 @@ def awq_layer(
     mlp.down_proj.weight.mul_(down_scales)
     del qkv_in, o_in, gate_up_in, down_in
     return {
-        name: quantize_rtn(work.get_submodule(name).weight, config.bits, config.group_size, config.symmetric)
+        name: quantize_rtn(
+            work.get_submodule(name).weight,
+            config.bits_for(prefix + name),
+            config.group_size,
+            config.symmetric_for(prefix + name),
+        )
         for name in names
     }
 
@@ -197,19 +211,22 @@ def awq_layer(
 def awq_head(model: nn.Module, norm: nn.Module, head: torch.Tensor, inputs: torch.Tensor, config: QuantConfig):
     """Scale the LM head against the final norm. A head tied to the embedding is untied first: the embedding
     lookup must keep the unscaled rows."""
-    scales = _searcher(config)(inputs, head).scales
+    scales = _searcher(config)(inputs, head, "lm_head")
     norm.weight.div_(scales)
     model.norm.weight.copy_(norm.weight.to(model.norm.weight.dtype))
     scaled = head * scales
     reference = model.lm_head.weight
     model.lm_head.weight = nn.Parameter(scaled.to(reference.dtype).to(reference.device), requires_grad=False)
-    return quantize_rtn(scaled, config.bits, config.group_size, config.symmetric)
+    return quantize_rtn(scaled, config.bits_for("lm_head"), config.group_size, config.symmetric_for("lm_head"))
 
 
-def _searcher(config: QuantConfig):
-    def search(x: torch.Tensor, weight: torch.Tensor, tie=None):
+def _searcher(config: QuantConfig, prefix: str = ""):
+    """search(x, weight, name) -> AWQ's scales for the linear `prefix + name` at its own bits."""
+
+    def search(x: torch.Tensor, weight: torch.Tensor, name: str, tie=None) -> torch.Tensor:
+        bits, symmetric = config.bits_for(prefix + name), config.symmetric_for(prefix + name)
         with single_thread():  # ~100 small matmuls and roundings per layer: threads cost more than they give
-            return search_scales(x, weight, config.bits, config.group_size, config.symmetric, tie=tie)
+            return search_scales(x, weight, bits, config.group_size, symmetric, tie=tie).scales
 
     return search
 

@@ -3,7 +3,11 @@
 Quantized layers map onto GGUF blocks of 32 without re-quantizing: int8 -> Q8_0 (the row or group scale
 repeated per block) and any code width <= 4 bits with an offset -> Q4_1 (scale and offset repeated per
 block). Only the scale and offset round to float16, as GGUF stores them. Dense matrices are written as
-F16, vectors as F32. Metadata (tokenizer, chat template, hyperparameters) comes from the source GGUF.
+F16, vectors as F32; a token embedding quantized to int8 rows (compress/quantize.py) as Q8_0, exactly.
+With `kquants` (a Q4_K_M-style file, the types llama.cpp users pick), layers whose rows are multiples of 256 are
+re-rounded onto K-quant grids (compress/kquant_encode.py): 4 bits or fewer -> Q4_K, more (int8, mixed precision's
+raised layers) and a quantized embedding -> Q6_K. Metadata (tokenizer, chat template, hyperparameters) comes from
+the source GGUF.
 """
 
 from __future__ import annotations
@@ -43,9 +47,23 @@ def to_q4_1(q: QuantizedTensor) -> np.ndarray:
     return blocks.reshape(rows, -1).numpy()
 
 
-def write_gguf(llm, source_gguf: str | Path, target: str | Path) -> Path:
+def gguf_blocks(tensor: QuantizedTensor, kquants: bool) -> tuple[np.ndarray, str]:
+    """(block bytes, GGML type name) for one quantized matrix."""
+    from leanlm.compress.kquant_encode import SUPER, encode_q4_k, encode_q6_k
+
+    if kquants and tensor.codes.shape[1] % SUPER == 0:
+        if tensor.bits <= 4:
+            return encode_q4_k(tensor.dequantize()), "Q4_K"
+        return encode_q6_k(tensor.dequantize()), "Q6_K"
+    if tensor.bits == 8:
+        return to_q8_0(tensor), "Q8_0"
+    return to_q4_1(tensor), "Q4_1"
+
+
+def write_gguf(llm, source_gguf: str | Path, target: str | Path, kquants: bool = False) -> Path:
     """Write llm.model as GGUF, with the source GGUF's metadata. Atomic (temporary name, then rename).
-    Tensor names and stored values come from the model's family (models/<family>.py), as the loader reads them."""
+    Tensor names and stored values come from the model's family (models/<family>.py), as the loader reads them.
+    `kquants`: Q4_K/Q6_K where the rows allow (a Q4_K_M-style mix), else the exact Q4_1/Q8_0 mapping."""
     import gguf
 
     from leanlm.models.registry import family_for_model_type
@@ -73,10 +91,8 @@ def write_gguf(llm, source_gguf: str | Path, target: str | Path) -> Path:
             continue
         tensor = family.tensor_to_gguf(hf_name, tensor, cfg, arch)
         if isinstance(tensor, QuantizedTensor):
-            if tensor.bits == 8:
-                writer.add_tensor(name, to_q8_0(tensor), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            else:
-                writer.add_tensor(name, to_q4_1(tensor), raw_dtype=gguf.GGMLQuantizationType.Q4_1)
+            blocks, type_name = gguf_blocks(tensor, kquants)
+            writer.add_tensor(name, blocks, raw_dtype=getattr(gguf.GGMLQuantizationType, type_name))
             continue
         array = tensor.detach().float().cpu().numpy()
         writer.add_tensor(
@@ -90,6 +106,16 @@ def write_gguf(llm, source_gguf: str | Path, target: str | Path) -> Path:
     return target
 
 
+def exact_embedding(module) -> QuantizedTensor | None:
+    """The embedding's int8 codes when the table still holds exactly their values (compress/quantize.py)."""
+    weight = getattr(module, "quantized", None)
+    if weight is None or weight.bits != 8 or weight.offset is not None:
+        return None
+    return (
+        weight if torch.equal(weight.dequantize(module.weight.dtype).to(module.weight.device), module.weight) else None
+    )
+
+
 def _hf_tensors(model):
     """(HF name, tensor or QuantizedTensor) of every weight and bias, with fused q/k/v and gate/up split again."""
     cfg = model.config
@@ -98,10 +124,14 @@ def _hf_tensors(model):
         "mlp.gate_up_proj": (("gate", cfg.intermediate_size), ("up", cfg.intermediate_size)),
     }
     tied = not isinstance(model.lm_head, QuantizedLinear) and model.lm_head.weight is model.embed_tokens.weight
+    # a head on the int8 embedding's own codes (compress/quantize.py): llama.cpp ties a file without output.weight
+    tied = tied or (getattr(model.embed_tokens, "ties_head", False) and exact_embedding(model.embed_tokens) is not None)
     for module_name, module in model.named_modules():
         if module_name == "lm_head" and tied:
             continue
         weight = module.weight_q if isinstance(module, QuantizedLinear) else getattr(module, "weight", None)
+        if module_name == "embed_tokens" and exact_embedding(module) is not None:
+            weight = module.quantized  # int8 rows in groups of 32: Q8_0 as it is
         if not isinstance(weight, QuantizedTensor | torch.Tensor) or module_name.endswith("rotary"):
             continue
         bias = getattr(module, "bias", None)

@@ -49,10 +49,14 @@ def _quantize_to_folder(
     eval_tokens: int = 2048,
     export_gguf: str | Path | None = None,
     progress: bool = True,
+    sensitivity: str | Path | dict | None = None,
+    gguf_kquants: bool = False,
 ) -> dict:
     """Quantize `model` with `config` and write the folder `output` (atomically); `dtype` is the dtype of the
-    artifact's dense tensors. `eval_tokens` wiki tokens measure quality against the original (0 = skip).
-    `export_gguf` also writes a GGUF file for llama.cpp. Returns quantization.json as written."""
+        artifact's dense tensors. `eval_tokens` wiki tokens measure quality against the original (0 = skip).
+        `export_gguf` also writes a GGUF file for llama.cpp. `sensitivity`: a KL report (`leanlm sensitivity --json`,
+        a path or its dict) that mixed precision reuses instead of probing; `gguf_kquants`: the GGUF export as Q4_K/Q6_K
+    where rows allow. Returns quantization.json as written."""
     from leanlm.compress.artifact import save_quantized
     from leanlm.compress.quantize import quantize
     from leanlm.formats.quantized_folder import MANIFEST
@@ -61,6 +65,13 @@ def _quantize_to_folder(
     # Quantize from float32 copies of the original weights; the artifact keeps dense tensors in runtime_dtype.
     llm = LLM(model, dtype="float32", device="cpu", threads=threads, dequantize=True)
     started = time.perf_counter()
+    mixed = None
+    if config.mixed and not config.layer_bits:
+        from leanlm.compress.mixed import plan_mixed
+
+        if isinstance(sensitivity, str | Path):
+            sensitivity = json.loads(Path(sensitivity).read_text())
+        config, mixed = plan_mixed(llm, config, progress, sensitivity)
     report = quantize(llm, config)
     report["seconds"] = round(time.perf_counter() - started, 1)
     adopt_storage_dtype(llm, runtime_dtype)
@@ -73,6 +84,8 @@ def _quantize_to_folder(
         "dtype": str(runtime_dtype).removeprefix("torch."),
         "report": report,
     }
+    if mixed is not None:
+        manifest["mixed"] = mixed
     if config.method in ("gptq", "awq"):
         manifest["calibration"] = _calibration(config.calibration_samples, config.calibration_length)
     manifest["speed"] = measure_speed(llm)
@@ -83,7 +96,7 @@ def _quantize_to_folder(
     if export_gguf:
         from leanlm.compress.gguf_writer import write_gguf
 
-        write_gguf(llm, llm.model_path, export_gguf)
+        write_gguf(llm, llm.model_path, export_gguf, kquants=gguf_kquants)
     return json.loads((folder / MANIFEST).read_text())
 
 

@@ -17,8 +17,10 @@ def adopt_storage_dtype(llm, dtype: torch.dtype) -> None:
     computes in `dtype`. Speed and quality measured afterwards are the artifact's own."""
     quantized = any(isinstance(m, QuantizedLinear) for m in llm.model.modules())
     plan = dataclasses.replace(llm.plan, dtype=dtype).for_weights(quantized)
+    # A quantized embedding (compress/quantize.py) reloads as its exact float32 values: no rounding for it.
+    keep = {"embed_tokens.weight"} if hasattr(llm.model.embed_tokens, "quantized") else set()
     for name, param in llm.model.named_parameters():
-        if param.is_floating_point() and name.split(".")[-1] == "weight":
+        if param.is_floating_point() and name.split(".")[-1] == "weight" and name not in keep:
             param.data = param.data.to(dtype).to(plan.compute_dtype)
     llm.plan = plan
     prepare_runtime(llm.model, plan)

@@ -1,7 +1,8 @@
 """The on-disk form of a leanlm quantized model, reading side (compress/artifact.py writes it).
 
 A QuantizedLinear named X is stored as X.codes (codes of 4 bits or fewer packed two per byte), X.scale,
-X.offset (absent when symmetric) and X.bias; quantization.json lists the layers with bits and group size.
+X.offset (absent when symmetric) and X.bias; quantization.json lists the layers with bits and group size (each its
+own: mixed precision), and under "embedding" a token embedding stored the same way (dequantized on load).
 """
 
 from __future__ import annotations
@@ -38,7 +39,11 @@ def read_quantized_weights(folder: Path, raw: dict[str, torch.Tensor]) -> dict[s
         return {}
     manifest = json.loads((folder / MANIFEST).read_text())
     weights = dict(raw)
-    for name, layer in manifest.get("layers", {}).items():
+    layers = dict(manifest.get("layers", {}))
+    embedding = manifest.get("embedding")  # a quantized token embedding: the model dequantizes it into its table
+    if embedding and "tied_to" not in embedding:
+        layers["embed_tokens"] = embedding
+    for name, layer in layers.items():
         try:
             codes = unpack_codes(weights.pop(f"{name}.codes"), layer["bits"])
             scale = weights.pop(f"{name}.scale")
@@ -49,4 +54,6 @@ def read_quantized_weights(folder: Path, raw: dict[str, torch.Tensor]) -> dict[s
         weights[f"{name}.weight"] = QuantizedTensor(
             codes, scale.float(), None if offset is None else offset.float(), layer["bits"], group
         )
+    if embedding and "tied_to" in embedding:  # stored once, as the head's codes
+        weights["embed_tokens.weight"] = weights[f"{embedding['tied_to']}.weight"]
     return weights

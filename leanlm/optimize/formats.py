@@ -21,6 +21,7 @@ class FormatSpec:
     dtype: str = "bfloat16"  # dense tensors (and activations for dense formats)
     note: str = ""
     drop_layers: int = 0  # method "layers": decoder layers removed
+    mixed: float = 0.0  # mixed precision: the most sensitive layers at 8 bits, at most this fraction larger
 
     @property
     def quantized(self) -> bool:
@@ -36,7 +37,7 @@ class FormatSpec:
 
         if not self.quantized:
             raise InvalidRequestError(f"Format {self.name} is not a quantization.")
-        return QuantConfig(method=self.method, bits=self.bits, group_size=self.group_size)
+        return QuantConfig(method=self.method, bits=self.bits, group_size=self.group_size, mixed=self.mixed)
 
     def at_least_as_fine_as(self, other: FormatSpec) -> bool:
         """Same method with as many bits and groups as small or smaller: expected no worse in quality. The search
@@ -47,7 +48,7 @@ class FormatSpec:
             return False
         mine = self.group_size if self.group_size > 0 else 1 << 30
         theirs = other.group_size if other.group_size > 0 else 1 << 30
-        return self.bits >= other.bits and mine <= theirs
+        return self.bits >= other.bits and mine <= theirs and self.mixed >= other.mixed
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,6 +67,15 @@ FORMATS: dict[str, FormatSpec] = {
         FormatSpec("awq4-g32", "awq", 4, 32, note="AWQ on c4 text, 4 bits, groups of 32"),
         FormatSpec("awq4-g128", "awq", 4, 128, note="AWQ on c4 text, 4 bits, groups of 128"),
         FormatSpec("gptq3-g32", "gptq", 3, 32, note="GPTQ on c4 text, 3 bits (4-bit kernel), groups of 32"),
+        FormatSpec(
+            "rtn4-g32-mix10", "int4", 4, 32, mixed=0.1, note="RTN 4 bits g32, the layers most sensitive (KL) at 8: +10%"
+        ),
+        FormatSpec(
+            "gptq4-g32-mix10", "gptq", 4, 32, mixed=0.1, note="GPTQ 4 bits g32, the most sensitive layers at 8: +10%"
+        ),
+        FormatSpec(
+            "gptq4-g128-mix10", "gptq", 4, 128, mixed=0.1, note="GPTQ 4 bits g128, the most sensitive at 8: +10%"
+        ),
         FormatSpec("drop2", "layers", note="the 2 least useful decoder layers removed (scored on c4)", drop_layers=2),
     )
 }

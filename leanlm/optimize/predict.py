@@ -234,7 +234,11 @@ def predict(
             )
             prefill_s += attention_flops(config, workload.prompt_tokens) / matmul_flops_per_s(plan.compute_dtype)
             bandwidth = bandwidth_gbs or memory_bandwidth_gbs(workload.threads, size_mib=256, repeats=5)
-    weights = linear_bytes + other_bytes(model, plan.compute_dtype, plan.dtype if plan.half_weights else None)
+    # Mixed precision: per-layer bits are known only after the sensitivity probe; its size margin bounds them.
+    linear_bytes, read_bytes, decode_s, prefill_s = (
+        v * (1 + spec.mixed) for v in (linear_bytes, read_bytes, decode_s, prefill_s)
+    )
+    weights = int(linear_bytes) + other_bytes(model, plan.compute_dtype, plan.dtype if plan.half_weights else None)
     kv = kv_cache_plan(config, workload.context, workload.batch, workload.kv_cache)
     # decode reads, per step, the KV cache of every sequence at its current length (half the context on average)
     decode_s += workload.batch * kv["bytes_per_token"] * workload.context / 2 / (bandwidth * 1e9)

@@ -149,9 +149,10 @@ def rtn_sibling_failure(candidate: Candidate, entries: dict[str, dict], budget: 
         return None
     for entry in entries.values():
         other = Candidate(**entry["candidate"])
-        same_layout = other.spec.method == "int4" and (other.spec.bits, other.spec.group_size) == (
+        same_layout = other.spec.method == "int4" and (other.spec.bits, other.spec.group_size, other.spec.mixed) == (
             spec.bits,
             spec.group_size,
+            spec.mixed,
         )
         if (
             same_layout

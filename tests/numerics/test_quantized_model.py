@@ -67,7 +67,8 @@ def test_default_model_runs_natively_at_4_bits(default_gguf_path, dense_float32,
 def test_save_load_gives_identical_logits(default_gguf_path, tmp_path, method, group):
     llm = LLM(default_gguf_path, dtype="bfloat16", dequantize=True)
     report = quantize(llm, QuantConfig(method, group_size=group))
-    assert report["quantized_bytes"] < report["dense_bytes"] / (1.9 if method == "int8" else 3.5)
+    # int4: the tied head runs on the int8 embedding's codes (issue 13), a fifth of the weights at 8 bits
+    assert report["quantized_bytes"] < report["dense_bytes"] / (1.9 if method == "int8" else 2.9)
     folder = save_quantized(llm, tmp_path / "artifact", {"method": method})
     loaded = LLM(folder, dtype="bfloat16")
     assert torch.equal(logits(loaded), logits(llm))
@@ -187,7 +188,7 @@ def test_quantize_pipeline_returns_the_manifest_it_wrote(default_gguf_path, tmp_
         "report",
         "speed",
         "quality",
-    } | {"layers"}
+    } | {"layers", "embedding"}  # "embedding": the int8 token embedding (issue 13)
     assert (manifest["method"], manifest["bits"], manifest["dtype"]) == ("int8", 8, "bfloat16")
     assert manifest["speed"]["decode_tok_s"] > 0 and manifest["quality"]["num_tokens"] == 127
     assert 0 < manifest["quality"]["kl_mean"] < 0.1

@@ -72,7 +72,8 @@ def quantized_copy(model: nn.Module, bits: int = 4, group_size: int = 32) -> nn.
 
     if model.plan is None:
         raise InvalidRequestError("self:int4 needs a model loaded by LLM(...) (it reuses the model's runtime plan).")
-    config = QuantConfig("int4", bits=bits, group_size=group_size)
+    # embedding_bits=0: the draft's head is quantized like its projections, not tied to an int8 embedding
+    config = QuantConfig("int4", bits=bits, group_size=group_size, embedding_bits=0)
     targets = target_linears(model, config)
     quantized = quantize_weights_rtn(model, config)
     # Copy everything except the dense projections (about to be replaced: no need to copy gigabytes of them).
