@@ -23,6 +23,7 @@ from leanlm.models.seq2seq import (
     DecodeStep,
     EncoderDecoderLM,
     cross_attention,
+    load_exact_state,
     padding_bias,
     self_attention,
 )
@@ -228,17 +229,7 @@ def state_dict_from_hf(hf: dict[str, torch.Tensor], config: MarianConfig) -> dic
 
 
 def build(config: MarianConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> MarianModel:
-    with torch.device("meta"):
-        model = MarianModel(config)
-    model = model.to_empty(device="cpu")
-    expected = set(model.state_dict())
-    if expected != set(state):
-        raise ModelFormatError(
-            f"the Marian weights do not match the config: missing {sorted(expected - set(state))[:5]}, "
-            f"unexpected {sorted(set(state) - expected)[:5]}"
-        )
-    model.load_state_dict({name: t.to(dtype) for name, t in state.items()}, strict=True, assign=True)
-    return model.eval()
+    return load_exact_state(MarianModel, config, state, dtype, "Marian")
 
 
 def from_hf(raw_config: dict, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> MarianModel:

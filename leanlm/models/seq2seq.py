@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from leanlm.errors import ModelFormatError
 from leanlm.kernels.threads import scoped_threads
 
 SMALL_STEP_TOKENS = 16  # decoder steps with at most this many tokens run their layers on one thread
@@ -212,3 +213,21 @@ def padding_bias(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     if attention_mask is None or bool(attention_mask.all()):
         return None
     return attention_mask.bool()[:, None, None, :]
+
+
+def load_exact_state(
+    model_type: type[nn.Module], config, state: dict[str, torch.Tensor], dtype: torch.dtype, family: str
+):
+    """model_type(config) with exactly `state` as its weights (cast to dtype), in eval mode; a clear error naming the
+    missing and unexpected names otherwise."""
+    with torch.device("meta"):
+        model = model_type(config)
+    model = model.to_empty(device="cpu")
+    expected = set(model.state_dict())
+    if expected != set(state):
+        raise ModelFormatError(
+            f"the {family} weights do not match the config: missing {sorted(expected - set(state))[:5]}, "
+            f"unexpected {sorted(set(state) - expected)[:5]}"
+        )
+    model.load_state_dict({name: t.to(dtype) for name, t in state.items()}, strict=True, assign=True)
+    return model.eval()

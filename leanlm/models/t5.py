@@ -18,7 +18,14 @@ from torch import nn
 
 from leanlm.errors import ModelFormatError
 from leanlm.models.encoder import ACTIVATIONS
-from leanlm.models.seq2seq import Attention, DecodeStep, EncoderDecoderLM, cross_attention, self_attention
+from leanlm.models.seq2seq import (
+    Attention,
+    DecodeStep,
+    EncoderDecoderLM,
+    cross_attention,
+    load_exact_state,
+    self_attention,
+)
 
 MODEL_TYPES = ("t5", "mt5")
 MAX_DECODER_POSITIONS = 4096  # T5 has no position table: a cap for the decoder cache's capacity
@@ -247,17 +254,7 @@ def state_dict_from_hf(hf: dict[str, torch.Tensor], config: T5Config) -> dict[st
 
 
 def build(config: T5Config, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> T5Model:
-    with torch.device("meta"):
-        model = T5Model(config)
-    model = model.to_empty(device="cpu")
-    expected = set(model.state_dict())
-    if expected != set(state):
-        raise ModelFormatError(
-            f"the T5 weights do not match the config: missing {sorted(expected - set(state))[:5]}, "
-            f"unexpected {sorted(set(state) - expected)[:5]}"
-        )
-    model.load_state_dict({name: t.to(dtype) for name, t in state.items()}, strict=True, assign=True)
-    return model.eval()
+    return load_exact_state(T5Model, config, state, dtype, "T5")
 
 
 def from_hf(raw_config: dict, weights: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32) -> T5Model:
