@@ -16,7 +16,8 @@ from leanlm.compress.rtn import quantize_rtn
 from leanlm.compress.targets import target_linears
 from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
 
-REQUANTIZE = QuantConfig("int4", bits=4, group_size=32)
+# embedding_bits=0: the LM head stays a target, so a tied head keeps the source's own blocks too
+REQUANTIZE = QuantConfig("int4", bits=4, group_size=32, embedding_bits=0)
 
 
 def native_blocks(model: nn.Module) -> dict[str, QuantizedTensor]:
