@@ -89,6 +89,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         help="most tokens drafted per step with --speculative (default: 10 for ngram, whose drafts grow with the "
         "match length, 5 for a draft model)",
     )
+    engine.add_argument(
+        "--no-speculative-tuning",
+        action="store_true",
+        help="draft every step instead of letting each request tune its draft length and turn drafting off when "
+        "it does not pay (for measurements and tests: the tuner decides from timings)",
+    )
 
 
 def add_sampling_options(parser: argparse.ArgumentParser, max_tokens: int = 128) -> None:
@@ -135,6 +141,7 @@ def engine_config_from(args: argparse.Namespace):
         enable_prefix_caching=not args.no_prefix_caching,
         speculative=getattr(args, "speculative", None),
         num_speculative_tokens=getattr(args, "num_speculative_tokens", None),
+        speculative_adaptive=not getattr(args, "no_speculative_tuning", False),
     )
 
 

@@ -36,7 +36,10 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tp")
     dense = write_tiny_model(root / "dense")
     quantized = root / "int4"  # int4 in groups of 32: leanlm's q4 kernels; each rank packs its own shard
-    quantize_to_folder(str(dense), QuantConfig("int4", group_size=32), quantized, eval_tokens=0, progress=False)
+    # embedding_bits=0: the head keeps int4 blocks. KNOWN GAP: with the int8 tied head (quantize's default now) the
+    # two ranks' tokens follow a float head's, not one process's (docs/TENSOR_PARALLEL.md, "Known gap")
+    config = QuantConfig("int4", group_size=32, embedding_bits=0)
+    quantize_to_folder(str(dense), config, quantized, eval_tokens=0, progress=False)
     return {"dense": dense, "int4": quantized}
 
 
@@ -98,8 +101,14 @@ def test_speculative_decoding_on_two_ranks_gives_the_tokens_of_one_process(tiny_
     expected = [out.token_ids for out in llm.generate(prompts, params)]
 
     records, _ = torchrun_records(
-        tiny_models["dense"], "float32", prompt_file, "--speculative", method, max_tokens=params.max_tokens
-    )
+        tiny_models["dense"],
+        "float32",
+        prompt_file,
+        "--speculative",
+        method,
+        "--no-speculative-tuning",
+        max_tokens=params.max_tokens,
+    )  # without tuning: the tuner decides from timings, and a loaded machine could switch drafting off
 
     assert [r["token_ids"] for r in records] == expected
     assert sum(r["metrics"]["num_draft_tokens"] for r in records) > 0  # it did speculate
