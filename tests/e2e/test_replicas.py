@@ -131,12 +131,16 @@ def test_killing_a_replica_under_load_loses_no_request_that_had_not_streamed(end
         deadline = time.monotonic() + 60
         while replica_metrics(endpoint)[victim_id]["leanlm_requests_in_flight"] == 0:  # it is answering some
             assert time.monotonic() < deadline, "the replica never got a request"
-            time.sleep(0.2)
+            time.sleep(0.05)
+        # A non-streamed answer arrives only when its request ends: with none back yet, the requests the victim
+        # reported (metrics are up to 1 s old) are still on it when it dies
+        all_outstanding = not any(f.done() for f in futures)
         ray.kill(victim, no_restart=True)
         answers = [f.result(timeout=240) for f in futures]
     assert [a.usage.completion_tokens for a in answers] == [tokens] * 12  # none lost, none cut short
     text = httpx.get(f"{endpoint}/metrics", timeout=30).text
-    assert float(re.search(r"^leanlm_router_retries_total (\S+)$", text, re.M).group(1)) > 0  # some were retried
+    retries = float(re.search(r"^leanlm_router_retries_total (\S+)$", text, re.M).group(1))
+    assert retries > 0 or not all_outstanding  # the victim's unfinished requests were retried
     deadline = time.monotonic() + 120  # Serve starts a replacement; the dead one drops out of /metrics
     while set(metrics := replica_metrics(endpoint)) & {victim_id} or len(metrics) != 2:
         assert time.monotonic() < deadline, f"no replacement replica: {sorted(metrics)}"
