@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64)
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--kernels", default="auto", help="comma-separated kernel modes: auto, exact")
     parser.add_argument("--json", default=None)
     parser.add_argument("--from-search", default=None, help="an optimize run's search.json: print its table only")
     args = parser.parse_args()
@@ -48,18 +49,19 @@ def main() -> None:
     measurer = EngineMeasurer(
         str(model), Path(args.work), text="", prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens
     )
-    candidates = [Candidate(name, threads=args.threads) for name in parse_formats(args.formats)]
+    modes = [k.strip() for k in args.kernels.split(",")]
+    candidates = [Candidate(n, threads=args.threads, kernels=k) for n in parse_formats(args.formats) for k in modes]
     load_before = load_average()
     bandwidth = memory_bandwidth_gbs(args.threads, size_mib=256, repeats=5)
     predicted = {}
     for c in candidates:
-        print(f"predicting {c.format}...", file=sys.stderr, flush=True)
-        predicted[c.format] = measurer.prediction(c)
+        print(f"predicting {label(c)}...", file=sys.stderr, flush=True)
+        predicted[label(c)] = measurer.prediction(c)
     engines = {}
     for c in candidates:
         path = measurer.artifact(c)
-        options = (("kv_cache", c.kv_cache), ("dequantize", c.spec.method == "dense"))
-        engines[c.format] = EngineSpec("leanlm", c.spec.dtype, str(path), options, label=c.format)
+        options = (("kv_cache", c.kv_cache), ("dequantize", c.spec.method == "dense"), ("kernels", c.kernels))
+        engines[label(c)] = EngineSpec("leanlm", c.spec.dtype, str(path), options, label=label(c))
     spec = BenchSpec(str(model), list(engines.values()), args.threads, "cpu", args.prompt_tokens, args.gen_tokens)
     samples = {name: [] for name in engines}
     for repetition in range(args.repetitions):  # interleaved, so load drift hits every format
@@ -108,6 +110,10 @@ def main() -> None:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows, "samples": samples}, indent=2))
+
+
+def label(candidate: Candidate) -> str:
+    return candidate.format if candidate.kernels == "auto" else f"{candidate.format} ({candidate.kernels})"
 
 
 def print_from_search(path: Path) -> None:

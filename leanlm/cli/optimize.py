@@ -6,7 +6,7 @@ import argparse
 import shlex
 import sys
 
-from leanlm.optimize.formats import FORMATS, KV_CACHE_TYPES
+from leanlm.optimize.formats import FORMATS, KERNEL_MODES, KV_CACHE_TYPES
 from leanlm.optimize.search import OBJECTIVES
 
 EXAMPLES = """examples:
@@ -40,11 +40,22 @@ def add_parser(subparsers) -> None:
         "--kv-cache", default="auto", help=f"comma-separated KV cache types among {', '.join(KV_CACHE_TYPES)}"
     )
     p.add_argument(
+        "--kernels",
+        dest="kernel_list",
+        default="auto",
+        help=f"comma-separated kernel modes among {', '.join(KERNEL_MODES)} (exact: float32 activations)",
+    )
+    p.add_argument(
         "--threads", "-t", dest="thread_list", default="2", help="comma-separated thread counts to try (default: 2)"
     )
     p.add_argument("--eval-tokens", type=int, default=1024, help="wiki tokens scored per candidate (default 1024)")
     p.add_argument("--speed-runs", type=int, default=2, help="fresh-process speed runs per candidate (median)")
     p.add_argument("--max-measured", type=int, help="measure at most this many new candidates in this run")
+    p.add_argument(
+        "--quality-only",
+        action="store_true",
+        help="measure quality only (a busy machine does not change it); rerun without it to time the candidates",
+    )
     p.add_argument("--model", "-m", default=None, help="the model to optimize (default: SmolLM2-135M-Instruct)")
 
 
@@ -63,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
         threads = [int(t) for t in args.thread_list.split(",")]
     except ValueError:
         raise InvalidRequestError(f"--threads takes integers such as 2 or 1,2, got '{args.thread_list}'.") from None
+    kernels = [k.strip() for k in args.kernel_list.split(",")]
+    if unknown := [k for k in kernels if k not in KERNEL_MODES]:
+        raise InvalidRequestError(f"Unknown kernel mode '{unknown[0]}'. Choose among: {', '.join(KERNEL_MODES)}.")
     if args.eval_tokens < 64:
         raise InvalidRequestError(f"--eval-tokens must be at least 64, got {args.eval_tokens}.")
     request = OptimizeRequest(
@@ -72,14 +86,23 @@ def run(args: argparse.Namespace) -> int:
         formats=parse_formats(args.formats),
         kv_caches=[k.strip() for k in args.kv_cache.split(",")],
         threads=threads,
+        kernels=kernels,
         output=args.output,
         work=args.work,
         eval_tokens=args.eval_tokens,
         speed_repetitions=args.speed_runs,
         max_measured=args.max_measured,
+        quality_only=args.quality_only,
         command="leanlm optimize " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
     )
     summary = optimize(request)
+    if request.quality_only:
+        measured = [e for e in summary["entries"] if e.get("kl_mean") is not None]
+        for entry in sorted(measured, key=lambda e: e["kl_mean"]):
+            size, top1 = entry["disk_bytes"] / 2**20, entry["top1_agreement"]
+            print(f"quality: {entry['key']:<32} KL {entry['kl_mean']:.4f}  top-1 {top1:.3f}  {size:.1f} MiB")
+        print(f"Quality measured in {summary['work']}; rerun without --quality-only on a quiet machine to time them.")
+        return 0
     for entry in summary["front"]:
         print(f"front: {entry['key']:<32} KL {entry['kl_mean']:.4f}  decode {entry.get('decode_tok_s', 0):.1f} tok/s")
     if summary["best"] is None:

@@ -23,7 +23,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--prompt-tokens", type=int, default=128, help="prefill length for the speed (default 128)")
     p.add_argument("--kv-cache", default="auto", choices=["auto", "int8"], help="KV cache type (default auto)")
     p.add_argument("--threads", "-t", type=int, default=2, help="threads (default 2)")
-    p.add_argument("--formats", help=f"comma-separated (default: {', '.join(f for f in FORMATS if f != 'source')})")
+    p.add_argument(
+        "--kernels", default="auto", choices=["auto", "exact"], help="kernel mode (exact: float32 activations)"
+    )
+    p.add_argument(
+        "--formats", help=f"comma-separated (default: all of {', '.join(FORMATS)}; source only for a GGUF file)"
+    )
     p.add_argument("--json", metavar="PATH", help="also write the predictions as JSON ('-' = stdout only)")
 
 
@@ -32,20 +37,27 @@ def run(args: argparse.Namespace) -> int:
     from leanlm.errors import InvalidRequestError
     from leanlm.models.checkpoint import load_checkpoint
     from leanlm.optimize.formats import parse_formats
-    from leanlm.optimize.predict import Workload, predict
+    from leanlm.optimize.predict import Workload, predict, source_layers
 
     if args.context < 1 or args.batch < 1 or args.prompt_tokens < 1:
         raise InvalidRequestError("--context, --batch and --prompt-tokens must be >= 1.")
-    names = parse_formats(args.formats) if args.formats else [f for f in FORMATS if f != "source"]
-    if "source" in names:
-        raise InvalidRequestError("plan predicts formats leanlm builds; measure the source with `leanlm bench`.")
     checkpoint = load_checkpoint(args.model, weights=False)
+    stored = source_layers(checkpoint.path)  # a GGUF file leanlm runs as stored: its own layers are probed
+    names = parse_formats(args.formats) if args.formats else [f for f in FORMATS if f != "source" or stored]
+    if "source" in names and not stored:
+        raise InvalidRequestError(
+            "plan predicts the source only for a GGUF file in block types leanlm runs natively; "
+            "for this checkpoint predict bf16 (what it runs as) or measure it with `leanlm bench`."
+        )
     config = checkpoint.config
     if args.context > config.context_length:
         raise InvalidRequestError(f"--context {args.context} exceeds the model's context ({config.context_length}).")
     workload = Workload(args.context, args.batch, args.prompt_tokens, args.kv_cache, args.threads)
     bandwidth = memory_bandwidth_gbs(args.threads, size_mib=256, repeats=5)
-    predictions = [predict(config, FORMATS[name], workload, bandwidth) for name in names]
+    predictions = [
+        predict(config, FORMATS[n], workload, bandwidth, kernels=args.kernels, stored=stored if n == "source" else None)
+        for n in names
+    ]
     if args.json != "-":
         print(f"{checkpoint.path.name}: {config.num_parameters() / 1e6:.0f}M parameters, {config.num_layers} layers")
         print(

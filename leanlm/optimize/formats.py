@@ -22,6 +22,7 @@ class FormatSpec:
     note: str = ""
     drop_layers: int = 0  # method "layers": decoder layers removed
     mixed: float = 0.0  # mixed precision: the most sensitive layers at 8 bits, at most this fraction larger
+    embedding_bits: int = 8  # the token embedding (and a tied LM head on its codes) at this many bits
 
     @property
     def quantized(self) -> bool:
@@ -37,7 +38,13 @@ class FormatSpec:
 
         if not self.quantized:
             raise InvalidRequestError(f"Format {self.name} is not a quantization.")
-        return QuantConfig(method=self.method, bits=self.bits, group_size=self.group_size, mixed=self.mixed)
+        return QuantConfig(
+            method=self.method,
+            bits=self.bits,
+            group_size=self.group_size,
+            mixed=self.mixed,
+            embedding_bits=self.embedding_bits,
+        )
 
     def at_least_as_fine_as(self, other: FormatSpec) -> bool:
         """Same method with as many bits and groups as small or smaller: expected no worse in quality. The search
@@ -48,7 +55,12 @@ class FormatSpec:
             return False
         mine = self.group_size if self.group_size > 0 else 1 << 30
         theirs = other.group_size if other.group_size > 0 else 1 << 30
-        return self.bits >= other.bits and mine <= theirs and self.mixed >= other.mixed
+        return (
+            self.bits >= other.bits
+            and mine <= theirs
+            and self.mixed >= other.mixed
+            and self.embedding_bits >= other.embedding_bits
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,10 +88,19 @@ FORMATS: dict[str, FormatSpec] = {
         FormatSpec(
             "gptq4-g128-mix10", "gptq", 4, 128, mixed=0.1, note="GPTQ 4 bits g128, the most sensitive at 8: +10%"
         ),
+        FormatSpec(
+            "rtn4-g32-emb4", "int4", 4, 32, embedding_bits=4, note="RTN 4 bits g32, embedding and tied head at 4 bits"
+        ),
+        FormatSpec(
+            "gptq4-g32-emb4", "gptq", 4, 32, embedding_bits=4, note="GPTQ 4 bits g32, embedding and tied head at 4"
+        ),
         FormatSpec("drop2", "layers", note="the 2 least useful decoder layers removed (scored on c4)", drop_layers=2),
     )
 }
 KV_CACHE_TYPES = ("auto", "int8")
+# How leanlm's kernels meet their activations: rounded (auto: int8 per block for quantized weights, bfloat16 for
+# 16-bit ones, as llama.cpp) or float32 (exact: the weights' own quality, no activation rounding)
+KERNEL_MODES = ("auto", "exact")
 
 
 @dataclass(frozen=True)
@@ -87,12 +108,15 @@ class Candidate:
     format: str
     kv_cache: str = "auto"
     threads: int = 2
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise InvalidRequestError(f"Unknown format '{self.format}'. Choose among: {', '.join(FORMATS)}.")
         if self.kv_cache not in KV_CACHE_TYPES:
             raise InvalidRequestError(f"Unknown KV cache '{self.kv_cache}'. Choose among: {', '.join(KV_CACHE_TYPES)}.")
+        if self.kernels not in KERNEL_MODES:
+            raise InvalidRequestError(f"Unknown kernel mode '{self.kernels}'. Choose among: {', '.join(KERNEL_MODES)}.")
         if self.threads < 1:
             raise InvalidRequestError(f"threads must be >= 1, got {self.threads}.")
 
@@ -103,7 +127,8 @@ class Candidate:
     @property
     def key(self) -> str:
         """A stable name: the on-disk cache's key and the candidate's folder name."""
-        return f"{self.format}.kv-{self.kv_cache}.t{self.threads}"
+        key = f"{self.format}.kv-{self.kv_cache}.t{self.threads}"
+        return key if self.kernels == "auto" else f"{key}.k-{self.kernels}"  # auto: the keys of earlier runs
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,5 +142,7 @@ def parse_formats(text: str | None) -> list[str]:
     return names
 
 
-def candidates(formats: list[str], kv_caches: list[str], threads: list[int]) -> list[Candidate]:
-    return [Candidate(f, kv, t) for f in formats for kv in kv_caches for t in threads]
+def candidates(
+    formats: list[str], kv_caches: list[str], threads: list[int], kernels: list[str] | None = None
+) -> list[Candidate]:
+    return [Candidate(f, kv, t, k) for f in formats for kv in kv_caches for t in threads for k in kernels or ["auto"]]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from leanlm.bench.machine import memory_bandwidth_gbs
 from leanlm.optimize.formats import FORMATS, Candidate, FormatSpec
-from leanlm.optimize.predict import Prediction, Workload, predict
+from leanlm.optimize.predict import Prediction, Workload, predict, source_layers
 
 EVAL_CONTEXT, EVAL_STRIDE = 512, 256
 
@@ -28,31 +28,20 @@ def split_text(text: str) -> tuple[str, str]:
     return text[:cut], text[cut:]
 
 
-# GGUF block types leanlm runs natively -> the table's format with the same runtime layout
-GGUF_LAYOUTS = {"Q4_0": "rtn4-g32", "Q4_1": "rtn4-g32", "Q8_0": "int8"}
-
-
 def source_layout(model: Path) -> FormatSpec:
-    """The table entry that runs like the source: a natively run GGUF by its projections' block type (Q4_0/Q4_1
-    as 4-bit groups of 32, Q8_0 as 8 bits), a leanlm quantized folder by its manifest, anything else as bfloat16."""
+    """The table entry that runs like a source that is not a natively run GGUF (source_layers covers those): a
+    leanlm quantized folder by its manifest, anything else as bfloat16."""
     from leanlm.models.checkpoint import holds_quantized_weights
 
-    if not holds_quantized_weights(model):
+    if not model.is_dir() or not holds_quantized_weights(model):
         return FORMATS["bf16"]
-    if model.is_dir():
-        manifest = json.loads((model / "quantization.json").read_text())
-        match = [
-            f
-            for f in FORMATS.values()
-            if f.quantized and (f.bits, f.group_size) == (manifest["bits"], manifest["group_size"])
-        ]
-        return match[0] if match else FORMATS["rtn4-g32"]
-    from leanlm.formats.gguf import GGUFFile
-
-    gguf_file = GGUFFile(model)
-    types = {gguf_file.tensor_type_name(n) for n in gguf_file.tensors if n.startswith("blk.") and n.endswith(".weight")}
-    native = [GGUF_LAYOUTS[t] for t in sorted(types) if t in GGUF_LAYOUTS]
-    return FORMATS[native[0] if native else "bf16"]
+    manifest = json.loads((model / "quantization.json").read_text())
+    match = [
+        f
+        for f in FORMATS.values()
+        if f.quantized and (f.bits, f.group_size) == (manifest["bits"], manifest["group_size"])
+    ]
+    return match[0] if match else FORMATS["rtn4-g32"]
 
 
 def folder_bytes(path: Path) -> int:
@@ -88,13 +77,17 @@ class EngineMeasurer:
                 kv_cache=candidate.kv_cache,
                 threads=candidate.threads,
             )
-            spec, config = candidate.spec, self.config
+            spec, config, stored = candidate.spec, self.config, None
             if spec.method in ("source", "layers"):  # runs like the source (fewer layers for "layers")
-                spec = source_layout(Path(self.model))
+                stored = source_layers(self.model)
+                spec = FORMATS["source"] if stored else source_layout(Path(self.model))
                 config = config.replace(num_layers=config.num_layers - candidate.spec.drop_layers)
             if candidate.threads not in self._bandwidth:  # probed once per thread count
                 self._bandwidth[candidate.threads] = memory_bandwidth_gbs(candidate.threads, size_mib=256, repeats=5)
-            self._predictions[candidate.key] = predict(config, spec, workload, self._bandwidth[candidate.threads])
+            bandwidth = self._bandwidth[candidate.threads]
+            self._predictions[candidate.key] = predict(
+                config, spec, workload, bandwidth, kernels=candidate.kernels, stored=stored
+            )
         return self._predictions[candidate.key]
 
     def predict(self, candidate: Candidate) -> dict:
@@ -135,7 +128,11 @@ class EngineMeasurer:
         return folder
 
     def load_options(self, candidate: Candidate) -> dict:
-        return {"dtype": candidate.spec.dtype, "dequantize": candidate.spec.method == "dense"}
+        return {
+            "dtype": candidate.spec.dtype,
+            "dequantize": candidate.spec.method == "dense",
+            "kernels": candidate.kernels,
+        }
 
     def baseline(self):
         """The original as the reference: every weight dequantized, in bfloat16 (what `leanlm quantize` compares
@@ -181,7 +178,11 @@ class EngineMeasurer:
         from leanlm.bench.runner import BenchSpec, EngineSpec, run_sample
 
         path = self.artifact(candidate)
-        options = {"kv_cache": candidate.kv_cache, "dequantize": candidate.spec.method == "dense"}
+        options = {
+            "kv_cache": candidate.kv_cache,
+            "dequantize": candidate.spec.method == "dense",
+            "kernels": candidate.kernels,
+        }
         engine = EngineSpec("leanlm", candidate.spec.dtype, str(path), tuple(options.items()))
         spec = BenchSpec(str(path), [engine], candidate.threads, "cpu", self.prompt_tokens, self.gen_tokens)
         samples = [run_sample(spec, engine) for _ in range(self.speed_repetitions)]

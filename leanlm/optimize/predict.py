@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -69,12 +70,99 @@ class Prediction:
         return {**dataclasses.asdict(self), "peak_bytes": self.peak_bytes}
 
 
-def runtime_plan(spec: FormatSpec, source_quantized: bool = False) -> RuntimePlan:
+@dataclass(frozen=True)
+class StoredLayer:
+    """A linear layer as its checkpoint stores it (GGUF tensors in leanlm's native block types; several for a fused
+    q/k/v or gate/up, stacked as the loader stacks them): probes build it from the file's own bytes, so its runtime
+    layout is exactly the engine's."""
+
+    path: str
+    # Layers of one shape and block types are alike to the probes: any of them stands for all (compare=False)
+    tensors: tuple[str, ...] = field(compare=False)
+    types: tuple[str, ...]
+
+    @property
+    def fused(self) -> bool:
+        return len(self.tensors) > 1
+
+    def quantized(self, rows: int):
+        """The first `rows` rows (all of them for a fused layer: its parts are stacked whole)."""
+        from leanlm.formats.gguf_blocks import blocks_to_quantized
+        from leanlm.layers.quantized_tensor import QuantizedTensor
+
+        gguf_file = _gguf_file(self.path)
+        parts = []
+        for name, type_name in zip(self.tensors, self.types, strict=True):
+            shape = gguf_file.tensors[name].shape
+            take = shape[0] if self.fused else rows
+            parts.append(blocks_to_quantized(gguf_file.raw_tensor(name)[:take], type_name, (take, shape[1])))
+        return QuantizedTensor.cat(parts) if self.fused else parts[0]
+
+
+LayerFormat = FormatSpec | StoredLayer
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_file(path: str):
+    from leanlm.formats.gguf import GGUFFile
+
+    return GGUFFile(path)
+
+
+# the module tree's fused linears and the checkpoint projections stacked into them (models/base.py)
+FUSED_PARTS = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def source_layers(path) -> dict[str, StoredLayer] | None:
+    """A GGUF source that runs natively (every decoder projection in a block type leanlm's kernels take): its
+    linear layers by module name, each as stored (a Q4_K_M file mixes Q4_K, Q6_K and others per tensor); a tied
+    LM head runs on the token embedding's blocks. None for any other checkpoint."""
+    from leanlm.formats.gguf import GGUFFile
+    from leanlm.formats.gguf_blocks import NATIVE_TYPES
+    from leanlm.formats.loader import locate_checkpoint
+    from leanlm.models.checkpoint import holds_quantized_weights
+    from leanlm.models.registry import family_for_gguf
+
+    kind, file = locate_checkpoint(path)
+    if kind != "gguf" or not holds_quantized_weights(file):
+        return None
+    gguf_file = GGUFFile(file)
+    family = family_for_gguf(gguf_file.metadata.get("general.architecture"))
+    by_module = {}  # HF module name (without "model.") -> GGUF tensor name
+    for name, info in gguf_file.tensors.items():
+        module = (family.hf_name_from_gguf(name) or "").removesuffix(".weight").removeprefix("model.")
+        if len(info.shape) == 2 and gguf_file.tensor_type_name(name) in NATIVE_TYPES:
+            by_module[module] = name
+    if "lm_head" not in by_module and "embed_tokens" in by_module and "output.weight" not in gguf_file.tensors:
+        by_module["lm_head"] = by_module["embed_tokens"]  # tied: the head runs on the embedding's blocks
+    layers = {}
+    for module, name in by_module.items():
+        block, _, proj = module.rpartition(".")
+        fused = next((f for f, parts in FUSED_PARTS.items() if block.endswith(f.split(".")[0]) and proj in parts), None)
+        if fused is not None:
+            prefix = block + "." + fused.split(".")[1]
+            parts = [by_module.get(f"{block}.{p}") for p in FUSED_PARTS[fused]]
+            if None not in parts:
+                types = tuple(gguf_file.tensor_type_name(p) for p in parts)
+                layers[prefix] = StoredLayer(str(file), tuple(parts), types)
+        elif module == "lm_head" or proj.endswith("proj"):
+            layers[module] = StoredLayer(str(file), (name,), (gguf_file.tensor_type_name(name),))
+    return layers
+
+
+def runtime_plan(spec: FormatSpec, source_quantized: bool = False, kernels: str = "auto") -> RuntimePlan:
     """The plan the engine resolves for this format (leanlm's kernels when they build)."""
     dtype = "float32" if spec.dtype == "float32" else "bfloat16"
-    plan = resolve_plan("cpu", dtype, dequantize=spec.method == "dense")
+    plan = resolve_plan("cpu", dtype, kernels=kernels, dequantize=spec.method == "dense")
     quantized = spec.quantized or (spec.method == "source" and source_quantized)
     return plan.for_weights(quantized)
+
+
+def tied_head_format(spec: FormatSpec) -> FormatSpec:
+    """A quantized format's tied LM head runs on the embedding's own codes (compress/quantize.py: rows in groups of
+    32, symmetric above 4 bits)."""
+    method = "int8" if spec.embedding_bits == 8 else "int4"
+    return FormatSpec(f"embedding-{spec.embedding_bits}", method, spec.embedding_bits, 32)
 
 
 def meta_model(config) -> nn.Module:
@@ -84,11 +172,16 @@ def meta_model(config) -> nn.Module:
         return family_for_model_type(config.model_type).model_class(config)
 
 
-def layer_for(spec: FormatSpec, rows: int, cols: int, bias: bool, plan: RuntimePlan) -> nn.Module:
-    """One linear layer of this shape and format, prepared as the engine prepares it (random weights)."""
+def layer_for(spec: LayerFormat, rows: int, cols: int, bias: bool, plan: RuntimePlan) -> nn.Module:
+    """One linear layer of this shape and format, prepared as the engine prepares it (random weights, or the
+    checkpoint's own rows for a StoredLayer)."""
     generator = torch.Generator().manual_seed(rows * 7919 + cols)
     weight = torch.randn(rows, cols, generator=generator) * cols**-0.5
     bias_tensor = torch.randn(rows, generator=generator) * 0.1 if bias else None
+    if isinstance(spec, StoredLayer):
+        layer = QuantizedLinear(spec.quantized(rows), bias_tensor)
+        layer.prepare_runtime(plan.compute_dtype, plan.device, plan.kernels)
+        return layer
     if not spec.quantized:
         layer = nn.Linear(cols, rows, bias=bias)
         with torch.no_grad():
@@ -103,21 +196,31 @@ def layer_for(spec: FormatSpec, rows: int, cols: int, bias: bool, plan: RuntimeP
         use_half_kernels(layer, True, plan.kernels == "auto")
         return layer
     config = spec.quant_config()
-    layer = QuantizedLinear(quantize_rtn(weight, config.bits, config.group_size, config.symmetric), bias_tensor)
+    symmetric = config.symmetric or (spec.name.startswith("embedding-") and spec.bits > 4)
+    layer = QuantizedLinear(quantize_rtn(weight, config.bits, config.group_size, symmetric), bias_tensor)
     layer.prepare_runtime(plan.compute_dtype, plan.device, plan.kernels)
     return layer
 
 
-def layer_bytes(spec: FormatSpec, rows: int, cols: int, bias: bool, plan: RuntimePlan) -> int:
-    probe = BYTES_PROBE_ROWS if rows % BYTES_PROBE_ROWS == 0 and rows > BYTES_PROBE_ROWS else rows
+def bytes_probe_rows(spec: LayerFormat, rows: int) -> int:
+    """Rows of the layer built to count its bytes (a fused stored layer is built whole: its parts differ)."""
+    if isinstance(spec, StoredLayer) and spec.fused:
+        return rows
+    return BYTES_PROBE_ROWS if rows % BYTES_PROBE_ROWS == 0 and rows > BYTES_PROBE_ROWS else rows
+
+
+def layer_bytes(spec: LayerFormat, rows: int, cols: int, bias: bool, plan: RuntimePlan) -> int:
+    probe = bytes_probe_rows(spec, rows)
     layer = layer_for(spec, probe, cols, bias, plan)
     return sum(t.numel() * t.element_size() for t in module_tensors(layer)) * rows // probe
 
 
-def layout_key(spec: FormatSpec, plan: RuntimePlan) -> tuple:
+def layout_key(spec: LayerFormat, plan: RuntimePlan) -> tuple:
     """Formats with one runtime layout (RTN, GPTQ and AWQ at the same bits and groups) share their probes."""
+    if isinstance(spec, StoredLayer):
+        return (spec.types, plan.compute_dtype, plan.kernels)
     if not spec.quantized:
-        return ("dense", plan.compute_dtype)
+        return ("dense", plan.compute_dtype, plan.kernels)
     config = spec.quant_config()
     return (config.bits, config.group_size, config.symmetric, plan.compute_dtype, plan.kernels)
 
@@ -126,7 +229,7 @@ _TIMES: dict[tuple, float] = {}
 
 
 @torch.inference_mode()
-def layer_seconds(spec: FormatSpec, rows: int, cols: int, bias: bool, plan: RuntimePlan, tokens: int) -> float:
+def layer_seconds(spec: LayerFormat, rows: int, cols: int, bias: bool, plan: RuntimePlan, tokens: int) -> float:
     """Seconds of one call on `tokens` rows of activations, scaled to `rows` outputs. Copies of the layer are
     cycled through so that their weights come from memory, not the caches, as in a model's decode step. The
     median over copies of each copy's fastest call: on a shared machine other jobs only ever add time (a 2-thread
@@ -134,7 +237,7 @@ def layer_seconds(spec: FormatSpec, rows: int, cols: int, bias: bool, plan: Runt
     key = (layout_key(spec, plan), rows, cols, bias, tokens, torch.get_num_threads())
     if key in _TIMES:
         return _TIMES[key]
-    probe = min(rows, TIME_PROBE_ROWS)
+    probe = rows if isinstance(spec, StoredLayer) and spec.fused else min(rows, TIME_PROBE_ROWS)
     layer = layer_for(spec, probe, cols, bias, plan)
     read = layer.runtime_bytes() if isinstance(layer, QuantizedLinear) else layer.weight.numel() * 2
     copies = min(COLD_MAX_COPIES, -(-COLD_BYTES // read)) if tokens <= 8 else 2  # a prefill is compute-bound
@@ -152,9 +255,9 @@ def layer_seconds(spec: FormatSpec, rows: int, cols: int, bias: bool, plan: Runt
     return _TIMES[key]
 
 
-def layer_read_bytes(spec: FormatSpec, rows: int, cols: int, bias: bool, plan: RuntimePlan) -> int:
+def layer_read_bytes(spec: LayerFormat, rows: int, cols: int, bias: bool, plan: RuntimePlan) -> int:
     """Bytes the layer's kernel reads per call (its runtime layout), scaled by rows like layer_bytes."""
-    probe = BYTES_PROBE_ROWS if rows % BYTES_PROBE_ROWS == 0 and rows > BYTES_PROBE_ROWS else rows
+    probe = bytes_probe_rows(spec, rows)
     layer = layer_for(spec, probe, cols, bias, plan)
     read = (
         layer.runtime_bytes()
@@ -164,15 +267,26 @@ def layer_read_bytes(spec: FormatSpec, rows: int, cols: int, bias: bool, plan: R
     return read * rows // probe
 
 
-def linear_shapes(model: nn.Module, spec: FormatSpec, tied: bool) -> dict[tuple[int, int, bool], int]:
-    """(out, in, bias) -> how many such linear layers the engine holds for this format."""
-    counts: dict[tuple[int, int, bool], int] = {}
+def linear_layers(
+    model: nn.Module, spec: FormatSpec, tied: bool, stored: dict[str, StoredLayer] | None = None
+) -> dict[tuple[int, int, bool, LayerFormat, bool], int]:
+    """(out, in, bias, layer format, holds its own weights) -> how many such linear layers a decode step runs.
+    A dense tied LM head is the embedding's storage (its bytes are the embedding's); a quantized format's tied head
+    runs on the embedding's codes; `stored` gives the checkpoint's own layers by module name (a GGUF source)."""
+    counts: dict[tuple, int] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        if name == "lm_head" and tied and not spec.quantized:
-            continue  # the LM head is the embedding's storage
-        key = (module.out_features, module.in_features, module.bias is not None)
+        layer_format: LayerFormat = spec
+        owns = True
+        if stored is not None and name in stored:
+            layer_format = stored[name]
+        elif name == "lm_head" and tied:
+            if spec.quantized and spec.embedding_bits:
+                layer_format = tied_head_format(spec)
+            elif not spec.quantized:
+                owns = False
+        key = (module.out_features, module.in_features, module.bias is not None, layer_format, owns)
         counts[key] = counts.get(key, 0) + 1
     return counts
 
@@ -215,22 +329,29 @@ def matmul_flops_per_s(dtype: torch.dtype, size: int = 256) -> float:
 
 
 def predict(
-    config, spec: FormatSpec, workload: Workload, bandwidth_gbs: float | None = None, speed: bool = True
+    config,
+    spec: FormatSpec,
+    workload: Workload,
+    bandwidth_gbs: float | None = None,
+    speed: bool = True,
+    kernels: str = "auto",
+    stored: dict[str, StoredLayer] | None = None,
 ) -> Prediction:
     """Memory and speed of `spec` for a model of `config` under `workload` on this machine (speed=False: memory
-    only, no timing probes; the speeds are then nan)."""
-    plan = runtime_plan(spec)
+    only, no timing probes; the speeds are then nan). `stored`: the source checkpoint's own layers by module name
+    (source_layers), for a checkpoint that runs as stored."""
+    plan = runtime_plan(spec, source_quantized=bool(stored), kernels=kernels)
     model = meta_model(config)
     tied = bool(config.tie_word_embeddings)
-    shapes = linear_shapes(model, spec, tied)
+    layers = linear_layers(model, spec, tied, stored)
     with scoped_threads(workload.threads):
-        linear_bytes = sum(n * layer_bytes(spec, o, i, b, plan) for (o, i, b), n in shapes.items())
-        read_bytes = sum(n * layer_read_bytes(spec, o, i, b, plan) for (o, i, b), n in shapes.items())
+        linear_bytes = sum(n * layer_bytes(f, o, i, b, plan) for (o, i, b, f, owns), n in layers.items() if owns)
+        read_bytes = sum(n * layer_read_bytes(f, o, i, b, plan) for (o, i, b, f, _), n in layers.items())
         decode_s, prefill_s, bandwidth = float("nan"), float("nan"), float("nan")
         if speed:
-            decode_s = sum(n * layer_seconds(spec, o, i, b, plan, workload.batch) for (o, i, b), n in shapes.items())
+            decode_s = sum(n * layer_seconds(f, o, i, b, plan, workload.batch) for (o, i, b, f, _), n in layers.items())
             prefill_s = sum(
-                n * layer_seconds(spec, o, i, b, plan, workload.prompt_tokens) for (o, i, b), n in shapes.items()
+                n * layer_seconds(f, o, i, b, plan, workload.prompt_tokens) for (o, i, b, f, _), n in layers.items()
             )
             prefill_s += attention_flops(config, workload.prompt_tokens) / matmul_flops_per_s(plan.compute_dtype)
             bandwidth = bandwidth_gbs or memory_bandwidth_gbs(workload.threads, size_mib=256, repeats=5)
@@ -242,7 +363,7 @@ def predict(
     kv = kv_cache_plan(config, workload.context, workload.batch, workload.kv_cache)
     # decode reads, per step, the KV cache of every sequence at its current length (half the context on average)
     decode_s += workload.batch * kv["bytes_per_token"] * workload.context / 2 / (bandwidth * 1e9)
-    weights_in_linears = sum(n * o * i for (o, i, _), n in shapes.items())
+    weights_in_linears = sum(n * o * i for (o, i, _, _, _), n in layers.items())
     return Prediction(
         format=spec.name,
         weights_bytes=weights,

@@ -78,6 +78,7 @@ def html_report(result: SearchResult, png: Path | None, machine: dict, commands:
     columns = (
         "format",
         "KV cache",
+        "kernels",
         "threads",
         "KL",
         "top-1",
@@ -100,6 +101,7 @@ def html_report(result: SearchResult, png: Path | None, machine: dict, commands:
         cells = (
             c["format"],
             c["kv_cache"],
+            c.get("kernels", "auto"),
             c["threads"],
             _num(e.get("kl_mean"), 4),
             _pct(e.get("top1_agreement")),
@@ -113,7 +115,9 @@ def html_report(result: SearchResult, png: Path | None, machine: dict, commands:
         )
         rows.append(
             "<tr>"
-            + "".join(f"<td>{cell if i == 11 else html.escape(str(cell))}</td>" for i, cell in enumerate(cells))
+            + "".join(
+                f"<td>{cell if i == len(cells) - 1 else html.escape(str(cell))}</td>" for i, cell in enumerate(cells)
+            )
             + "</tr>"
         )
     image = ""

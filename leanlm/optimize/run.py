@@ -27,11 +27,13 @@ class OptimizeRequest:
     formats: list[str] = field(default_factory=list)
     kv_caches: list[str] = field(default_factory=lambda: ["auto"])
     threads: list[int] = field(default_factory=lambda: [2])
+    kernels: list[str] = field(default_factory=lambda: ["auto"])
     output: str = "optimized"
     work: str | None = None
     eval_tokens: int = 1024
     speed_repetitions: int = 2
     max_measured: int | None = None
+    quality_only: bool = False  # measure quality now (load does not change it); time the candidates in a later run
     command: str = ""
 
 
@@ -59,13 +61,21 @@ def optimize(request: OptimizeRequest) -> dict:
     measurer = EngineMeasurer(
         str(model), work, search_half, request.eval_tokens, request.speed_repetitions, progress=False
     )
-    space = candidates(request.formats, request.kv_caches, request.threads)
+    space = candidates(request.formats, request.kv_caches, request.threads, request.kernels)
     print(f"leanlm: {len(space)} candidates; predicting each with `leanlm plan`'s probes...", file=sys.stderr)
     cache = MeasurementCache(work / "measurements.jsonl")
-    result = search(space, measurer, request.budget, request.objective, cache, request.max_measured)
-    summary = {"model": str(model), "work": str(work), "best": result.best, "front": result.front}
+    result = search(
+        space, measurer, request.budget, request.objective, cache, request.max_measured, timed=not request.quality_only
+    )
+    summary = {
+        "model": str(model),
+        "work": str(work),
+        "best": result.best,
+        "front": result.front,
+        "entries": result.entries,
+    }
     save_search(result, work / "search.json", request, model)
-    if result.best is None:
+    if result.best is None or request.quality_only:
         summary["report"] = str(write_report(result, work, request, model))
         return summary
     output = write_artifact(result, measurer, request, model)
@@ -127,7 +137,7 @@ def write_artifact(result: SearchResult, measurer: EngineMeasurer, request: Opti
     load_path = "." if source.is_dir() else source.name
     options = measurer.load_options(candidate) | {"kv_cache": candidate.kv_cache, "threads": candidate.threads}
     flags = f" --dtype {options['dtype']}" + (" --dequantize" if options["dequantize"] else "")
-    flags += f" --kv-cache {candidate.kv_cache} --threads {candidate.threads}"
+    flags += f" --kv-cache {candidate.kv_cache} --kernels {candidate.kernels} --threads {candidate.threads}"
     card = {
         "name": str(output),
         "source": str(model),

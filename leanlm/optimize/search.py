@@ -171,11 +171,13 @@ def search(
     cache: MeasurementCache,
     max_measured: int | None = None,
     progress: Callable[[str], None] | None = None,
+    timed: bool = True,
 ) -> SearchResult:
     """Measure the cheap candidates first (round-to-nearest, the source), then the calibrated ones, each group by
     best predicted objective. Skip a candidate whose format is coarser than one that already failed the budget
     (same method, fewer bits or bigger groups cannot do better), and a calibrated one whose round-to-nearest
-    sibling is far over the budget (CALIBRATION_GAIN_BOUND)."""
+    sibling is far over the budget (CALIBRATION_GAIN_BOUND). timed=False measures quality only (a loaded machine
+    does not change it); a later run times the candidates within the budget."""
     if objective not in OBJECTIVES:
         raise InvalidRequestError(f"Unknown objective '{objective}'. Choose among: {', '.join(OBJECTIVES)}.")
     metric, higher = OBJECTIVES[objective]
@@ -213,7 +215,7 @@ def search(
                 "predicted": predicted[candidate.key],
             }
             continue
-        todo = cached is None or (budget.meets(cached) and cached.get(metric) is None)
+        todo = cached is None or (timed and budget.meets(cached) and cached.get(metric) is None)
         if todo:
             remaining = sum(1 for c in ordered[index:] if cache.get(c) is None)
             eta = f", ETA {_duration(sum(durations) / len(durations) * remaining)}" if durations else ""
@@ -221,7 +223,7 @@ def search(
             started = time.perf_counter()
             if cached is None:
                 cache.put(candidate, measurer.quality(candidate))
-            if budget.meets(cache.get(candidate)):  # over the budget: never timed
+            if timed and budget.meets(cache.get(candidate)):  # over the budget: never timed
                 cache.put(candidate, measurer.speed(candidate))
             durations.append(time.perf_counter() - started)
             measured_now += 1

@@ -17,7 +17,7 @@ from leanlm.cli.main import main
         (["optimize", "--max-kl", "0.05", "--threads", "two"], "--threads takes integers"),
         (["optimize", "--max-kl", "0.05", "--eval-tokens", "8"], "--eval-tokens must be at least 64"),
         (["plan", "--batch", "0"], "must be >= 1"),
-        (["plan", "--formats", "source"], "plan predicts formats leanlm builds"),
+        (["optimize", "--max-kl", "0.05", "--kernels", "auto,fast"], "Unknown kernel mode 'fast'"),
     ],
 )
 def test_bad_input_gets_a_clear_error(arguments, message, tmp_path, capsys):

@@ -29,7 +29,8 @@ def tiny_config(tied: bool) -> ModelConfig:
 
 
 def checkpoint(config: ModelConfig, spec) -> dict:
-    """HF-named random weights, quantized as `spec` says (the LM head too, as `leanlm quantize` does)."""
+    """HF-named random weights, quantized as `spec` says (the LM head too, as `leanlm quantize` does: a tied head
+    on the embedding's codes, in groups of 32)."""
     g = torch.Generator().manual_seed(0)
     shapes = {"model.embed_tokens.weight": (config.vocab_size, config.hidden_size), "model.norm.weight": (128,)}
     if not config.tie_word_embeddings or spec.quantized:
@@ -52,11 +53,15 @@ def checkpoint(config: ModelConfig, spec) -> dict:
         c = spec.quant_config()
         for name in [n for n in weights if n.endswith("proj.weight") or n == "lm_head.weight"]:
             weights[name] = quantize_rtn(weights[name], c.bits, c.group_size, c.symmetric)
+        if config.tie_word_embeddings:
+            bits = spec.embedding_bits
+            codes = quantize_rtn(weights["model.embed_tokens.weight"], bits, 32, symmetric=bits > 4)
+            weights["lm_head.weight"], weights["model.embed_tokens.weight"] = codes, codes.dequantize(torch.float32)
     return weights
 
 
 @pytest.mark.parametrize("tied", [True, False])
-@pytest.mark.parametrize("name", ["bf16", "int8", "rtn4-g32", "rtn4-g128", "gptq3-g32"])
+@pytest.mark.parametrize("name", ["bf16", "int8", "rtn4-g32", "rtn4-g128", "gptq3-g32", "rtn4-g32-emb4"])
 def test_planned_weight_memory_equals_the_built_model(name, tied):
     config, spec = tiny_config(tied), FORMATS[name]
     predicted = predict(config, spec, Workload(context=64, prompt_tokens=16), speed=False)
@@ -86,3 +91,18 @@ def test_longest_context_is_the_most_whole_blocks_that_fit_beside_weights_and_ac
     assert p.longest_context(memory, batch=2) == 160
     assert p.longest_context(memory - 1, batch=2) == 144
     assert p.longest_context(p.weights_bytes, batch=2) == 0
+
+
+def test_planned_memory_of_a_gguf_source_is_what_the_engine_allocates(default_gguf_path):
+    """The shipped Q4_1 file as stored (fused q/k/v and gate/up from the file's own blocks, the tied head on its
+    Q8_0 embedding): plan's weights equal the loaded model's storage byte for byte."""
+    from leanlm.engine.llm import LLM
+    from leanlm.models.checkpoint import load_checkpoint
+    from leanlm.optimize.predict import source_layers
+
+    stored = source_layers(default_gguf_path)
+    assert stored["lm_head"].types == ("Q8_0",) and stored["layers.0.self_attn.qkv_proj"].types == ("Q4_1",) * 3
+    config = load_checkpoint(default_gguf_path, weights=False).config
+    predicted = predict(config, FORMATS["source"], Workload(context=64, prompt_tokens=16), speed=False, stored=stored)
+    llm = LLM(default_gguf_path, device="cpu")
+    assert predicted.weights_bytes == allocated_weight_bytes(llm.model)

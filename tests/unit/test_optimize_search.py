@@ -140,3 +140,26 @@ def test_fineness_order_of_the_format_table():
     assert not FORMATS["rtn4-g32"].at_least_as_fine_as(FORMATS["gptq4-g128"])  # another method: no claim
     assert FormatSpec("drop1", "layers", drop_layers=1).at_least_as_fine_as(FORMATS["drop2"])
     assert not FORMATS["source"].at_least_as_fine_as(FORMATS["bf16"])
+
+
+def test_quality_only_times_nothing_and_a_later_run_times_only_what_meets_the_budget(tmp_path):
+    """--quality-only on a busy machine, then a timed run on a quiet one: no quality is measured twice."""
+    cache = MeasurementCache(tmp_path / "measurements.jsonl")
+    first = FakeMeasurer()
+    candidates = [Candidate(f) for f in TRUTH]
+    result = search(candidates, first, DEFAULT_BUDGET, "decode", cache, progress=lambda _: None, timed=False)
+    assert first.timed == [] and result.best is None and result.front == []
+    assert set(first.measured) <= set(TRUTH) and "gptq4-g32" in first.measured
+    second = FakeMeasurer()
+    result = search(candidates, second, DEFAULT_BUDGET, "decode", MeasurementCache(cache.path), progress=lambda _: None)
+    assert second.measured == [] and set(second.timed) == {"bf16", "int8", "gptq4-g32"}
+    assert result.best["candidate"]["format"] == "gptq4-g32"
+
+
+def test_kernel_modes_are_separate_candidates_with_their_own_keys():
+    from leanlm.optimize.formats import candidates
+
+    space = candidates(["rtn4-g32"], ["auto"], [2], ["auto", "exact"])
+    assert [c.key for c in space] == ["rtn4-g32.kv-auto.t2", "rtn4-g32.kv-auto.t2.k-exact"]
+    with pytest.raises(InvalidRequestError, match="Unknown kernel mode"):
+        Candidate("rtn4-g32", kernels="fast")
