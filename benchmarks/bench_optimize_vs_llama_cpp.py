@@ -1,7 +1,8 @@
 """`leanlm optimize`'s front against llama.cpp's own quantizer on the same weights.
 
 llama.cpp's Q4_0, Q4_K_M and Q6_K files are made by `llama_model_quantize` (llama-cpp-python) from the F16
-export of the source. Each file and each artifact on leanlm's front (from `leanlm optimize`'s work folder) is
+export of the source. Each file and each artifact on leanlm's front (from `leanlm optimize`'s work folder; the
+front over KL, decode speed and size on disk, so that a small point is not lost to a faster, larger one) is
 scored on the held-out half of the wiki text (the search never saw it): KL against the source dequantized to
 bfloat16, top-1 agreement, size on disk; and timed (decode tok/s, batch 1, a fresh process per run, all engines
 interleaved, median): llama.cpp's files by llama.cpp, leanlm's artifacts by leanlm. Quality and speed are cached
@@ -31,7 +32,6 @@ from leanlm.evaluate.corpus import corpus_text
 from leanlm.formats.assets import leanlm_home
 from leanlm.optimize.formats import Candidate
 from leanlm.optimize.measure import EVAL_CONTEXT, EVAL_STRIDE, folder_bytes, split_text
-from leanlm.optimize.search import OBJECTIVES, pareto_front
 
 LLAMA_CPP_TYPES = ("Q4_0", "Q4_K_M", "Q6_K")
 
@@ -52,28 +52,35 @@ def main() -> None:
     model = Path(json.loads((work / "settings.json").read_text())["model"])
     entries = [json.loads(line) for line in (work / "measurements.jsonl").read_text().splitlines() if line.strip()]
     latest = {e["key"]: e for e in entries}
-    front = pareto_front(list(latest.values()), *OBJECTIVES["decode"])
+    front = front_with_size([e for e in latest.values() if e.get("decode_tok_s") is not None])
     f16 = gguf_for_llama_cpp(str(model), "F16")
     files = {
         t: quantize_with_llama_cpp(f16, t, leanlm_home() / "exports" / f"{model.stem}.{t}.llama-quantize.gguf")
         for t in LLAMA_CPP_TYPES
     }
-    configs = {f"llama.cpp {t}": ("llama.cpp", path, "auto", False) for t, path in files.items()}
+    configs = {f"llama.cpp {t}": ("llama.cpp", path, "auto", False, "auto") for t, path in files.items()}
     for e in front:
         c = Candidate(**e["candidate"])
-        configs[f"leanlm {c.format}"] = ("leanlm", Path(e["artifact"]), c.spec.dtype, c.spec.method == "dense")
+        label = f"leanlm {c.format}" + ("" if c.kernels == "auto" else f" ({c.kernels} kernels)")
+        configs[label] = ("leanlm", Path(e["artifact"]), c.spec.dtype, c.spec.method == "dense", c.kernels)
 
     _, held_out = split_text(corpus_text("wiki", quiet=True))
     baseline = LLM(model, dtype="bfloat16", device="cpu", dequantize=True, threads=args.threads)
     cache_path = work / f"vs_llama_cpp.quality.{args.eval_tokens}.json"  # a rerun scores only what is new
     rows = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    for label, (engine, path, _, dequantize) in configs.items():
+    for label, (engine, path, _, dequantize, kernels) in configs.items():
         if label in rows:
             continue
         print(f"quality of {label}...", file=sys.stderr, flush=True)
-        # leanlm reads llama.cpp's files (K-quants dequantized whole): the quality is the file's own
+        # leanlm reads llama.cpp's files dequantized whole: the quality is the file's own (llama.cpp's activation
+        # rounding would only add to it); leanlm's artifacts run as they ship, in their kernel mode
         llm = LLM(
-            path, dtype="bfloat16", device="cpu", dequantize=engine == "llama.cpp" or dequantize, threads=args.threads
+            path,
+            dtype="bfloat16",
+            device="cpu",
+            dequantize=engine == "llama.cpp" or dequantize,
+            kernels=kernels,
+            threads=args.threads,
         )
         q = evaluate(
             llm,
@@ -93,8 +100,8 @@ def main() -> None:
         print(json.dumps(rows, indent=2))
         return
     engines = {
-        label: EngineSpec(engine, dtype, str(path), (("dequantize", True),) if dequantize else (), label=label)
-        for label, (engine, path, dtype, dequantize) in configs.items()
+        label: EngineSpec(engine, dtype, str(path), leanlm_options(engine, dequantize, kernels), label=label)
+        for label, (engine, path, dtype, dequantize, kernels) in configs.items()
     }
     spec = BenchSpec(str(model), list(engines.values()), args.threads, "cpu", 64, 32)
     load_before = load_average()
@@ -130,19 +137,38 @@ def main() -> None:
     for label, r in rows.items():
         if not label.startswith("llama.cpp"):
             continue
-        quality_and_size = [
-            k for k, o in ours.items() if o["kl_mean"] <= r["kl_mean"] and o["disk_mib"] <= r["disk_mib"]
+        beaten = [
+            k
+            for k, o in ours.items()
+            if o["kl_mean"] <= r["kl_mean"]
+            and o["disk_mib"] <= r["disk_mib"]
+            and o["decode_tok_s"] >= r["decode_tok_s"]
         ]
-        quality_and_speed = [
-            k for k, o in ours.items() if o["kl_mean"] <= r["kl_mean"] and o["decode_tok_s"] >= r["decode_tok_s"]
-        ]
-        print(
-            f"- {label}: matched or beaten on KL at equal or smaller size by {quality_and_size or 'none'}; "
-            f"on KL and decode speed by {quality_and_speed or 'none'}"
-        )
+        print(f"- {label}: matched or beaten on KL, size on disk and decode speed at once by {beaten or 'none'}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+
+
+def leanlm_options(engine: str, dequantize: bool, kernels: str) -> tuple:
+    options = (("dequantize", True),) if dequantize else ()
+    return options + ((("kernels", kernels),) if engine == "leanlm" and kernels != "auto" else ())
+
+
+def front_with_size(entries: list[dict]) -> list[dict]:
+    """The timed entries no other is at least as good as on KL, decode speed and size on disk (better on one)."""
+
+    def dominates(a: dict, b: dict) -> bool:
+        no_worse = (
+            a["kl_mean"] <= b["kl_mean"]
+            and a["decode_tok_s"] >= b["decode_tok_s"]
+            and a["disk_bytes"] <= b["disk_bytes"]
+        )
+        return no_worse and (
+            a["kl_mean"] < b["kl_mean"] or a["decode_tok_s"] > b["decode_tok_s"] or a["disk_bytes"] < b["disk_bytes"]
+        )
+
+    return [e for e in entries if not any(dominates(o, e) for o in entries if o is not e)]
 
 
 if __name__ == "__main__":

