@@ -23,6 +23,7 @@ class FormatSpec:
     drop_layers: int = 0  # method "layers": decoder layers removed
     mixed: float = 0.0  # mixed precision: the most sensitive layers at 8 bits, at most this fraction larger
     embedding_bits: int = 8  # the token embedding (and a tied LM head on its codes) at this many bits
+    gguf_kquants: bool = False  # shipped as a GGUF file in llama.cpp's K-quant types (Q4_K/Q6_K where rows allow)
 
     @property
     def quantized(self) -> bool:
@@ -55,6 +56,8 @@ class FormatSpec:
             return False
         mine = self.group_size if self.group_size > 0 else 1 << 30
         theirs = other.group_size if other.group_size > 0 else 1 << 30
+        if self.gguf_kquants != other.gguf_kquants:
+            return False  # re-encoded to other blocks: no order between them
         return (
             self.bits >= other.bits
             and mine <= theirs
@@ -93,6 +96,17 @@ FORMATS: dict[str, FormatSpec] = {
         ),
         FormatSpec(
             "gptq4-g32-emb4", "gptq", 4, 32, embedding_bits=4, note="GPTQ 4 bits g32, embedding and tied head at 4"
+        ),
+        FormatSpec(
+            "rtn4-g32-q4k",
+            "int4",
+            4,
+            32,
+            gguf_kquants=True,
+            note="RTN 4 bits g32 as a GGUF file for llama.cpp: Q4_K where rows allow (others Q4_1), Q8_0 embedding",
+        ),
+        FormatSpec(
+            "gptq4-g32-q4k", "gptq", 4, 32, gguf_kquants=True, note="GPTQ 4 bits g32 as a GGUF file in K-quant types"
         ),
         FormatSpec("drop2", "layers", note="the 2 least useful decoder layers removed (scored on c4)", drop_layers=2),
     )

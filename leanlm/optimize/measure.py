@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leanlm.bench.machine import memory_bandwidth_gbs
+from leanlm.errors import InvalidRequestError
 from leanlm.optimize.formats import FORMATS, Candidate, FormatSpec
 from leanlm.optimize.predict import Prediction, Workload, predict, source_layers
 
@@ -109,13 +110,26 @@ class EngineMeasurer:
         if not spec.quantized:
             return Path(self.model)
         folder = self.work / "candidates" / spec.name
-        if not (folder / "quantization.json").is_file():
+        exported = folder.with_suffix(".gguf") if spec.gguf_kquants else None
+        if not (folder / "quantization.json").is_file() or (exported and not exported.is_file()):
             from leanlm.compress.pipelines import quantize_to_folder
 
+            if exported and not str(self.model).endswith(".gguf"):
+                raise InvalidRequestError(
+                    f"Format {spec.name} is written as GGUF from a GGUF source's metadata; {self.model} is not a "
+                    "GGUF file. Leave it out of --formats."
+                )
             quantize_to_folder(
-                self.model, spec.quant_config(), folder, threads=candidate.threads, eval_tokens=0, progress=False
+                self.model,
+                spec.quant_config(),
+                folder,
+                threads=candidate.threads,
+                eval_tokens=0,
+                progress=False,
+                export_gguf=exported,
+                gguf_kquants=spec.gguf_kquants,
             )
-        return folder
+        return exported or folder
 
     def pruned_artifact(self, candidate: Candidate) -> Path:
         folder = self.work / "candidates" / candidate.spec.name
