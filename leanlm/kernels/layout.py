@@ -6,6 +6,10 @@ exact (GGUF's legacy blocks always are) and float32 otherwise (K-quant scales d 
 A q8 weight with groups of 16 (GGUF's Q6_K) stores two scales per block: 8 for inputs 0-15, then 8 for 16-31.
 K-quant weights (QuantizedTensor.scale_base set) store int8 multipliers instead, and one float16 base per 256
 inputs per row, as the GGUF file does: about 4.6 bits per Q4_K weight where float32 parameters take 6.
+q8 weights whose codes fit 5 or 6 bits (GGUF's Q5_0/Q5_1/Q5_K/Q6_K, and a Q4_K beside a Q6_K in their common
+form) are packed: each q8 slab's code + zero (zero 2^(bits-1) for signed codes, 0 for unsigned) split into a
+nibble plane and a 1- or 2-bit plane, 160 or 192 bytes a block where 256 held them (quant_linear.cpp decodes
+them in registers); an int8 codes tensor marks signed codes.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ ROWS = 8
 
 @dataclass
 class KernelWeight:
-    codes: torch.Tensor  # (groups, blocks, 128) for q4, (groups, blocks, 256) for q8; uint8
+    codes: torch.Tensor  # (groups, blocks, 32 * bits): 128 q4, 256 q8, 160 / 192 packed (int8: signed codes); uint8
     scales: torch.Tensor  # (groups, blocks, 8) float16, or float32 when float16 would round them; (.., 16): sub16
     offsets: torch.Tensor | None  # (groups, blocks, 8), in the scales' dtype
     rows: int
@@ -34,6 +38,11 @@ class KernelWeight:
     def tensors(self) -> list[torch.Tensor | None]:
         """codes, scales, offsets, scale_base, offset_base: what the ops take after the activations."""
         return [self.codes, self.scales, self.offsets, self.scale_base, self.offset_base]
+
+    @property
+    def code_bits(self) -> int:
+        """Bits a code is stored in: 4 (q4), 5 or 6 (packed), 8 (q8)."""
+        return self.codes.shape[2] // BLOCK
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
@@ -60,6 +69,45 @@ def _sub16(weight: QuantizedTensor) -> bool:
     return weight.offset is None or bool(torch.equal(weight.offset[:, 0::2], weight.offset[:, 1::2]))
 
 
+def packed_bits(weight: QuantizedTensor) -> tuple[int, int] | None:
+    """(bits, zero) of the packed layout for a q8 weight whose codes fit 5 or 6 bits as code + zero (zero
+    2^(bits-1) for signed codes, 0 for unsigned ones); None when they do not (the weight stays 8-bit)."""
+    if weight.codes.dtype != torch.int8 or weight.bits > 6:
+        return None
+    bits = 5 if weight.bits <= 5 else 6
+    low, high = (int(v) for v in torch.aminmax(weight.codes))
+    if -(1 << (bits - 1)) <= low and high < 1 << (bits - 1):
+        return bits, 1 << (bits - 1)
+    if low >= 0 and high < 1 << bits:
+        return bits, 0
+    return None
+
+
+def _pack_slabs(slabs: torch.Tensor, bits: int) -> torch.Tensor:
+    """(G, B, 8 slabs, 32) unsigned codes below 2^bits -> (G, B, 32 * bits): a nibble plane (slab j: slab j's low
+    4 bits, slab j + 4's high) and the upper bits (6-bit: slab h, bits 2k..2k+1 of slab h + 2k; 5-bit: bit c of
+    slab c)."""
+    nibbles = (slabs[:, :, :4] & 0x0F) | ((slabs[:, :, 4:] & 0x0F) << 4)
+    upper = slabs >> 4
+    if bits == 6:
+        planes = [sum((upper[:, :, h + 2 * k] & 3) << (2 * k) for k in range(4)) for h in range(2)]
+    else:
+        planes = [sum((upper[:, :, c] & 1) << c for c in range(8))]
+    return torch.cat([nibbles, torch.stack(planes, dim=2)], dim=2).reshape(*slabs.shape[:2], -1)
+
+
+def _unpack_slabs(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """_pack_slabs undone: (G, B, 32 * bits) -> (G, B, 8, 32)."""
+    planes = codes.view(torch.uint8).reshape(*codes.shape[:2], bits, 32)
+    nibbles, upper = planes[:, :, :4], planes[:, :, 4:]
+    slabs = []
+    for c in range(8):
+        low = (nibbles[:, :, c % 4] >> (4 * (c // 4))) & 0x0F
+        high = (upper[:, :, c % 2] >> (2 * (c // 2))) & 3 if bits == 6 else (upper[:, :, 0] >> c) & 1
+        slabs.append(low | (high << 4))
+    return torch.stack(slabs, dim=2)
+
+
 def fits_float16(params: torch.Tensor) -> bool:
     """Whether float16 holds these parameters exactly (GGUF's always do; leanlm's own are float32)."""
     return bool(torch.equal(params.half().float(), params.float()))
@@ -79,6 +127,10 @@ def pack(weight: QuantizedTensor) -> KernelWeight:
     else:
         slabs = codes.view(torch.uint8).reshape(groups, blocks, ROWS, 8, 4).transpose(2, 3)
     packed = slabs.reshape(groups, blocks, -1).contiguous()
+    if kind == "q8" and (layout := packed_bits(weight)) is not None:
+        bits, zero = layout  # uint8 arithmetic wraps: a signed code's byte + zero is code + zero
+        packed = _pack_slabs((packed + zero).view(groups, blocks, 8, BLOCK), bits)
+        packed = packed.view(torch.int8) if zero else packed
 
     def per_row(per_group: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(N, blocks * halves) parameters -> (groups, blocks, halves * 8): a block's 8 rows, half after half."""
@@ -141,7 +193,11 @@ def unpack(packed: KernelWeight, bits: int, group_size: int) -> QuantizedTensor:
         nibbles = packed.codes.view(groups, blocks, 4, ROWS, 4).transpose(2, 3).reshape(groups, blocks, ROWS, 16)
         codes = torch.cat([nibbles & 0x0F, nibbles >> 4], dim=-1)  # inputs 0-15 low, 16-31 high
     else:
-        slabs = packed.codes.view(groups, blocks, 8, ROWS, 4).transpose(2, 3)
+        raw = packed.codes
+        if packed.code_bits != 8:  # packed: back to the q8 slabs, less the zero
+            zero = 1 << (packed.code_bits - 1) if raw.dtype == torch.int8 else 0
+            raw = (_unpack_slabs(raw, packed.code_bits) - zero).reshape(groups, blocks, -1)
+        slabs = raw.view(torch.uint8).view(groups, blocks, 8, ROWS, 4).transpose(2, 3)
         codes = slabs.reshape(groups, blocks, ROWS, BLOCK).view(torch.int8)
     codes = codes.transpose(1, 2).reshape(groups * ROWS, blocks * BLOCK)[: packed.rows].contiguous()
 
