@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from leanlm.kernels import build
-from leanlm.kernels.layout import kernel_format, pack
+from leanlm.kernels import layout
+from leanlm.kernels.layout import KernelWeight, kernel_format, pack, unpack
 from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
 
 pytestmark = pytest.mark.skipif(not build.load_kernels(), reason="leanlm kernels unavailable (no compiler or AVX2)")
@@ -49,8 +50,8 @@ def random_weight(rows: int, columns: int, kind: str, group: int, seed: int) -> 
     return QuantizedTensor(codes, scale, offset if kind.endswith("offset") else None, 6, group)
 
 
-def run_kernel(weight, x: torch.Tensor, int8_activations: bool):
-    p = pack(weight)
+def run_kernel(weight: QuantizedTensor | KernelWeight, x: torch.Tensor, int8_activations: bool):
+    p = weight if isinstance(weight, KernelWeight) else pack(weight)
     if p.q4:
         return torch.ops.leanlm.q4_linear(x, p.codes, p.scales, p.offsets, None, p.rows, int8_activations)
     return torch.ops.leanlm.q8_linear(x, p.codes, p.scales, p.offsets, None, p.rows, int8_activations)
@@ -73,6 +74,50 @@ def test_matvec_kernels_match_reference(kind, rows, batch, columns, group):
     reference = x.double() @ weight.dequantize().double().t()
     assert relative_error(run_kernel(weight, x, int8_activations=False), reference) < EXACT_TOLERANCE
     assert relative_error(run_kernel(weight, x, int8_activations=True), reference) < INT8_ACTIVATION_TOLERANCE
+
+
+# Packed 5- and 6-bit codes (Q5_0: signed, Q5_1/Q5_K: unsigned with offsets, Q6_K: signed per 16) against the same
+# weight held in the 8-bit layout: packing changes the storage only, so the outputs must be the same bits.
+PACKED = [(6, True, 16), (6, False, 32), (5, True, 32), (5, False, 32), (5, True, 16), (6, True, 32)]
+
+
+def packed_weight(rows: int, columns: int, bits: int, signed: bool, group: int, seed: int) -> QuantizedTensor:
+    generator = torch.Generator().manual_seed(seed)
+    low, high = (-(1 << (bits - 1)), 1 << (bits - 1)) if signed else (0, 1 << bits)
+    codes = torch.randint(low, high, (rows, columns), dtype=torch.int8, generator=generator)
+    scale = (torch.rand(rows, columns // group, generator=generator) * 0.02 + 1e-3).half().float()
+    offset = (torch.randn(rows, columns // 32, generator=generator) * 0.05).half().float()
+    offset = None if signed else offset.repeat_interleave(32 // group, dim=1)
+    return QuantizedTensor(codes, scale, offset, bits, group)
+
+
+@pytest.mark.parametrize("bits,signed,group", PACKED)
+@pytest.mark.parametrize("rows,batch,columns", [(13, 1, 64), (70, 3, 96), (577, 9, 576), (64, 5, 1536)])
+def test_packed_codes_give_the_8_bit_layouts_bits(bits, signed, group, rows, batch, columns, monkeypatch):
+    weight = packed_weight(rows, columns, bits, signed, group, seed=rows + bits)
+    packed = pack(weight)
+    monkeypatch.setattr(layout, "packed_bits", lambda _: None)
+    wide = pack(weight)
+    assert packed.code_bits == bits and wide.code_bits == 8
+    assert packed.codes.numel() * 8 == wide.codes.numel() * bits  # bits per code, exactly
+    assert torch.equal(unpack(packed, bits, group).codes, weight.codes)
+    x = torch.randn(batch, columns, generator=torch.Generator().manual_seed(batch))
+    for int8_activations in (True, False):
+        ours, theirs = run_kernel(packed, x, int8_activations), run_kernel(wide, x, int8_activations)
+        assert torch.equal(ours, theirs), int8_activations
+        for i in (0, batch - 1):  # a row alone gives its bits in the batch
+            assert torch.equal(run_kernel(packed, x[i : i + 1], int8_activations)[0], ours[i])
+    dense = torch.ops.leanlm.dequantize(packed.codes, packed.scales, packed.offsets, packed.rows)
+    assert torch.equal(dense, weight.dequantize())
+
+
+def test_codes_wider_than_their_bits_stay_8_bit():
+    weight = packed_weight(16, 64, 6, True, 32, seed=1)
+    weight.codes[3, 5] = -33  # outside 6-bit two's complement, and negative: no 6-bit form
+    assert pack(weight).code_bits == 8
+    weight.codes[3, 5] = 63  # 0..63 with a negative elsewhere: no 6-bit form either
+    assert pack(weight).code_bits == 8
+    assert pack(packed_weight(16, 64, 8, True, 32, seed=1)).code_bits == 8  # declared 8-bit codes stay 8-bit
 
 
 def k_quant_weight(rows: int, columns: int, kind: str, seed: int) -> QuantizedTensor:
