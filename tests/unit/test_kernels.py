@@ -13,8 +13,7 @@ import warnings
 import pytest
 import torch
 
-from leanlm.kernels import build
-from leanlm.kernels import layout
+from leanlm.kernels import build, layout
 from leanlm.kernels.layout import KernelWeight, kernel_format, pack, unpack
 from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
 
