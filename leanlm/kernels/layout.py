@@ -35,6 +35,13 @@ class KernelWeight:
     scale_base: torch.Tensor | None = None  # (groups, blocks / 8, 8) float16: scales are int8 multipliers of it
     offset_base: torch.Tensor | None = None  # likewise for the offsets
 
+    rest: KernelWeight | None = None  # the rows after these, in another layout (pack_segments)
+    form: tuple[int, int] | None = None  # a segment's (bits, group size), which unpack needs
+
+    def segments(self) -> list[KernelWeight]:
+        """This layout and the row segments after it, in row order."""
+        return [self] + ([] if self.rest is None else self.rest.segments())
+
     def tensors(self) -> list[torch.Tensor | None]:
         """codes, scales, offsets, scale_base, offset_base: what the ops take after the activations."""
         return [self.codes, self.scales, self.offsets, self.scale_base, self.offset_base]
@@ -45,7 +52,8 @@ class KernelWeight:
         return self.codes.shape[2] // BLOCK
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
+        own = sum(t.numel() * t.element_size() for t in self.tensors() if t is not None)
+        return own + (0 if self.rest is None else self.rest.nbytes())
 
 
 def kernel_format(weight: QuantizedTensor) -> str | None:
@@ -154,6 +162,78 @@ def pack(weight: QuantizedTensor) -> KernelWeight:
 
 
 SUPER_BLOCK = 256
+MAX_SEGMENTS = 4
+
+
+def pack_segments(weight: QuantizedTensor) -> KernelWeight:
+    """`pack`, but a fused projection whose row runs hold fewer bits apart than in their common form (a Q4_K_M
+    file's Q4_K q/k beside a Q6_K v: q/k as q4 instead of 6-bit; Q5_0 q/k beside a Q8_0 v: 5-bit instead of 8) is
+    packed run by run, chained through `rest`. Runs start at multiples of 8 rows (the kernels' row groups)."""
+    runs = _narrow_runs(weight)
+    if runs is None:
+        return pack(weight)
+    packed = [pack(part) for part in runs]
+    for layout, part in zip(packed, runs):
+        layout.form = (part.bits, part.group_size)
+    for first, second in zip(packed, packed[1:]):
+        first.rest = second
+    return packed[0]
+
+
+def unpack_segments(packed: KernelWeight, bits: int, group_size: int) -> QuantizedTensor:
+    """`unpack` of a layout from pack_segments: the segments' stored forms stacked in their common form, which
+    is the form they were split from."""
+    if packed.rest is None:
+        return unpack(packed, bits, group_size)
+    return QuantizedTensor.cat([unpack(segment, *segment.form) for segment in packed.segments()])
+
+
+def _narrowest(weight: QuantizedTensor) -> QuantizedTensor:
+    """The same values in the form that packs smallest: scales per 16 that are equal in pairs as per 32, int8
+    codes of 0..15 as q4, codes that fit 5 or 6 bits declared so (the packed layouts)."""
+    codes, scale, offset, group = weight.codes, weight.scale, weight.offset, weight.group_size
+    if group == 16 and codes.shape[1] % BLOCK == 0 and torch.equal(scale[:, 0::2], scale[:, 1::2]):
+        if offset is None or torch.equal(offset[:, 0::2], offset[:, 1::2]):
+            scale, offset, group = scale[:, 0::2], None if offset is None else offset[:, 0::2], BLOCK
+    bases = (weight.scale_base, weight.offset_base)
+    if codes.dtype != torch.int8:
+        return QuantizedTensor(codes, scale, offset, weight.bits, group, *bases)
+    low, high = (int(v) for v in torch.aminmax(codes))
+    if low >= 0 and high < 16 and group % BLOCK == 0:
+        return QuantizedTensor(codes.to(torch.uint8), scale, offset, 4, group, *bases)
+    bits = next((b for b in (5, 6) if -(1 << (b - 1)) <= low and high < 1 << (b - 1) or 0 <= low and high < 1 << b), 8)
+    return QuantizedTensor(codes, scale, offset, min(bits, weight.bits), group, *bases)
+
+
+def _narrow_runs(weight: QuantizedTensor) -> list[QuantizedTensor] | None:
+    """The weight as runs of 8-row groups that pack narrower apart, or None when one layout is as small."""
+    rows, columns = weight.codes.shape
+    if weight.codes.dtype != torch.int8 or rows <= ROWS or kernel_format(weight) is None:
+        return None
+    pad = -rows % ROWS  # the last group's missing rows repeat its last row (they change no minimum or maximum)
+    codes = torch.cat([weight.codes, weight.codes[-1:].expand(pad, -1)]).view(-1, ROWS * columns)
+    low, high = (v.int() for v in torch.aminmax(codes, dim=1))
+    pairs = torch.zeros_like(low, dtype=torch.bool)
+    if weight.group_size == 16 and columns % BLOCK == 0:
+        equal = (weight.scale[:, 0::2] == weight.scale[:, 1::2]).all(1)
+        if weight.offset is not None:
+            equal &= (weight.offset[:, 0::2] == weight.offset[:, 1::2]).all(1)
+        pairs = torch.cat([equal, equal[-1:].expand(pad)]).view(-1, ROWS).all(1)
+    # per 8-row group, the layout _narrowest picks: q4, then 5 and 6 bits (signed first, as packed_bits), else 8
+    kind = torch.full_like(low, 80)
+    for code, bits, signed in ((61, 6, True), (60, 6, False), (51, 5, True), (50, 5, False)):
+        fits = (low >= -(1 << (bits - 1))) & (high < 1 << (bits - 1)) if signed else (low >= 0) & (high < 1 << bits)
+        kind = torch.where(fits & (bits <= weight.bits), code, kind)
+    q4 = (low >= 0) & (high < 16) & (pairs | (weight.group_size % BLOCK == 0))
+    kind = torch.where(q4, 40, kind) * 2 + pairs.int()
+    changes = (torch.nonzero(kind[1:] != kind[:-1]).flatten() + 1).tolist()
+    if not changes or len(changes) >= MAX_SEGMENTS:
+        return None
+    starts = [0] + [c * ROWS for c in changes] + [rows]
+    runs = [_narrowest(weight.map_rows(lambda t, a=a, b=b: t[a:b])) for a, b in zip(starts, starts[1:])]
+    if any(kernel_format(run) is None for run in runs):
+        return None
+    return runs
 
 
 def _rows_last(per_super_block: torch.Tensor) -> torch.Tensor:

@@ -58,7 +58,9 @@ Weights check_weights(const at::Tensor& codes, const at::Tensor& scales, const c
                       int64_t rows, bool q4, const c10::optional<at::Tensor>& scale_base = c10::nullopt,
                       const c10::optional<at::Tensor>& offset_base = c10::nullopt);
 // out (m, groups * 8) = x (m, cols) W^T, padding rows included; the same arithmetic for every m and chunking.
-void matmul_into(const Weights& w, const float* x, int64_t m, float* out, bool int8_activations);
+// out_stride: floats from one output row to the next (0: groups * 8), for a weight held as row segments.
+void matmul_into(const Weights& w, const float* x, int64_t m, float* out, bool int8_activations,
+                 int64_t out_stride = 0);
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias, int64_t rows,

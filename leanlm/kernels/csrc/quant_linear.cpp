@@ -105,7 +105,8 @@ inline __m256i packed_slab(const uint8_t* block, int c) {
   const __m256i nibbles = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * (c % 4)));
   const __m256i low = _mm256_and_si256(c < 4 ? nibbles : _mm256_srli_epi16(nibbles, 4), _mm256_set1_epi8(0x0F));
   const int field = Bits == 6 ? 2 * (c / 2) : c;  // where this slab's upper bits sit in their byte
-  const __m256i upper = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 128 + 32 * (Bits == 6 ? c % 2 : 0)));
+  const uint8_t* upper_slab = block + 128 + 32 * (Bits == 6 ? c % 2 : 0);
+  const __m256i upper = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(upper_slab));
   const __m256i moved = field <= 4 ? _mm256_slli_epi16(upper, 4 - field) : _mm256_srli_epi16(upper, field - 4);
   return _mm256_or_si256(low, _mm256_and_si256(moved, _mm256_set1_epi8(Bits == 6 ? 0x30 : 0x10)));
 }
@@ -206,8 +207,8 @@ inline Vec unzero(Vec dot, const Weights& w, int32_t code_sum) {
 }
 
 template <int Tile, int Bits, bool Sub16>
-void groups_int8(const Weights& w, const QuantizedActivations& xq, float* out, int64_t m0, int64_t g_begin,
-                 int64_t g_end) {
+void groups_int8(const Weights& w, const QuantizedActivations& xq, float* out, int64_t stride, int64_t m0,
+                 int64_t g_begin, int64_t g_end) {
   const int8_t* x_codes = xq.codes.data();
   const float* x_scales = xq.scales.data();
   const float* x_sums = xq.sums.data();
@@ -239,7 +240,7 @@ void groups_int8(const Weights& w, const QuantizedActivations& xq, float* out, i
         if (w.offsets) acc[t] = _mm256_fmadd_ps(offsets, _mm256_set1_ps(x_sums[xb]), acc[t]);
       }
     }
-    for (int t = 0; t < Tile; ++t) _mm256_storeu_ps(out + ((m0 + t) * w.groups + g) * kRows, acc[t]);
+    for (int t = 0; t < Tile; ++t) _mm256_storeu_ps(out + (m0 + t) * stride + g * kRows, acc[t]);
   }
 }
 
@@ -281,7 +282,8 @@ struct DecodedPair {
         const __m512i low = _mm512_and_si512(c < 4 ? nibbles[c] : _mm512_srli_epi16(nibbles[c - 4], 4), low_mask);
         const int field = Bits == 6 ? 2 * (c / 2) : c;
         const __m512i source = upper[Bits == 6 ? c % 2 : 0];
-        const __m512i moved = field <= 4 ? _mm512_slli_epi16(source, 4 - field) : _mm512_srli_epi16(source, field - 4);
+        const __m512i moved =
+            field <= 4 ? _mm512_slli_epi16(source, 4 - field) : _mm512_srli_epi16(source, field - 4);
         u[c] = _mm512_or_si512(low, _mm512_and_si512(moved, high_mask));
       }
     }
@@ -323,7 +325,8 @@ inline __m512 pair_params(__m256 first, __m256 second) {
 
 // groups g and g + 1 for activation rows m0..m0+Tile-1
 template <int Tile, int Bits, bool Sub16>
-void group_pair_int8(const Weights& w, const QuantizedActivations& xq, float* out, int64_t m0, int64_t g) {
+void group_pair_int8(const Weights& w, const QuantizedActivations& xq, float* out, int64_t stride, int64_t m0,
+                     int64_t g) {
   const int8_t* x_codes = xq.codes.data();
   const float* x_scales = xq.scales.data();
   const float* x_sums = xq.sums.data();
@@ -354,7 +357,7 @@ void group_pair_int8(const Weights& w, const QuantizedActivations& xq, float* ou
       if (w.offsets) acc[t] = _mm512_fmadd_ps(offsets, _mm512_set1_ps(x_sums[xb]), acc[t]);
     }
   }
-  for (int t = 0; t < Tile; ++t) _mm512_storeu_ps(out + ((m0 + t) * w.groups + g) * kRows, acc[t]);
+  for (int t = 0; t < Tile; ++t) _mm512_storeu_ps(out + (m0 + t) * stride + g * kRows, acc[t]);
 }
 #endif
 
@@ -407,7 +410,8 @@ inline void block_dot_float_halves(const Weights& w, const uint8_t* block, const
   __m256 halves[2];
   for (int h = 0; h < 2; ++h) {
     __m256 sum = _mm256_setzero_ps();
-    for (int c = 4 * h; c < 4 * h + 4; ++c) sum = _mm256_add_ps(sum, slab_dot(signed_slab(w, block, c), true, x + 4 * c));
+    for (int c = 4 * h; c < 4 * h + 4; ++c)
+      sum = _mm256_add_ps(sum, slab_dot(signed_slab(w, block, c), true, x + 4 * c));
     halves[h] = sum;
   }
   low = halves[0];
@@ -415,8 +419,8 @@ inline void block_dot_float_halves(const Weights& w, const uint8_t* block, const
 }
 
 template <int Tile>
-void groups_float(const Weights& w, const float* x, const float* x_sums, float* out, int64_t m0, int64_t g_begin,
-                  int64_t g_end) {
+void groups_float(const Weights& w, const float* x, const float* x_sums, float* out, int64_t stride, int64_t m0,
+                  int64_t g_begin, int64_t g_end) {
   for (int64_t g = g_begin; g < g_end; ++g) {
     __m256 acc[Tile];
     for (int t = 0; t < Tile; ++t) acc[t] = _mm256_setzero_ps();
@@ -439,7 +443,7 @@ void groups_float(const Weights& w, const float* x, const float* x_sums, float* 
         if (w.offsets) acc[t] = _mm256_fmadd_ps(offsets, _mm256_set1_ps(x_sums[xb]), acc[t]);
       }
     }
-    for (int t = 0; t < Tile; ++t) _mm256_storeu_ps(out + ((m0 + t) * w.groups + g) * kRows, acc[t]);
+    for (int t = 0; t < Tile; ++t) _mm256_storeu_ps(out + (m0 + t) * stride + g * kRows, acc[t]);
   }
 }
 
@@ -459,7 +463,9 @@ std::vector<float> block_sums(const float* src, int64_t rows, int64_t cols) {
 
 namespace leanlm {
 
-void matmul_into(const Weights& w, const float* x, int64_t m_total, float* out, bool int8_activations) {
+void matmul_into(const Weights& w, const float* x, int64_t m_total, float* out, bool int8_activations,
+                 int64_t out_stride) {
+  const int64_t stride = out_stride ? out_stride : w.groups * kRows;
   // Enough groups per task that scheduling is noise, few enough that every thread gets work.
   const int64_t grain = std::max<int64_t>(4, w.groups / (4 * at::get_num_threads()));
   // Group by group, all activation rows of one group before the next: its weights are read from memory once.
@@ -481,11 +487,13 @@ void matmul_into(const Weights& w, const float* x, int64_t m_total, float* out, 
         for (int64_t unit = begin; unit < end; ++unit) {
           const int64_t g = 2 * unit;
           if (g + 1 < w.groups) {
-            over_rows([&](int64_t m, int64_t gi) { group_pair_int8<kBatchTile, Bits, S>(w, xq, out, m, gi); },
-                      [&](int64_t m, int64_t gi) { group_pair_int8<1, Bits, S>(w, xq, out, m, gi); }, g);
+            over_rows(
+                [&](int64_t m, int64_t gi) { group_pair_int8<kBatchTile, Bits, S>(w, xq, out, stride, m, gi); },
+                [&](int64_t m, int64_t gi) { group_pair_int8<1, Bits, S>(w, xq, out, stride, m, gi); }, g);
           } else {
-            over_rows([&](int64_t m, int64_t gi) { groups_int8<kBatchTile, Bits, S>(w, xq, out, m, gi, gi + 1); },
-                      [&](int64_t m, int64_t gi) { groups_int8<1, Bits, S>(w, xq, out, m, gi, gi + 1); }, g);
+            over_rows(
+                [&](int64_t m, int64_t gi) { groups_int8<kBatchTile, Bits, S>(w, xq, out, stride, m, gi, gi + 1); },
+                [&](int64_t m, int64_t gi) { groups_int8<1, Bits, S>(w, xq, out, stride, m, gi, gi + 1); }, g);
           }
         }
       });
@@ -493,8 +501,9 @@ void matmul_into(const Weights& w, const float* x, int64_t m_total, float* out, 
 #endif
       at::parallel_for(0, w.groups, grain, [&](int64_t begin, int64_t end) {
         for (int64_t g = begin; g < end; ++g) {
-          over_rows([&](int64_t m, int64_t gi) { groups_int8<kBatchTile, Bits, S>(w, xq, out, m, gi, gi + 1); },
-                    [&](int64_t m, int64_t gi) { groups_int8<1, Bits, S>(w, xq, out, m, gi, gi + 1); }, g);
+          over_rows(
+              [&](int64_t m, int64_t gi) { groups_int8<kBatchTile, Bits, S>(w, xq, out, stride, m, gi, gi + 1); },
+              [&](int64_t m, int64_t gi) { groups_int8<1, Bits, S>(w, xq, out, stride, m, gi, gi + 1); }, g);
         }
       });
     };
@@ -510,8 +519,9 @@ void matmul_into(const Weights& w, const float* x, int64_t m_total, float* out, 
     const std::vector<float> sums = block_sums(x, m_total, w.cols);
     at::parallel_for(0, w.groups, grain, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
-        over_rows([&](int64_t m, int64_t gi) { groups_float<kBatchTile>(w, x, sums.data(), out, m, gi, gi + 1); },
-                  [&](int64_t m, int64_t gi) { groups_float<1>(w, x, sums.data(), out, m, gi, gi + 1); }, g);
+        over_rows(
+            [&](int64_t m, int64_t gi) { groups_float<kBatchTile>(w, x, sums.data(), out, stride, m, gi, gi + 1); },
+            [&](int64_t m, int64_t gi) { groups_float<1>(w, x, sums.data(), out, stride, m, gi, gi + 1); }, g);
       }
     });
   }
