@@ -173,9 +173,9 @@ def pack_segments(weight: QuantizedTensor) -> KernelWeight:
     if runs is None:
         return pack(weight)
     packed = [pack(part) for part in runs]
-    for layout, part in zip(packed, runs):
+    for layout, part in zip(packed, runs, strict=True):
         layout.form = (part.bits, part.group_size)
-    for first, second in zip(packed, packed[1:]):
+    for first, second in zip(packed, packed[1:], strict=False):
         first.rest = second
     return packed[0]
 
@@ -230,7 +230,8 @@ def _narrow_runs(weight: QuantizedTensor) -> list[QuantizedTensor] | None:
     if not changes or len(changes) >= MAX_SEGMENTS:
         return None
     starts = [0] + [c * ROWS for c in changes] + [rows]
-    runs = [_narrowest(weight.map_rows(lambda t, a=a, b=b: t[a:b])) for a, b in zip(starts, starts[1:])]
+    bounds = zip(starts, starts[1:], strict=False)
+    runs = [_narrowest(weight.map_rows(lambda t, a=a, b=b: t[a:b])) for a, b in bounds]
     if any(kernel_format(run) is None for run in runs):
         return None
     return runs
