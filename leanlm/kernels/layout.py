@@ -77,6 +77,31 @@ def _sub16(weight: QuantizedTensor) -> bool:
     return weight.offset is None or bool(torch.equal(weight.offset[:, 0::2], weight.offset[:, 1::2]))
 
 
+CHUNK_GROUPS = 2048  # row groups laid out at a time: the temporaries of a 151936-row LM head stay small
+
+
+def _layout_codes(weight: QuantizedTensor, kind: str, groups: int, blocks: int) -> torch.Tensor:
+    """The codes in the kernels' layout, (groups, blocks, bytes a block), chunk by chunk of row groups."""
+    layout = packed_bits(weight) if kind == "q8" else None
+    width = 128 if kind == "q4" else 256 if layout is None else BLOCK * layout[0]
+    out = torch.empty(groups, blocks, width, dtype=torch.uint8)
+    for first in range(0, groups, CHUNK_GROUPS):
+        count = min(CHUNK_GROUPS, groups - first)
+        rows = weight.codes[first * ROWS : (first + count) * ROWS]
+        rows = F.pad(rows, (0, 0, 0, count * ROWS - rows.shape[0]))  # the last group's missing rows: zeros
+        codes = rows.view(count, ROWS, blocks, BLOCK).transpose(1, 2)  # (G, B, 8, 32)
+        if kind == "q4":
+            nibbles = codes[..., :16] | (codes[..., 16:] << 4)  # byte e: input e low, input 16 + e high
+            slabs = nibbles.reshape(count, blocks, ROWS, 4, 4).transpose(2, 3)  # (G, B, slab, row, 4 inputs)
+        else:
+            slabs = codes.view(torch.uint8).reshape(count, blocks, ROWS, 8, 4).transpose(2, 3)
+        chunk = slabs.reshape(count, blocks, -1)
+        if layout is not None:  # uint8 arithmetic wraps: a signed code's byte + zero is code + zero
+            chunk = _pack_slabs((chunk + layout[1]).view(count, blocks, 8, BLOCK), layout[0])
+        out[first : first + count] = chunk
+    return out.view(torch.int8) if layout is not None and layout[1] else out
+
+
 def packed_bits(weight: QuantizedTensor) -> tuple[int, int] | None:
     """(bits, zero) of the packed layout for a q8 weight whose codes fit 5 or 6 bits as code + zero (zero
     2^(bits-1) for signed codes, 0 for unsigned ones); None when they do not (the weight stays 8-bit)."""
@@ -128,17 +153,7 @@ def pack(weight: QuantizedTensor) -> KernelWeight:
     rows, columns = weight.codes.shape
     groups, blocks = -(-rows // ROWS), columns // BLOCK
     pad = groups * ROWS - rows
-    codes = F.pad(weight.codes, (0, 0, 0, pad)).view(groups, ROWS, blocks, BLOCK).transpose(1, 2)  # (G, B, 8, 32)
-    if kind == "q4":
-        nibbles = codes[..., :16] | (codes[..., 16:] << 4)  # byte e: input e low, input 16 + e high
-        slabs = nibbles.reshape(groups, blocks, ROWS, 4, 4).transpose(2, 3)  # (G, B, slab, row, 4 inputs)
-    else:
-        slabs = codes.view(torch.uint8).reshape(groups, blocks, ROWS, 8, 4).transpose(2, 3)
-    packed = slabs.reshape(groups, blocks, -1).contiguous()
-    if kind == "q8" and (layout := packed_bits(weight)) is not None:
-        bits, zero = layout  # uint8 arithmetic wraps: a signed code's byte + zero is code + zero
-        packed = _pack_slabs((packed + zero).view(groups, blocks, 8, BLOCK), bits)
-        packed = packed.view(torch.int8) if zero else packed
+    packed = _layout_codes(weight, kind, groups, blocks)
 
     def per_row(per_group: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(N, blocks * halves) parameters -> (groups, blocks, halves * 8): a block's 8 rows, half after half."""
