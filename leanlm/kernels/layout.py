@@ -63,7 +63,7 @@ def kernel_format(weight: QuantizedTensor) -> str | None:
     columns = weight.codes.shape[1]
     if columns % BLOCK or not (weight.group_size % BLOCK == 0 or _sub16(weight)):
         return None
-    if weight.bits <= 4 and weight.codes.dtype == torch.uint8 and weight.group_size % BLOCK == 0:
+    if weight.bits <= 4 and weight.codes.dtype == torch.uint8:
         return "q4"
     if weight.bits <= 8 and weight.codes.dtype == torch.int8:
         return "q8"
@@ -204,20 +204,21 @@ def unpack_segments(packed: KernelWeight, bits: int, group_size: int) -> Quantiz
 
 
 def _narrowest(weight: QuantizedTensor) -> QuantizedTensor:
-    """The same values in the form that packs smallest: scales per 16 that are equal in pairs as per 32, int8
-    codes of 0..15 as q4, codes that fit 5 or 6 bits declared so (the packed layouts)."""
-    codes, scale, offset, group = weight.codes, weight.scale, weight.offset, weight.group_size
-    if group == 16 and codes.shape[1] % BLOCK == 0 and torch.equal(scale[:, 0::2], scale[:, 1::2]):
-        if offset is None or torch.equal(offset[:, 0::2], offset[:, 1::2]):
-            scale, offset, group = scale[:, 0::2], None if offset is None else offset[:, 0::2], BLOCK
-    bases = (weight.scale_base, weight.offset_base)
+    """The same values in the form that packs smallest: int8 codes of 0..15 as q4, codes that fit 5 or 6 bits
+    declared so (the packed layouts). Groups stay as they are: the kernels' arithmetic per row is then the common
+    form's (a Q4_K row in a fused projection runs as it did beside its Q6_K v, its scales per 16)."""
+    codes = weight.codes
     if codes.dtype != torch.int8:
-        return QuantizedTensor(codes, scale, offset, weight.bits, group, *bases)
+        return weight
     low, high = (int(v) for v in torch.aminmax(codes))
-    if low >= 0 and high < 16 and group % BLOCK == 0:
-        return QuantizedTensor(codes.to(torch.uint8), scale, offset, 4, group, *bases)
-    bits = next((b for b in (5, 6) if -(1 << (b - 1)) <= low and high < 1 << (b - 1) or 0 <= low and high < 1 << b), 8)
-    return QuantizedTensor(codes, scale, offset, min(bits, weight.bits), group, *bases)
+    if low >= 0 and high < 16:
+        narrow, bits = codes.to(torch.uint8), 4
+    else:
+        fits = [b for b in (5, 6) if -(1 << (b - 1)) <= low and high < 1 << (b - 1) or 0 <= low and high < 1 << b]
+        narrow, bits = codes, min([weight.bits, *fits])
+    return QuantizedTensor(
+        narrow, weight.scale, weight.offset, bits, weight.group_size, weight.scale_base, weight.offset_base
+    )
 
 
 def _narrow_runs(weight: QuantizedTensor) -> list[QuantizedTensor] | None:
@@ -228,19 +229,12 @@ def _narrow_runs(weight: QuantizedTensor) -> list[QuantizedTensor] | None:
     pad = -rows % ROWS  # the last group's missing rows repeat its last row (they change no minimum or maximum)
     codes = torch.cat([weight.codes, weight.codes[-1:].expand(pad, -1)]).view(-1, ROWS * columns)
     low, high = (v.int() for v in torch.aminmax(codes, dim=1))
-    pairs = torch.zeros_like(low, dtype=torch.bool)
-    if weight.group_size == 16 and columns % BLOCK == 0:
-        equal = (weight.scale[:, 0::2] == weight.scale[:, 1::2]).all(1)
-        if weight.offset is not None:
-            equal &= (weight.offset[:, 0::2] == weight.offset[:, 1::2]).all(1)
-        pairs = torch.cat([equal, equal[-1:].expand(pad)]).view(-1, ROWS).all(1)
     # per 8-row group, the layout _narrowest picks: q4, then 5 and 6 bits (signed first, as packed_bits), else 8
-    kind = torch.full_like(low, 80)
+    kind = torch.full_like(low, 8)
     for code, bits, signed in ((61, 6, True), (60, 6, False), (51, 5, True), (50, 5, False)):
         fits = (low >= -(1 << (bits - 1))) & (high < 1 << (bits - 1)) if signed else (low >= 0) & (high < 1 << bits)
         kind = torch.where(fits & (bits <= weight.bits), code, kind)
-    q4 = (low >= 0) & (high < 16) & (pairs | (weight.group_size % BLOCK == 0))
-    kind = torch.where(q4, 40, kind) * 2 + pairs.int()
+    kind = torch.where((low >= 0) & (high < 16), 4, kind)
     changes = (torch.nonzero(kind[1:] != kind[:-1]).flatten() + 1).tolist()
     if not changes or len(changes) >= MAX_SEGMENTS:
         return None

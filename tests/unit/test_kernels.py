@@ -15,6 +15,7 @@ import torch
 
 from leanlm.kernels import build, layout
 from leanlm.kernels.layout import KernelWeight, kernel_format, pack, unpack
+from leanlm.layers import quantized_linear
 from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
 
 pytestmark = pytest.mark.skipif(not build.load_kernels(), reason="leanlm kernels unavailable (no compiler or AVX2)")
@@ -171,23 +172,26 @@ def test_k_quant_parameters_give_the_float_parameters_bits(kind, rows, batch, co
     assert torch.equal(dense, weight.dequantize())
 
 
-def test_a_fused_projection_of_mixed_types_packs_as_narrow_row_segments():
-    """A Q4_K_M file's q/k (Q4_K) fused with a Q6_K v: q/k packed as q4 and v as 6-bit (not both in the 6-bit
-    common form); the layer gives the bits of separate layers and holds the fused weight exactly."""
+def test_a_fused_projection_of_mixed_types_packs_as_narrow_row_segments(monkeypatch):
+    """A Q4_K_M file's q/k (Q4_K) fused with a Q6_K v: q/k packed as q4 (their scales per 16, as in the common
+    form) and v as 6-bit, not both in the 6-bit common form; the layer gives the bits of the common form's single
+    layout, batch by batch, and holds the fused weight exactly."""
     parts = [k_quant_weight(24, 512, "q4-k", seed=1), k_quant_weight(16, 512, "q4-k", seed=2)]
     parts.append(k_quant_weight(13, 512, "q8-sub16-k", seed=3))  # the last segment may end mid row group
     fused = QuantizedTensor.cat(parts)
     packed = layout.pack_segments(fused)
     assert [(s.rows, s.code_bits) for s in packed.segments()] == [(40, 4), (13, 6)]
     assert packed.nbytes() < 0.8 * pack(fused).nbytes()
-    layer = QuantizedLinear(fused, bias=torch.randn(53))
-    alone = [QuantizedLinear(p, bias=b) for p, b in zip(parts, layer.bias.detach().split([24, 16, 13]), strict=True)]
+    layer, single = QuantizedLinear(fused, bias=torch.randn(53)), QuantizedLinear(fused, bias=torch.randn(53))
+    single.bias = layer.bias
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0))
     for mode in ("auto", "exact"):
-        for module in [layer, *alone]:
-            module.prepare_runtime(torch.float32, torch.device("cpu"), mode)
-        assert layer.runtime_bytes() == packed.nbytes()
-        assert torch.equal(layer(x), torch.cat([m(x) for m in alone], dim=-1))
+        layer.prepare_runtime(torch.float32, torch.device("cpu"), mode)
+        with monkeypatch.context() as patch:
+            patch.setattr(quantized_linear, "pack_segments", layout.pack)
+            single.prepare_runtime(torch.float32, torch.device("cpu"), mode)
+        assert layer.runtime_bytes() == packed.nbytes() and single._packed.rest is None
+        assert torch.equal(layer(x), single(x))
         assert torch.equal(layer(x[2:3])[0], layer(x)[2])
     for name in ("codes", "scale", "offset", "scale_base", "offset_base"):
         original, restored = getattr(fused, name), getattr(layer, name)

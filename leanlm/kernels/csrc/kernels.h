@@ -22,7 +22,7 @@ struct Weights {
   const void* offset_base;
   int64_t rows, cols, groups, blocks;
   bool q4, half_params;
-  bool sub16;  // q8 only: two scales per block, for inputs 0-15 then 16-31 (GGUF Q6_K's sub-blocks); one offset
+  bool sub16;  // two scales per block, for inputs 0-15 then 16-31 (GGUF Q6_K's sub-blocks); one offset
   // Bits a code is stored in: 4 (q4), 8 (q8), or 5 / 6 (packed: the q8 layout's slabs split into a nibble plane
   // and a 1- or 2-bit plane, codes stored as code + zero, zero = 0 or 2^(bits-1); quant_linear.cpp).
   int bits = 8;

@@ -3,7 +3,7 @@
 //
 // W[n, k] = code[n, k] * scale[n, k / 32] + offset[n, k / 32]: blocks of 32 inputs (GGUF's block size), one
 // float16 scale (and offset) per block. q4 codes are 0..15 (2- and 3-bit codes fit too), q8 codes int8 (GGUF's
-// 5- and 6-bit codes too). A q8 weight may carry two scales per block (sub16: one per 16 inputs, as GGUF's Q6_K).
+// 5- and 6-bit codes too). A weight may carry two scales per block (sub16: one per 16 inputs, as GGUF's Q6_K).
 //
 // Layout (written by leanlm/kernels/layout.py at load time): rows are taken 8 at a time and interleaved
 // 4 inputs at a time, so one 32-byte load holds inputs 4c..4c+3 of 8 rows and an 8-lane vector holds
@@ -169,19 +169,24 @@ struct DecodedBlock {
 #endif
   }
 
-  // q8 and packed: the dot products over inputs 0-15 (slabs 0-3) and 16-31 (slabs 4-7) apart, for sub16 scales.
+  // Slab k (0-3) of half h: inputs 16 h + 4 k.. (q4 holds the halves in alternate slabs).
+  static constexpr int half_slab(int h, int k) { return Q4 ? 2 * k + h : 4 * h + k; }
+
+  // The dot products over inputs 0-15 and 16-31 apart, for sub16 scales.
   void dot_halves(const int8_t* x, __m256i& low, __m256i& high) const {
     __m256i halves[2];
     for (int h = 0; h < 2; ++h) {
 #ifdef LEANLM_VNNI
-      __m256i a = dot_u8_s8(_mm256_setzero_si256(), u[4 * h], activations(x, 4 * h));
-      __m256i b = dot_u8_s8(_mm256_setzero_si256(), u[4 * h + 1], activations(x, 4 * h + 1));
-      a = dot_u8_s8(a, u[4 * h + 2], activations(x, 4 * h + 2));
-      b = dot_u8_s8(b, u[4 * h + 3], activations(x, 4 * h + 3));
+      const int s0 = half_slab(h, 0), s1 = half_slab(h, 1), s2 = half_slab(h, 2), s3 = half_slab(h, 3);
+      __m256i a = dot_u8_s8(_mm256_setzero_si256(), u[s0], activations(x, s0));
+      __m256i b = dot_u8_s8(_mm256_setzero_si256(), u[s1], activations(x, s1));
+      a = dot_u8_s8(a, u[s2], activations(x, s2));
+      b = dot_u8_s8(b, u[s3], activations(x, s3));
       halves[h] = _mm256_add_epi32(a, b);
 #else
       __m256i sum32 = _mm256_setzero_si256();
-      for (int i = 4 * h; i < 4 * h + 4; ++i) {
+      for (int k = 0; k < 4; ++k) {
+        const int i = half_slab(h, k);
         const __m256i products = _mm256_maddubs_epi16(u[i], activations(x, i));
         sum32 = _mm256_add_epi32(sum32, _mm256_madd_epi16(products, _mm256_set1_epi16(1)));
       }
@@ -305,13 +310,16 @@ struct DecodedPair {
     return _mm512_add_epi32(_mm512_add_epi32(sums[0], sums[1]), _mm512_add_epi32(sums[2], sums[3]));
   }
 
+  static constexpr int half_slab(int h, int k) { return Q4 ? 2 * k + h : 4 * h + k; }
+
   void dot_halves(const int8_t* x, __m512i& low, __m512i& high) const {
     __m512i halves[2];
     for (int h = 0; h < 2; ++h) {
-      __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[4 * h], activations(x, 4 * h));
-      __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[4 * h + 1], activations(x, 4 * h + 1));
-      a = _mm512_dpbusd_epi32(a, u[4 * h + 2], activations(x, 4 * h + 2));
-      b = _mm512_dpbusd_epi32(b, u[4 * h + 3], activations(x, 4 * h + 3));
+      const int s0 = half_slab(h, 0), s1 = half_slab(h, 1), s2 = half_slab(h, 2), s3 = half_slab(h, 3);
+      __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[s0], activations(x, s0));
+      __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[s1], activations(x, s1));
+      a = _mm512_dpbusd_epi32(a, u[s2], activations(x, s2));
+      b = _mm512_dpbusd_epi32(b, u[s3], activations(x, s3));
       halves[h] = _mm512_add_epi32(a, b);
     }
     low = halves[0];
@@ -404,14 +412,22 @@ inline __m256 block_dot_float(const Weights& w, const uint8_t* block, const floa
   return sum;
 }
 
-// q8, sub16: the sums over inputs 0-15 (slabs 0-3) and 16-31 (slabs 4-7) apart.
+// sub16: the sums over inputs 0-15 and 16-31 apart (q8: slabs 0-3 and 4-7; q4: low and high nibbles).
 inline void block_dot_float_halves(const Weights& w, const uint8_t* block, const float* x, __m256& low,
                                    __m256& high) {
   __m256 halves[2];
   for (int h = 0; h < 2; ++h) {
     __m256 sum = _mm256_setzero_ps();
-    for (int c = 4 * h; c < 4 * h + 4; ++c)
-      sum = _mm256_add_ps(sum, slab_dot(signed_slab(w, block, c), true, x + 4 * c));
+    for (int k = 0; k < 4; ++k) {
+      if (w.q4) {  // nibbles of slab k: inputs 4k.. low, 16 + 4k.. high
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * k));
+        const __m256i codes = _mm256_and_si256(h ? _mm256_srli_epi16(packed, 4) : packed, _mm256_set1_epi8(0x0F));
+        sum = _mm256_add_ps(sum, slab_dot(codes, false, x + 16 * h + 4 * k));
+      } else {
+        const int c = 4 * h + k;
+        sum = _mm256_add_ps(sum, slab_dot(signed_slab(w, block, c), true, x + 4 * c));
+      }
+    }
     halves[h] = sum;
   }
   low = halves[0];
@@ -511,7 +527,7 @@ void matmul_into(const Weights& w, const float* x, int64_t m_total, float* out, 
       if (w.sub16) run(bits, std::true_type{});
       else run(bits, std::false_type{});
     };
-    if (w.q4) run(std::integral_constant<int, 4>{}, std::false_type{});
+    if (w.q4) with_bits(std::integral_constant<int, 4>{});
     else if (w.bits == 6) with_bits(std::integral_constant<int, 6>{});
     else if (w.bits == 5) with_bits(std::integral_constant<int, 5>{});
     else with_bits(std::integral_constant<int, 8>{});
@@ -612,12 +628,11 @@ Weights check_weights(const at::Tensor& codes, const at::Tensor& scales, const c
   const bool half_params = scales.scalar_type() == at::kHalf;
   const bool sub16 = scales.dim() == 3 && scales.size(2) == 2 * kRows;
   const bool compact = scale_base.has_value();  // int8 multipliers of per-256 float16 bases
-  TORCH_CHECK(!(sub16 && q4), "scales: a q4 weight has one scale per block of 32 (groups, blocks, 8)");
   TORCH_CHECK((compact ? scales.scalar_type() == at::kChar : half_params || scales.scalar_type() == at::kFloat) &&
                   scales.is_contiguous() &&
                   scales.sizes() == at::IntArrayRef({groups, blocks, sub16 ? 2 * kRows : kRows}),
               "scales: contiguous float16 or float32 (int8 with bases) (groups, blocks, 8), or (groups, blocks, 16) "
-              "for q8 sub16");
+              "for sub16");
   auto check_base = [&](const at::Tensor& base) {
     TORCH_CHECK(blocks % 8 == 0 && base.scalar_type() == at::kHalf && base.is_contiguous() &&
                     base.sizes() == at::IntArrayRef({groups, blocks / 8, kRows}),
