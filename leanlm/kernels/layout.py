@@ -3,7 +3,8 @@
 Rows are taken 8 at a time (padded with zero rows) and interleaved 4 inputs at a time, so that one 32-byte load
 holds 4 inputs of 8 rows; scales and offsets are stored 8 per block (one per row), as float16 when that is
 exact (GGUF's legacy blocks always are) and float32 otherwise (K-quant scales d * sc, leanlm's own).
-A q8 weight with groups of 16 (GGUF's Q6_K) stores two scales per block: 8 for inputs 0-15, then 8 for 16-31.
+A weight with groups of 16 (GGUF's Q6_K; a Q4_K row segment fused beside one) stores two scales per block: 8
+for inputs 0-15, then 8 for 16-31.
 K-quant weights (QuantizedTensor.scale_base set) store int8 multipliers instead, and one float16 base per 256
 inputs per row, as the GGUF file does: about 4.6 bits per Q4_K weight where float32 parameters take 6.
 q8 weights whose codes fit 5 or 6 bits (GGUF's Q5_0/Q5_1/Q5_K/Q6_K, and a Q4_K beside a Q6_K in their common
