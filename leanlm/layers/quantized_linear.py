@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanlm.kernels.layout import kernel_format, pack, unpack
+from leanlm.kernels.layout import kernel_format, pack_segments, unpack_segments
 from leanlm.layers.quantized_tensor import QuantizedTensor, expand_groups
 
 __all__ = ["KERNEL_MODES", "QuantizedLinear", "QuantizedTensor", "expand_groups"]  # QuantizedTensor: its old home
@@ -55,13 +55,13 @@ class QuantizedLinear(nn.Module):
 
     def __getattr__(self, name: str):
         if name in STORED and "_packed" in self.__dict__ and "codes" not in self.__dict__.get("_buffers", {}):
-            return getattr(unpack(self._packed, self.bits, self.group_size), name)
+            return getattr(unpack_segments(self._packed, self.bits, self.group_size), name)
         return super().__getattr__(name)
 
     @property
     def weight_q(self) -> QuantizedTensor:
         if "codes" not in self._buffers:  # packed away
-            return unpack(self._packed, self.bits, self.group_size)
+            return unpack_segments(self._packed, self.bits, self.group_size)
         return QuantizedTensor(
             self.codes, self.scale, self.offset, self.bits, self.group_size, self.scale_base, self.offset_base
         )
@@ -87,11 +87,11 @@ class QuantizedLinear(nn.Module):
         on_cpu = device.type == "cpu"
         kernel_group = self._int4pack_group()
         if on_cpu and mode != "torch" and self._use_leanlm_kernels():
-            self._packed = pack(self.weight_q)
+            self._packed = pack_segments(self.weight_q)  # a fused q/k/v of mixed types: row segments, each narrow
             for name in STORED:
                 del self._buffers[name]
             self._int8_activations = mode == "auto"
-            self.kernel = "leanlm-q4" if self._packed.q4 else "leanlm-q8"
+            self.kernel = "leanlm-q4" if all(p.q4 for p in self._packed.segments()) else "leanlm-q8"
         elif on_cpu and self.bits <= 4 and kernel_group:  # 2- and 3-bit codes fit the 4-bit kernel too
             # Groups the kernel cannot take (128 over 576 inputs) are re-expressed as smaller equal groups.
             scale = self.weight_q.per_column(self.scale, kernel_group)
@@ -139,16 +139,15 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "reference":
             return self.reference_forward(x)
-        if self.kernel == "leanlm-q4":
-            p = self._packed
-            return torch.ops.leanlm.q4_linear(
-                x, p.codes, p.scales, p.offsets, self.bias, p.rows, self._int8_activations, p.scale_base, p.offset_base
-            )
-        if self.kernel == "leanlm-q8":
-            p = self._packed
-            return torch.ops.leanlm.q8_linear(
-                x, p.codes, p.scales, p.offsets, self.bias, p.rows, self._int8_activations, p.scale_base, p.offset_base
-            )
+        if self.kernel.startswith("leanlm"):
+            if self._packed.rest is None:
+                return self._kernel_forward(self._packed, x, self.bias)
+            outputs, start = [], 0
+            for segment in self._packed.segments():  # row segments: their outputs side by side
+                bias = None if self.bias is None else self.bias[start : start + segment.rows]
+                outputs.append(self._kernel_forward(segment, x, bias))
+                start += segment.rows
+            return torch.cat(outputs, dim=-1)
         shape = x.shape
         flat = x.reshape(-1, self.in_features)
         if self.kernel == "int4pack":
@@ -160,6 +159,10 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.view(*shape[:-1], self.out_features)
+
+    def _kernel_forward(self, p, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        op = torch.ops.leanlm.q4_linear if p.q4 else torch.ops.leanlm.q8_linear
+        return op(x, p.codes, p.scales, p.offsets, bias, p.rows, self._int8_activations, p.scale_base, p.offset_base)
 
     def extra_repr(self) -> str:
         return (

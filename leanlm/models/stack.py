@@ -79,17 +79,24 @@ def build_decoder_stack(model: nn.Module):
         stack.set_all_reduce_group(group)
     none = torch.empty(0)
     for (input_norm, post_norm), linears in zip(norms, projections, strict=True):
-        tensors = []
+        tensors, rows, segments = [], [], []
         for linear in linears:
-            if isinstance(linear, HalfLinear):  # the 16-bit matrix itself, shared with the module (no copy)
-                codes, scales, offsets, scale_base, offset_base = linear.weight.detach(), none, none, none, none
-            else:
-                codes, scales, offsets, scale_base, offset_base = (
-                    none if t is None else t for t in linear._packed.tensors()
-                )
             bias = linear.bias.detach().float() if linear.bias is not None else none
-            tensors += [codes, scales, offsets, bias, scale_base, offset_base]
-        stack.add_layer(input_norm.detach(), post_norm.detach(), tensors, list(shapes))
+            if isinstance(linear, HalfLinear):  # the 16-bit matrix itself, shared with the module (no copy)
+                tensors += [linear.weight.detach(), none, none, bias, none, none]
+                rows.append(linear.out_features)
+                segments.append(1)
+                continue
+            parts = linear._packed.segments()  # a fused q/k/v of mixed types: row segments in their own layouts
+            start = 0
+            for part in parts:
+                codes, scales, offsets, scale_base, offset_base = (none if t is None else t for t in part.tensors())
+                part_bias = bias[start : start + part.rows] if bias.numel() else none
+                tensors += [codes, scales, offsets, part_bias, scale_base, offset_base]
+                rows.append(part.rows)
+                start += part.rows
+            segments.append(len(parts))
+        stack.add_layer_segments(input_norm.detach(), post_norm.detach(), tensors, rows, segments)
     return stack, None
 
 

@@ -23,8 +23,8 @@ def module_tensors(module: nn.Module) -> list[torch.Tensor]:
     if isinstance(module, QuantizedLinear):
         tensors += [getattr(module, name) for name in RUNTIME_ATTRIBUTES if getattr(module, name, None) is not None]
         packed = getattr(module, "_packed", None)
-        if packed is not None:
-            tensors += [t for t in (packed.codes, packed.scales, packed.offsets) if t is not None]
+        for segment in [] if packed is None else packed.segments():  # one layout, or a fused q/k/v's row segments
+            tensors += [t for t in (segment.codes, segment.scales, segment.offsets) if t is not None]
     return [t for t in tensors if t is not None]
 
 

@@ -158,3 +158,29 @@ def test_gemma3_q4_k_m_runs_natively_with_the_dequantized_models_tokens():
         assert float((ours - reference).norm() / reference.norm()) < 1e-3
         assert int(ours[0, -1].argmax()) == int(reference[0, -1].argmax())
         ids.append(int(reference[0, -1].argmax()))
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_gemma3_packed_layouts_give_the_8_bit_layouts_logits(monkeypatch):
+    """Gemma 3's Q5_0 and Q6_K codes packed at 5 and 6 bits, its Q5_0 q/k beside a Q8_0 v as their own 5-bit row
+    segment: the storage changes, not the arithmetic, so the logits (int8 activations, the default) are those of
+    the 8-bit layouts bit for bit, from fewer bytes."""
+    from leanlm.formats.assets import fetch_known_model
+    from leanlm.kernels import layout
+    from leanlm.layers import quantized_linear
+    from leanlm.models.checkpoint import load_checkpoint
+
+    native = load_checkpoint(fetch_known_model("gemma3-270m", quiet=True), torch.float32, native_quant=True)
+    packed = build_model(native.config, native.weights, torch.float32, "cpu", "auto")
+    linears = [m for m in packed.modules() if isinstance(m, quantized_linear.QuantizedLinear)]
+    assert {p.code_bits for m in linears for p in m._packed.segments()} == {4, 5, 6, 8}
+    monkeypatch.setattr(layout, "packed_bits", lambda _: None)
+    monkeypatch.setattr(quantized_linear, "pack_segments", layout.pack)
+    wide = build_model(native.config, native.weights, torch.float32, "cpu", "auto")
+    assert sum(m.runtime_bytes() for m in linears) < 0.93 * sum(
+        m.runtime_bytes() for m in wide.modules() if isinstance(m, quantized_linear.QuantizedLinear)
+    )
+    ids = torch.tensor([native.tokenizer.encode("The capital of France is Paris. The capital of Italy is")])
+    positions = torch.arange(ids.shape[1])[None]
+    assert torch.equal(packed(ids, positions), wide(ids, positions))

@@ -49,7 +49,14 @@ def kernel_outputs() -> dict[str, torch.Tensor]:
             6,
             16,
         )
-        for kind, weight in (("q4", q4), ("q8", q8), ("q8-sub16", sub16)):
+        q5 = QuantizedTensor(  # GGUF Q5_0's form: signed 5-bit codes, packed 5 bits a code
+            torch.randint(-16, 16, (rows, columns), dtype=torch.int8, generator=generator), scale, None, 5, 32
+        )
+        q5_offset = QuantizedTensor(  # Q5_1/Q5_K's: unsigned 5-bit codes with offsets
+            torch.randint(0, 32, (rows, columns), dtype=torch.int8, generator=generator), scale, q4.offset, 5, 32
+        )
+        kinds = (("q4", q4), ("q8", q8), ("q8-sub16", sub16), ("q5", q5), ("q5-offset", q5_offset))
+        for kind, weight in kinds:
             p = pack(weight)
             for int8_activations in (True, False):
                 key = f"{kind} {rows}x{columns} batch {batch} {'int8' if int8_activations else 'float'} act."

@@ -104,3 +104,39 @@ def test_mixed_block_types_stack_exactly(gguf_with_every_type):
         fused = QuantizedTensor.cat(parts)
         assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
         assert kernel_format(fused) == kind
+
+
+@pytest.mark.parametrize("type_name", NATIVE_TYPES)
+def test_kernel_layouts_hold_native_blocks_at_their_bits(gguf_with_every_type, type_name, monkeypatch):
+    """Q5_0/Q5_1/Q5_K codes are packed 5 bits a code and Q6_K 6 (not a byte each): the layout gives back gguf's
+    values exactly, and the kernels the same output bits as from the 8-bit layout (int8 and float activations)."""
+    from leanlm.kernels import build, layout
+
+    if not build.load_kernels():
+        pytest.skip("leanlm kernels unavailable (no compiler or AVX2)")
+    gguf_file, stored = gguf_with_every_type
+    weight = blocks_to_quantized(gguf_file.raw_tensor(f"t.{type_name}"), type_name, (ROWS, COLUMNS))
+    packed = layout.pack(weight)
+    bits = {"Q8_0": 8, "Q5_0": 5, "Q5_1": 5, "Q5_K": 5, "Q6_K": 6}.get(type_name, 4)
+    assert packed.code_bits == bits
+    dense = torch.ops.leanlm.dequantize(*packed.tensors()[:3], packed.rows, *packed.tensors()[3:])
+    assert torch.equal(dense, reference(stored[type_name], type_name))
+    if bits in (5, 6):
+        monkeypatch.setattr(layout, "packed_bits", lambda _: None)
+        wide = layout.pack(weight)
+        x = torch.randn(3, COLUMNS, generator=torch.Generator().manual_seed(0))
+        for int8_activations in (True, False):
+            outputs = [
+                torch.ops.leanlm.q8_linear(x, *p.tensors()[:3], None, p.rows, int8_activations, *p.tensors()[3:])
+                for p in (packed, wide)
+            ]
+            assert torch.equal(*outputs)
+
+
+def test_a_q4_k_beside_a_q6_k_packs_at_6_bits(gguf_with_every_type):
+    """A Q4_K_M file's q/k (Q4_K) fused with a Q6_K v: their common form holds 6 bits a code, not 8."""
+    from leanlm.kernels import layout
+
+    gguf_file, _ = gguf_with_every_type
+    parts = [blocks_to_quantized(gguf_file.raw_tensor(f"t.{t}"), t, (ROWS, COLUMNS)) for t in ("Q4_K", "Q6_K")]
+    assert layout.packed_bits(QuantizedTensor.cat(parts)) == (6, 32)

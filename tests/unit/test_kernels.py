@@ -13,8 +13,9 @@ import warnings
 import pytest
 import torch
 
-from leanlm.kernels import build
-from leanlm.kernels.layout import kernel_format, pack
+from leanlm.kernels import build, layout
+from leanlm.kernels.layout import KernelWeight, kernel_format, pack, unpack
+from leanlm.layers import quantized_linear
 from leanlm.layers.quantized_linear import QuantizedLinear, QuantizedTensor
 
 pytestmark = pytest.mark.skipif(not build.load_kernels(), reason="leanlm kernels unavailable (no compiler or AVX2)")
@@ -49,8 +50,8 @@ def random_weight(rows: int, columns: int, kind: str, group: int, seed: int) -> 
     return QuantizedTensor(codes, scale, offset if kind.endswith("offset") else None, 6, group)
 
 
-def run_kernel(weight, x: torch.Tensor, int8_activations: bool):
-    p = pack(weight)
+def run_kernel(weight: QuantizedTensor | KernelWeight, x: torch.Tensor, int8_activations: bool):
+    p = weight if isinstance(weight, KernelWeight) else pack(weight)
     if p.q4:
         return torch.ops.leanlm.q4_linear(x, p.codes, p.scales, p.offsets, None, p.rows, int8_activations)
     return torch.ops.leanlm.q8_linear(x, p.codes, p.scales, p.offsets, None, p.rows, int8_activations)
@@ -73,6 +74,50 @@ def test_matvec_kernels_match_reference(kind, rows, batch, columns, group):
     reference = x.double() @ weight.dequantize().double().t()
     assert relative_error(run_kernel(weight, x, int8_activations=False), reference) < EXACT_TOLERANCE
     assert relative_error(run_kernel(weight, x, int8_activations=True), reference) < INT8_ACTIVATION_TOLERANCE
+
+
+# Packed 5- and 6-bit codes (Q5_0: signed, Q5_1/Q5_K: unsigned with offsets, Q6_K: signed per 16) against the same
+# weight held in the 8-bit layout: packing changes the storage only, so the outputs must be the same bits.
+PACKED = [(6, True, 16), (6, False, 32), (5, True, 32), (5, False, 32), (5, True, 16), (6, True, 32)]
+
+
+def packed_weight(rows: int, columns: int, bits: int, signed: bool, group: int, seed: int) -> QuantizedTensor:
+    generator = torch.Generator().manual_seed(seed)
+    low, high = (-(1 << (bits - 1)), 1 << (bits - 1)) if signed else (0, 1 << bits)
+    codes = torch.randint(low, high, (rows, columns), dtype=torch.int8, generator=generator)
+    scale = (torch.rand(rows, columns // group, generator=generator) * 0.02 + 1e-3).half().float()
+    offset = (torch.randn(rows, columns // 32, generator=generator) * 0.05).half().float()
+    offset = None if signed else offset.repeat_interleave(32 // group, dim=1)
+    return QuantizedTensor(codes, scale, offset, bits, group)
+
+
+@pytest.mark.parametrize("bits,signed,group", PACKED)
+@pytest.mark.parametrize("rows,batch,columns", [(13, 1, 64), (70, 3, 96), (577, 9, 576), (64, 5, 1536)])
+def test_packed_codes_give_the_8_bit_layouts_bits(bits, signed, group, rows, batch, columns, monkeypatch):
+    weight = packed_weight(rows, columns, bits, signed, group, seed=rows + bits)
+    packed = pack(weight)
+    monkeypatch.setattr(layout, "packed_bits", lambda _: None)
+    wide = pack(weight)
+    assert packed.code_bits == bits and wide.code_bits == 8
+    assert packed.codes.numel() * 8 == wide.codes.numel() * bits  # bits per code, exactly
+    assert torch.equal(unpack(packed, bits, group).codes, weight.codes)
+    x = torch.randn(batch, columns, generator=torch.Generator().manual_seed(batch))
+    for int8_activations in (True, False):
+        ours, theirs = run_kernel(packed, x, int8_activations), run_kernel(wide, x, int8_activations)
+        assert torch.equal(ours, theirs), int8_activations
+        for i in (0, batch - 1):  # a row alone gives its bits in the batch
+            assert torch.equal(run_kernel(packed, x[i : i + 1], int8_activations)[0], ours[i])
+    dense = torch.ops.leanlm.dequantize(packed.codes, packed.scales, packed.offsets, packed.rows)
+    assert torch.equal(dense, weight.dequantize())
+
+
+def test_codes_wider_than_their_bits_stay_8_bit():
+    weight = packed_weight(16, 64, 6, True, 32, seed=1)
+    weight.codes[3, 5] = -33  # outside 6-bit two's complement, and negative: no 6-bit form
+    assert pack(weight).code_bits == 8
+    weight.codes[3, 5] = 63  # 0..63 with a negative elsewhere: no 6-bit form either
+    assert pack(weight).code_bits == 8
+    assert pack(packed_weight(16, 64, 8, True, 32, seed=1)).code_bits == 8  # declared 8-bit codes stay 8-bit
 
 
 def k_quant_weight(rows: int, columns: int, kind: str, seed: int) -> QuantizedTensor:
@@ -125,6 +170,32 @@ def test_k_quant_parameters_give_the_float_parameters_bits(kind, rows, batch, co
         assert torch.equal(run_packed(compact, x[-1:], int8_activations)[0], out[-1])  # batch invariance
     dense = torch.ops.leanlm.dequantize(*compact.tensors()[:3], compact.rows, *compact.tensors()[3:])
     assert torch.equal(dense, weight.dequantize())
+
+
+def test_a_fused_projection_of_mixed_types_packs_as_narrow_row_segments(monkeypatch):
+    """A Q4_K_M file's q/k (Q4_K) fused with a Q6_K v: q/k packed as q4 (their scales per 16, as in the common
+    form) and v as 6-bit, not both in the 6-bit common form; the layer gives the bits of the common form's single
+    layout, batch by batch, and holds the fused weight exactly."""
+    parts = [k_quant_weight(24, 512, "q4-k", seed=1), k_quant_weight(16, 512, "q4-k", seed=2)]
+    parts.append(k_quant_weight(13, 512, "q8-sub16-k", seed=3))  # the last segment may end mid row group
+    fused = QuantizedTensor.cat(parts)
+    packed = layout.pack_segments(fused)
+    assert [(s.rows, s.code_bits) for s in packed.segments()] == [(40, 4), (13, 6)]
+    assert packed.nbytes() < 0.8 * pack(fused).nbytes()
+    layer, single = QuantizedLinear(fused, bias=torch.randn(53)), QuantizedLinear(fused, bias=torch.randn(53))
+    single.bias = layer.bias
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0))
+    for mode in ("auto", "exact"):
+        layer.prepare_runtime(torch.float32, torch.device("cpu"), mode)
+        with monkeypatch.context() as patch:
+            patch.setattr(quantized_linear, "pack_segments", layout.pack)
+            single.prepare_runtime(torch.float32, torch.device("cpu"), mode)
+        assert layer.runtime_bytes() == packed.nbytes() and single._packed.rest is None
+        assert torch.equal(layer(x), single(x))
+        assert torch.equal(layer(x[2:3])[0], layer(x)[2])
+    for name in ("codes", "scale", "offset", "scale_base", "offset_base"):
+        original, restored = getattr(fused, name), getattr(layer, name)
+        assert torch.equal(original, restored) and original.dtype == restored.dtype
 
 
 def test_parameters_that_are_not_multiples_of_their_base_stay_float():

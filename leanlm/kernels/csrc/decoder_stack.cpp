@@ -12,6 +12,10 @@
 //   x = stack.forward(x (N, hidden), cos (N, D), sin (N, D), keys, values (L, H_kv, slots, D),
 //                     block_tables (B, W), block_size, row_sequence (N,), row_position (N,))
 //                   (a 16-bit projection: codes = its bfloat16/float16 (rows, cols) weight, the rest empty)
+//   stack.add_layer_segments(input_norm, post_norm, linears, rows, segments)  the same, a projection held as
+//                   row segments in different layouts (segments[i] of them for projection i, 6 tensors and one
+//                   rows entry each; every segment but the last a multiple of 8 rows): a fused q/k/v whose Q4_K
+//                   q/k and Q6_K v pack narrower apart than in one common form
 //   stack.set_all_reduce_group(name)  tensor parallelism: the o and down outputs of this rank are partial sums,
 //                                     summed over the ranks of torch.distributed group `name` (distributed/)
 
@@ -42,9 +46,20 @@ struct PackedLinear {
   bool half;
   leanlm::Weights weights{};
   leanlm::HalfWeights half_weights{};
-  int64_t rows() const { return half ? half_weights.rows : weights.rows; }
+  std::vector<PackedLinear> rest;  // further row segments, in other layouts: their outputs follow these rows
+  int64_t own_rows() const { return half ? half_weights.rows : weights.rows; }
+  int64_t own_width() const { return half ? half_weights.rows : weights.groups * leanlm::kRows; }
+  int64_t rows() const {
+    int64_t total = own_rows();
+    for (const auto& segment : rest) total += segment.own_rows();
+    return total;
+  }
   // output row stride, padding included
-  int64_t width() const { return half ? half_weights.rows : weights.groups * leanlm::kRows; }
+  int64_t width() const {
+    int64_t total = own_width();
+    for (const auto& segment : rest) total += segment.own_width();
+    return total;
+  }
 
   PackedLinear(at::Tensor codes_, at::Tensor scales_, at::Tensor offsets_, at::Tensor bias_, at::Tensor scale_base_,
                at::Tensor offset_base_, int64_t rows)
@@ -65,17 +80,27 @@ struct PackedLinear {
 
   // out (m, width()) = x (m, cols) W^T + bias
   void operator()(const float* x, int64_t m, float* out, bool int8_activations) const {
+    run(x, m, out, width(), int8_activations);
+  }
+
+  // this segment's outputs into out[:, 0:own_width()] of rows `stride` floats apart, then the further segments'
+  void run(const float* x, int64_t m, float* out, int64_t stride, bool int8_activations) const {
     if (half) {
       RECORD_FUNCTION("leanlm::half_linear", c10::ArrayRef<const c10::IValue>{});
-      leanlm::half_matmul_into(half_weights, x, m, out, width(), int8_activations);  // "auto": bf16 activations
+      leanlm::half_matmul_into(half_weights, x, m, out, stride, int8_activations);  // "auto": bf16 activations
     } else {
       RECORD_FUNCTION(weights.q4 ? "leanlm::q4_linear" : "leanlm::q8_linear", c10::ArrayRef<const c10::IValue>{});
-      leanlm::matmul_into(weights, x, m, out, int8_activations);
+      leanlm::matmul_into(weights, x, m, out, int8_activations, stride);
     }
     if (bias.numel()) {
       const float* b = bias.data_ptr<float>();
       for (int64_t r = 0; r < m; ++r)
-        for (int64_t i = 0; i < rows(); ++i) out[r * width() + i] += b[i];
+        for (int64_t i = 0; i < own_rows(); ++i) out[r * stride + i] += b[i];
+    }
+    float* next = out + own_width();
+    for (const auto& segment : rest) {
+      segment.run(x, m, next, stride, int8_activations);
+      next += segment.own_width();
     }
   }
 };
@@ -101,13 +126,38 @@ struct DecoderStack : torch::CustomClassHolder {
   void add_layer(at::Tensor input_norm, at::Tensor post_norm, std::vector<at::Tensor> linears,
                  std::vector<int64_t> rows) {
     TORCH_CHECK(linears.size() == 24 && rows.size() == 4, "add_layer: 4 linears of 6 tensors each");
+    add_layer_segments(std::move(input_norm), std::move(post_norm), std::move(linears), std::move(rows), {1, 1, 1, 1});
+  }
+
+  void add_layer_segments(at::Tensor input_norm, at::Tensor post_norm, std::vector<at::Tensor> linears,
+                          std::vector<int64_t> rows, std::vector<int64_t> segments) {
+    TORCH_CHECK(segments.size() == 4 && rows.size() == linears.size() / 6 && linears.size() % 6 == 0,
+                "add_layer_segments: 4 segment counts, 6 tensors and one rows entry per segment");
+    int64_t total = 0;
+    for (const int64_t count : segments) {
+      TORCH_CHECK(count >= 1, "add_layer_segments: every projection has a segment");
+      total += count;
+    }
+    TORCH_CHECK(total == static_cast<int64_t>(rows.size()), "add_layer_segments: segments and rows disagree");
     TORCH_CHECK(input_norm.scalar_type() == at::kFloat && post_norm.scalar_type() == at::kFloat,
                 "add_layer: float32 norm weights");
-    auto linear = [&](int i) {
-      const at::Tensor* t = &linears[6 * i];
-      return PackedLinear(t[0], t[1], t[2], t[3], t[4], t[5], rows[i]);
+    int64_t next = 0;
+    auto linear = [&](int64_t count) {
+      auto segment = [&](int64_t i) {
+        const at::Tensor* t = &linears[6 * i];
+        return PackedLinear(t[0], t[1], t[2], t[3], t[4], t[5], rows[i]);
+      };
+      PackedLinear first = segment(next++);
+      for (int64_t i = 1; i < count; ++i) {
+        TORCH_CHECK(first.width() == first.rows(), "add_layer_segments: a segment before the last has rows % 8 != 0");
+        first.rest.push_back(segment(next++));
+      }
+      return first;
     };
-    layers.push_back(Layer{input_norm.contiguous(), post_norm.contiguous(), linear(0), linear(1), linear(2), linear(3)});
+    PackedLinear qkv = linear(segments[0]), o = linear(segments[1]), gate_up = linear(segments[2]),
+                 down = linear(segments[3]);
+    layers.push_back(Layer{input_norm.contiguous(), post_norm.contiguous(), std::move(qkv), std::move(o),
+                           std::move(gate_up), std::move(down)});
   }
 
   void set_all_reduce_group(std::string name) { all_reduce_group = std::move(name); }
@@ -248,6 +298,7 @@ TORCH_LIBRARY_FRAGMENT(leanlm, m) {
   m.class_<DecoderStack>("DecoderStack")
       .def(torch::init<int64_t, int64_t, int64_t, double, double, bool>())
       .def("add_layer", &DecoderStack::add_layer)
+      .def("add_layer_segments", &DecoderStack::add_layer_segments)
       .def("set_all_reduce_group", &DecoderStack::set_all_reduce_group)
       .def("forward", &DecoderStack::forward);
 }

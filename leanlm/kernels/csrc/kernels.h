@@ -22,8 +22,12 @@ struct Weights {
   const void* offset_base;
   int64_t rows, cols, groups, blocks;
   bool q4, half_params;
-  bool sub16;  // q8 only: two scales per block, for inputs 0-15 then 16-31 (GGUF Q6_K's sub-blocks); one offset
-  int64_t block_bytes() const { return q4 ? 128 : 256; }
+  bool sub16;  // two scales per block, for inputs 0-15 then 16-31 (GGUF Q6_K's sub-blocks); one offset
+  // Bits a code is stored in: 4 (q4), 8 (q8), or 5 / 6 (packed: the q8 layout's slabs split into a nibble plane
+  // and a 1- or 2-bit plane, codes stored as code + zero, zero = 0 or 2^(bits-1); quant_linear.cpp).
+  int bits = 8;
+  int zero = 0;
+  int64_t block_bytes() const { return bits * 32; }
   // the 8 rows' parameters of block `at` (= group * blocks + block)
   // parameters number `index` (8 rows) of block `at`
   __m256 params(const void* base, int64_t index, const void* super_base, int64_t at) const {
@@ -48,12 +52,15 @@ struct Weights {
 };
 
 
-// Checks the tensors of a packed weight and points a Weights at them (they must outlive it).
+// Checks the tensors of a packed weight and points a Weights at them (they must outlive it). The layout comes from
+// the codes: 128 bytes a block q4, 256 q8, 160 / 192 packed 5 / 6-bit (an int8 tensor: signed codes, zero 2^(b-1)).
 Weights check_weights(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
                       int64_t rows, bool q4, const c10::optional<at::Tensor>& scale_base = c10::nullopt,
                       const c10::optional<at::Tensor>& offset_base = c10::nullopt);
 // out (m, groups * 8) = x (m, cols) W^T, padding rows included; the same arithmetic for every m and chunking.
-void matmul_into(const Weights& w, const float* x, int64_t m, float* out, bool int8_activations);
+// out_stride: floats from one output row to the next (0: groups * 8), for a weight held as row segments.
+void matmul_into(const Weights& w, const float* x, int64_t m, float* out, bool int8_activations,
+                 int64_t out_stride = 0);
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
                      const c10::optional<at::Tensor>& offsets, const c10::optional<at::Tensor>& bias, int64_t rows,

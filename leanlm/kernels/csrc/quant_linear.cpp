@@ -3,7 +3,7 @@
 //
 // W[n, k] = code[n, k] * scale[n, k / 32] + offset[n, k / 32]: blocks of 32 inputs (GGUF's block size), one
 // float16 scale (and offset) per block. q4 codes are 0..15 (2- and 3-bit codes fit too), q8 codes int8 (GGUF's
-// 5- and 6-bit codes too). A q8 weight may carry two scales per block (sub16: one per 16 inputs, as GGUF's Q6_K).
+// 5- and 6-bit codes too). A weight may carry two scales per block (sub16: one per 16 inputs, as GGUF's Q6_K).
 //
 // Layout (written by leanlm/kernels/layout.py at load time): rows are taken 8 at a time and interleaved
 // 4 inputs at a time, so one 32-byte load holds inputs 4c..4c+3 of 8 rows and an 8-lane vector holds
@@ -12,6 +12,10 @@
 //   q8: 8 slabs of 32 bytes; slab c, byte 4r + i = code[r][4c + i]
 //   scales, offsets: 8 float16 (or float32 when float16 would round them), one per row; sub16: 8 scales for
 //   inputs 0-15, then 8 for inputs 16-31
+//   packed 5/6-bit (codes of up to 6 bits: GGUF's Q5_0/Q5_1/Q5_K/Q6_K): the q8 slabs' codes + zero (0..2^bits-1) as
+//   4 slabs of nibbles (slab j: slab j's low 4 bits, slab j + 4's in the high half) and 1 (5-bit) or 2 (6-bit)
+//   slabs of upper bits (packed_slab below): 160 or 192 bytes where q8 takes 256. Decoded in registers to the
+//   unsigned codes, they meet the int8 activations in the same dpbusd; the zero comes off the integer sums.
 // With activations quantized to int8 per block (llama.cpp's approach), a slab times the 4 broadcast
 // activation bytes is one maddubs (one dpbusd with VNNI): the 8 rows' dot products accumulate in integer lanes
 // and are scaled once per block. With float activations (exact mode) each input is decoded to float and multiplied in float.
@@ -49,16 +53,17 @@ inline __m256i broadcast4(const int8_t* p) {
 // ---- int8 activations --------------------------------------------------------------------------------------
 
 struct QuantizedActivations {
-  std::vector<int8_t> codes;  // (M, K)
-  std::vector<float> scales;  // (M, K / 32)
-  std::vector<float> sums;    // (M, K / 32): sum of the unquantized x over each block, for the offsets
+  std::vector<int8_t> codes;       // (M, K)
+  std::vector<float> scales;       // (M, K / 32)
+  std::vector<float> sums;         // (M, K / 32): sum of the unquantized x over each block, for the offsets
+  std::vector<int32_t> code_sums;  // (M, K / 16): sum of the codes over each half block, for packed codes' zero
 };
 
 // x ~= codes * scale per block of 32, |error| <= scale / 2 = max|x| / 254.
 QuantizedActivations quantize_activations(const float* src, int64_t rows, int64_t cols) {
   const int64_t blocks = cols / kBlock;
   QuantizedActivations q{std::vector<int8_t>(rows * cols), std::vector<float>(rows * blocks),
-                         std::vector<float>(rows * blocks)};
+                         std::vector<float>(rows * blocks), std::vector<int32_t>(2 * rows * blocks)};
   for (int64_t i = 0; i < rows * blocks; ++i) {
     const float* block = src + i * kBlock;
     float amax = 0.f, sum = 0.f;
@@ -67,9 +72,16 @@ QuantizedActivations quantize_activations(const float* src, int64_t rows, int64_
       sum += block[j];
     }
     const float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
-    for (int j = 0; j < kBlock; ++j) q.codes[i * kBlock + j] = static_cast<int8_t>(std::nearbyint(block[j] * inverse));
+    int32_t halves[2] = {0, 0};
+    for (int j = 0; j < kBlock; ++j) {
+      const int8_t code = static_cast<int8_t>(std::nearbyint(block[j] * inverse));
+      q.codes[i * kBlock + j] = code;
+      halves[j / 16] += code;
+    }
     q.scales[i] = scale;
     q.sums[i] = sum;
+    q.code_sums[2 * i] = halves[0];
+    q.code_sums[2 * i + 1] = halves[1];
   }
   return q;
 }
@@ -84,13 +96,30 @@ inline __m256i dot_u8_s8(__m256i sum, __m256i u, __m256i s) { return _mm256_dpbu
 #define LEANLM_VNNI 1
 #endif
 
+// Packed 5- and 6-bit codes (layout.py): per block of 8 rows, 4 slabs of nibbles (byte k of slab j: the low 4
+// bits of q8-slab j's byte k, and of slab j + 4's in the high half), then the upper bits: 6-bit, 2 slabs (slab h,
+// bits 2k..2k+1: bits 4-5 of q8-slab h + 2k); 5-bit, 1 slab (bit c: bit 4 of q8-slab c). Decoding gives the
+// unsigned code + zero of q8-slab c. 16-bit shifts are safe: every wanted bit stays in its byte, strays are masked.
+template <int Bits>
+inline __m256i packed_slab(const uint8_t* block, int c) {
+  const __m256i nibbles = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * (c % 4)));
+  const __m256i low = _mm256_and_si256(c < 4 ? nibbles : _mm256_srli_epi16(nibbles, 4), _mm256_set1_epi8(0x0F));
+  const int field = Bits == 6 ? 2 * (c / 2) : c;  // where this slab's upper bits sit in their byte
+  const uint8_t* upper_slab = block + 128 + 32 * (Bits == 6 ? c % 2 : 0);
+  const __m256i upper = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(upper_slab));
+  const __m256i moved = field <= 4 ? _mm256_slli_epi16(upper, 4 - field) : _mm256_srli_epi16(upper, field - 4);
+  return _mm256_or_si256(low, _mm256_and_si256(moved, _mm256_set1_epi8(Bits == 6 ? 0x30 : 0x10)));
+}
+
 // A block of 8 rows decoded once into 8 vectors of unsigned bytes (q4: the nibbles of inputs 4j..4j+3 in u[2j]
-// and of 16+4j.. in u[2j+1]; q8: |code| of inputs 4c..4c+3 in u[c], the codes themselves in sign[c]), then
-// multiplied by every activation row of the tile: prefill and batched decoding decode each block once.
-template <bool Q4>
+// and of 16+4j.. in u[2j+1]; q8: |code| of inputs 4c..4c+3 in u[c], the codes themselves in sign[c]; packed 5/6:
+// code + zero of inputs 4c..4c+3 in u[c], the zero taken off after the sum), then multiplied by every activation
+// row of the tile: prefill and batched decoding decode each block once.
+template <int Bits>
 struct DecodedBlock {
+  static constexpr bool Q4 = Bits == 4, Q8 = Bits == 8;
   __m256i u[8];
-  __m256i sign[Q4 ? 1 : 8];
+  __m256i sign[Q8 ? 8 : 1];
 
   explicit DecodedBlock(const uint8_t* block) {
     if constexpr (Q4) {
@@ -100,21 +129,24 @@ struct DecodedBlock {
         u[2 * j] = _mm256_and_si256(packed, low_mask);
         u[2 * j + 1] = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask);
       }
-    } else {
+    } else if constexpr (Q8) {
       for (int c = 0; c < 8; ++c) {
         sign[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * c));
         u[c] = _mm256_sign_epi8(sign[c], sign[c]);  // both instructions multiply unsigned by signed bytes
       }
+    } else {
+      for (int c = 0; c < 8; ++c) u[c] = packed_slab<Bits>(block, c);
     }
   }
 
   // The 4 activation bytes that slab i multiplies, with q8's weight signs moved onto them.
   __m256i activations(const int8_t* x, int i) const {
     if constexpr (Q4) return broadcast4(x + (i % 2) * 16 + 4 * (i / 2));
-    return _mm256_sign_epi8(broadcast4(x + 4 * i), sign[i]);
+    if constexpr (Q8) return _mm256_sign_epi8(broadcast4(x + 4 * i), sign[i]);
+    return broadcast4(x + 4 * i);
   }
 
-  // Dot products of the 8 rows with one block of activations, as 8 int32 lanes.
+  // Dot products of the 8 rows with one block of activations, as 8 int32 lanes (packed: of code + zero).
   __m256i dot(const int8_t* x) const {
 #ifdef LEANLM_VNNI
     // 4 independent chains: a chain of 8 dependent dpbusd (5 cycles each) would bound the whole kernel
@@ -137,19 +169,24 @@ struct DecodedBlock {
 #endif
   }
 
-  // q8 only: the dot products over inputs 0-15 (slabs 0-3) and 16-31 (slabs 4-7) apart, for sub16 scales.
+  // Slab k (0-3) of half h: inputs 16 h + 4 k.. (q4 holds the halves in alternate slabs).
+  static constexpr int half_slab(int h, int k) { return Q4 ? 2 * k + h : 4 * h + k; }
+
+  // The dot products over inputs 0-15 and 16-31 apart, for sub16 scales.
   void dot_halves(const int8_t* x, __m256i& low, __m256i& high) const {
     __m256i halves[2];
     for (int h = 0; h < 2; ++h) {
 #ifdef LEANLM_VNNI
-      __m256i a = dot_u8_s8(_mm256_setzero_si256(), u[4 * h], activations(x, 4 * h));
-      __m256i b = dot_u8_s8(_mm256_setzero_si256(), u[4 * h + 1], activations(x, 4 * h + 1));
-      a = dot_u8_s8(a, u[4 * h + 2], activations(x, 4 * h + 2));
-      b = dot_u8_s8(b, u[4 * h + 3], activations(x, 4 * h + 3));
+      const int s0 = half_slab(h, 0), s1 = half_slab(h, 1), s2 = half_slab(h, 2), s3 = half_slab(h, 3);
+      __m256i a = dot_u8_s8(_mm256_setzero_si256(), u[s0], activations(x, s0));
+      __m256i b = dot_u8_s8(_mm256_setzero_si256(), u[s1], activations(x, s1));
+      a = dot_u8_s8(a, u[s2], activations(x, s2));
+      b = dot_u8_s8(b, u[s3], activations(x, s3));
       halves[h] = _mm256_add_epi32(a, b);
 #else
       __m256i sum32 = _mm256_setzero_si256();
-      for (int i = 4 * h; i < 4 * h + 4; ++i) {
+      for (int k = 0; k < 4; ++k) {
+        const int i = half_slab(h, k);
         const __m256i products = _mm256_maddubs_epi16(u[i], activations(x, i));
         sum32 = _mm256_add_epi32(sum32, _mm256_madd_epi16(products, _mm256_set1_epi16(1)));
       }
@@ -161,18 +198,32 @@ struct DecodedBlock {
   }
 };
 
-template <int Tile, bool Q4, bool Sub16>
-void groups_int8(const Weights& w, const QuantizedActivations& xq, float* out, int64_t m0, int64_t g_begin,
-                 int64_t g_end) {
+// Packed codes are code + zero: sum (code + zero) x - zero sum x = sum code x, exactly in int32, so the integer
+// dot products (and all that follows) are the q8 layout's bits.
+template <int Bits, typename Vec>
+inline Vec unzero(Vec dot, const Weights& w, int32_t code_sum) {
+  if constexpr (Bits == 5 || Bits == 6) {
+    if constexpr (std::is_same_v<Vec, __m256i>) return _mm256_sub_epi32(dot, _mm256_set1_epi32(w.zero * code_sum));
+#ifdef __AVX512F__
+    else return _mm512_sub_epi32(dot, _mm512_set1_epi32(w.zero * code_sum));
+#endif
+  }
+  return dot;
+}
+
+template <int Tile, int Bits, bool Sub16>
+void groups_int8(const Weights& w, const QuantizedActivations& xq, float* out, int64_t stride, int64_t m0,
+                 int64_t g_begin, int64_t g_end) {
   const int8_t* x_codes = xq.codes.data();
   const float* x_scales = xq.scales.data();
   const float* x_sums = xq.sums.data();
+  const int32_t* code_sums = xq.code_sums.data();
   for (int64_t g = g_begin; g < g_end; ++g) {
     __m256 acc[Tile];
     for (int t = 0; t < Tile; ++t) acc[t] = _mm256_setzero_ps();
     for (int64_t b = 0; b < w.blocks; ++b) {
       const int64_t at = g * w.blocks + b;
-      const DecodedBlock<Q4> block(w.codes + at * w.block_bytes());
+      const DecodedBlock<Bits> block(w.codes + at * w.block_bytes());
       const __m256 scales = w.scales_at(at);
       const __m256 high_scales = w.scales_at(at, 1);
       const __m256 offsets = w.offsets_at(at);
@@ -182,16 +233,19 @@ void groups_int8(const Weights& w, const QuantizedActivations& xq, float* out, i
         if constexpr (Sub16) {
           __m256i low, high;
           block.dot_halves(x_codes + xb * kBlock, low, high);
+          low = unzero<Bits>(low, w, code_sums[2 * xb]);
+          high = unzero<Bits>(high, w, code_sums[2 * xb + 1]);
           acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(scales, x_scale), _mm256_cvtepi32_ps(low), acc[t]);
           acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(high_scales, x_scale), _mm256_cvtepi32_ps(high), acc[t]);
         } else {
-          const __m256i dot = block.dot(x_codes + xb * kBlock);
+          const __m256i dot =
+              unzero<Bits>(block.dot(x_codes + xb * kBlock), w, code_sums[2 * xb] + code_sums[2 * xb + 1]);
           acc[t] = _mm256_fmadd_ps(_mm256_mul_ps(scales, x_scale), _mm256_cvtepi32_ps(dot), acc[t]);
         }
         if (w.offsets) acc[t] = _mm256_fmadd_ps(offsets, _mm256_set1_ps(x_sums[xb]), acc[t]);
       }
     }
-    for (int t = 0; t < Tile; ++t) _mm256_storeu_ps(out + ((m0 + t) * w.groups + g) * kRows, acc[t]);
+    for (int t = 0; t < Tile; ++t) _mm256_storeu_ps(out + (m0 + t) * stride + g * kRows, acc[t]);
   }
 }
 
@@ -200,28 +254,42 @@ void groups_int8(const Weights& w, const QuantizedActivations& xq, float* out, i
 #define LEANLM_GROUP_PAIRS 1
 // Two groups of 8 rows in one 512-bit vector: half the instructions of two 256-bit passes (the kernel is bound by
 // issuing them once a batch has a few rows), the same operations per lane, so the same bits.
-template <bool Q4>
+template <int Bits>
 struct DecodedPair {
+  static constexpr bool Q4 = Bits == 4, Q8 = Bits == 8;
   __m512i u[8];
-  __m512i sign[Q4 ? 1 : 8];
+  __m512i sign[Q8 ? 8 : 1];
 
   DecodedPair(const uint8_t* first, const uint8_t* second) {
-    auto slab = [&](int j) {
-      const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(first + 32 * j));
-      const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(second + 32 * j));
+    auto slab = [&](int offset) {
+      const __m256i low = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(first + offset));
+      const __m256i high = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(second + offset));
       return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
     };
     if constexpr (Q4) {
       const __m512i low_mask = _mm512_set1_epi8(0x0F);
       for (int j = 0; j < 4; ++j) {
-        const __m512i packed = slab(j);
+        const __m512i packed = slab(32 * j);
         u[2 * j] = _mm512_and_si512(packed, low_mask);
         u[2 * j + 1] = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low_mask);
       }
-    } else {
+    } else if constexpr (Q8) {
       for (int c = 0; c < 8; ++c) {
-        sign[c] = slab(c);
+        sign[c] = slab(32 * c);
         u[c] = _mm512_abs_epi8(sign[c]);  // |-128| wraps to 0x80 = 128 unsigned, as sign_epi8 does
+      }
+    } else {  // packed_slab's decoding, 64 bytes at a time
+      const __m512i low_mask = _mm512_set1_epi8(0x0F), high_mask = _mm512_set1_epi8(Bits == 6 ? 0x30 : 0x10);
+      __m512i nibbles[4], upper[2];
+      for (int j = 0; j < 4; ++j) nibbles[j] = slab(32 * j);
+      for (int h = 0; h < (Bits == 6 ? 2 : 1); ++h) upper[h] = slab(128 + 32 * h);
+      for (int c = 0; c < 8; ++c) {
+        const __m512i low = _mm512_and_si512(c < 4 ? nibbles[c] : _mm512_srli_epi16(nibbles[c - 4], 4), low_mask);
+        const int field = Bits == 6 ? 2 * (c / 2) : c;
+        const __m512i source = upper[Bits == 6 ? c % 2 : 0];
+        const __m512i moved =
+            field <= 4 ? _mm512_slli_epi16(source, 4 - field) : _mm512_srli_epi16(source, field - 4);
+        u[c] = _mm512_or_si512(low, _mm512_and_si512(moved, high_mask));
       }
     }
   }
@@ -230,7 +298,7 @@ struct DecodedPair {
     int32_t value;
     std::memcpy(&value, x + (Q4 ? (i % 2) * 16 + 4 * (i / 2) : 4 * i), sizeof(value));
     const __m512i a = _mm512_set1_epi32(value);
-    if constexpr (Q4) return a;
+    if constexpr (!Q8) return a;
     // negate where the weight is negative (where it is zero, |w| = 0 zeroes the product anyway)
     return _mm512_mask_sub_epi8(a, _mm512_movepi8_mask(sign[i]), _mm512_setzero_si512(), a);
   }
@@ -242,13 +310,16 @@ struct DecodedPair {
     return _mm512_add_epi32(_mm512_add_epi32(sums[0], sums[1]), _mm512_add_epi32(sums[2], sums[3]));
   }
 
+  static constexpr int half_slab(int h, int k) { return Q4 ? 2 * k + h : 4 * h + k; }
+
   void dot_halves(const int8_t* x, __m512i& low, __m512i& high) const {
     __m512i halves[2];
     for (int h = 0; h < 2; ++h) {
-      __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[4 * h], activations(x, 4 * h));
-      __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[4 * h + 1], activations(x, 4 * h + 1));
-      a = _mm512_dpbusd_epi32(a, u[4 * h + 2], activations(x, 4 * h + 2));
-      b = _mm512_dpbusd_epi32(b, u[4 * h + 3], activations(x, 4 * h + 3));
+      const int s0 = half_slab(h, 0), s1 = half_slab(h, 1), s2 = half_slab(h, 2), s3 = half_slab(h, 3);
+      __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[s0], activations(x, s0));
+      __m512i b = _mm512_dpbusd_epi32(_mm512_setzero_si512(), u[s1], activations(x, s1));
+      a = _mm512_dpbusd_epi32(a, u[s2], activations(x, s2));
+      b = _mm512_dpbusd_epi32(b, u[s3], activations(x, s3));
       halves[h] = _mm512_add_epi32(a, b);
     }
     low = halves[0];
@@ -261,16 +332,18 @@ inline __m512 pair_params(__m256 first, __m256 second) {
 }
 
 // groups g and g + 1 for activation rows m0..m0+Tile-1
-template <int Tile, bool Q4, bool Sub16>
-void group_pair_int8(const Weights& w, const QuantizedActivations& xq, float* out, int64_t m0, int64_t g) {
+template <int Tile, int Bits, bool Sub16>
+void group_pair_int8(const Weights& w, const QuantizedActivations& xq, float* out, int64_t stride, int64_t m0,
+                     int64_t g) {
   const int8_t* x_codes = xq.codes.data();
   const float* x_scales = xq.scales.data();
   const float* x_sums = xq.sums.data();
+  const int32_t* code_sums = xq.code_sums.data();
   __m512 acc[Tile];
   for (int t = 0; t < Tile; ++t) acc[t] = _mm512_setzero_ps();
   for (int64_t b = 0; b < w.blocks; ++b) {
     const int64_t at = g * w.blocks + b, next = at + w.blocks;
-    const DecodedPair<Q4> block(w.codes + at * w.block_bytes(), w.codes + next * w.block_bytes());
+    const DecodedPair<Bits> block(w.codes + at * w.block_bytes(), w.codes + next * w.block_bytes());
     const __m512 scales = pair_params(w.scales_at(at), w.scales_at(next));
     const __m512 high_scales = pair_params(w.scales_at(at, 1), w.scales_at(next, 1));
     const __m512 offsets = pair_params(w.offsets_at(at), w.offsets_at(next));
@@ -280,16 +353,19 @@ void group_pair_int8(const Weights& w, const QuantizedActivations& xq, float* ou
       if constexpr (Sub16) {
         __m512i low, high;
         block.dot_halves(x_codes + xb * kBlock, low, high);
+        low = unzero<Bits>(low, w, code_sums[2 * xb]);
+        high = unzero<Bits>(high, w, code_sums[2 * xb + 1]);
         acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(scales, x_scale), _mm512_cvtepi32_ps(low), acc[t]);
         acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(high_scales, x_scale), _mm512_cvtepi32_ps(high), acc[t]);
       } else {
-        const __m512i dot = block.dot(x_codes + xb * kBlock);
+        const __m512i dot =
+            unzero<Bits>(block.dot(x_codes + xb * kBlock), w, code_sums[2 * xb] + code_sums[2 * xb + 1]);
         acc[t] = _mm512_fmadd_ps(_mm512_mul_ps(scales, x_scale), _mm512_cvtepi32_ps(dot), acc[t]);
       }
       if (w.offsets) acc[t] = _mm512_fmadd_ps(offsets, _mm512_set1_ps(x_sums[xb]), acc[t]);
     }
   }
-  for (int t = 0; t < Tile; ++t) _mm512_storeu_ps(out + ((m0 + t) * w.groups + g) * kRows, acc[t]);
+  for (int t = 0; t < Tile; ++t) _mm512_storeu_ps(out + (m0 + t) * stride + g * kRows, acc[t]);
 }
 #endif
 
@@ -302,6 +378,13 @@ inline void slab_to_floats(__m256i bytes, bool is_signed, __m256 w[4]) {
     const __m256i value = is_signed ? _mm256_srai_epi32(moved, 24) : _mm256_srli_epi32(moved, 24);
     w[i] = _mm256_cvtepi32_ps(value);
   }
+}
+
+// Slab c of a q8 or packed block as the q8 layout's signed codes (packed: code + zero, less zero).
+inline __m256i signed_slab(const Weights& w, const uint8_t* block, int c) {
+  if (w.bits == 8) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * c));
+  const __m256i u = w.bits == 6 ? packed_slab<6>(block, c) : packed_slab<5>(block, c);
+  return _mm256_sub_epi8(u, _mm256_set1_epi8(static_cast<char>(w.zero)));
 }
 
 inline __m256 slab_dot(__m256i bytes, bool is_signed, const float* x) {
@@ -324,22 +407,26 @@ inline __m256 block_dot_float(const Weights& w, const uint8_t* block, const floa
                                         x + 16 + 4 * j));
     }
   } else {
-    for (int c = 0; c < 8; ++c) {
-      const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * c));
-      sum = _mm256_add_ps(sum, slab_dot(codes, true, x + 4 * c));
-    }
+    for (int c = 0; c < 8; ++c) sum = _mm256_add_ps(sum, slab_dot(signed_slab(w, block, c), true, x + 4 * c));
   }
   return sum;
 }
 
-// q8, sub16: the sums over inputs 0-15 (slabs 0-3) and 16-31 (slabs 4-7) apart.
-inline void block_dot_float_halves(const uint8_t* block, const float* x, __m256& low, __m256& high) {
+// sub16: the sums over inputs 0-15 and 16-31 apart (q8: slabs 0-3 and 4-7; q4: low and high nibbles).
+inline void block_dot_float_halves(const Weights& w, const uint8_t* block, const float* x, __m256& low,
+                                   __m256& high) {
   __m256 halves[2];
   for (int h = 0; h < 2; ++h) {
     __m256 sum = _mm256_setzero_ps();
-    for (int c = 4 * h; c < 4 * h + 4; ++c) {
-      const __m256i codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * c));
-      sum = _mm256_add_ps(sum, slab_dot(codes, true, x + 4 * c));
+    for (int k = 0; k < 4; ++k) {
+      if (w.q4) {  // nibbles of slab k: inputs 4k.. low, 16 + 4k.. high
+        const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * k));
+        const __m256i codes = _mm256_and_si256(h ? _mm256_srli_epi16(packed, 4) : packed, _mm256_set1_epi8(0x0F));
+        sum = _mm256_add_ps(sum, slab_dot(codes, false, x + 16 * h + 4 * k));
+      } else {
+        const int c = 4 * h + k;
+        sum = _mm256_add_ps(sum, slab_dot(signed_slab(w, block, c), true, x + 4 * c));
+      }
     }
     halves[h] = sum;
   }
@@ -348,8 +435,8 @@ inline void block_dot_float_halves(const uint8_t* block, const float* x, __m256&
 }
 
 template <int Tile>
-void groups_float(const Weights& w, const float* x, const float* x_sums, float* out, int64_t m0, int64_t g_begin,
-                  int64_t g_end) {
+void groups_float(const Weights& w, const float* x, const float* x_sums, float* out, int64_t stride, int64_t m0,
+                  int64_t g_begin, int64_t g_end) {
   for (int64_t g = g_begin; g < g_end; ++g) {
     __m256 acc[Tile];
     for (int t = 0; t < Tile; ++t) acc[t] = _mm256_setzero_ps();
@@ -363,7 +450,7 @@ void groups_float(const Weights& w, const float* x, const float* x_sums, float* 
         const int64_t xb = (m0 + t) * w.blocks + b;
         if (w.sub16) {
           __m256 low, high;
-          block_dot_float_halves(block, x + xb * kBlock, low, high);
+          block_dot_float_halves(w, block, x + xb * kBlock, low, high);
           acc[t] = _mm256_fmadd_ps(scales, low, acc[t]);
           acc[t] = _mm256_fmadd_ps(high_scales, high, acc[t]);
         } else {
@@ -372,7 +459,7 @@ void groups_float(const Weights& w, const float* x, const float* x_sums, float* 
         if (w.offsets) acc[t] = _mm256_fmadd_ps(offsets, _mm256_set1_ps(x_sums[xb]), acc[t]);
       }
     }
-    for (int t = 0; t < Tile; ++t) _mm256_storeu_ps(out + ((m0 + t) * w.groups + g) * kRows, acc[t]);
+    for (int t = 0; t < Tile; ++t) _mm256_storeu_ps(out + (m0 + t) * stride + g * kRows, acc[t]);
   }
 }
 
@@ -392,7 +479,9 @@ std::vector<float> block_sums(const float* src, int64_t rows, int64_t cols) {
 
 namespace leanlm {
 
-void matmul_into(const Weights& w, const float* x, int64_t m_total, float* out, bool int8_activations) {
+void matmul_into(const Weights& w, const float* x, int64_t m_total, float* out, bool int8_activations,
+                 int64_t out_stride) {
+  const int64_t stride = out_stride ? out_stride : w.groups * kRows;
   // Enough groups per task that scheduling is noise, few enough that every thread gets work.
   const int64_t grain = std::max<int64_t>(4, w.groups / (4 * at::get_num_threads()));
   // Group by group, all activation rows of one group before the next: its weights are read from memory once.
@@ -403,8 +492,8 @@ void matmul_into(const Weights& w, const float* x, int64_t m_total, float* out, 
   };
   if (int8_activations) {
     const QuantizedActivations xq = quantize_activations(x, m_total, w.cols);
-    auto run = [&](auto q4, auto sub16) {
-      constexpr bool Q4 = decltype(q4)::value;
+    auto run = [&](auto bits, auto sub16) {
+      constexpr int Bits = decltype(bits)::value;  // the code width: 4, 5, 6 or 8
       constexpr bool S = decltype(sub16)::value;
 #ifdef LEANLM_GROUP_PAIRS
       // Batches of a tile or more (prefill, serving) in units of two groups (the last alone when the count is
@@ -414,11 +503,13 @@ void matmul_into(const Weights& w, const float* x, int64_t m_total, float* out, 
         for (int64_t unit = begin; unit < end; ++unit) {
           const int64_t g = 2 * unit;
           if (g + 1 < w.groups) {
-            over_rows([&](int64_t m, int64_t gi) { group_pair_int8<kBatchTile, Q4, S>(w, xq, out, m, gi); },
-                      [&](int64_t m, int64_t gi) { group_pair_int8<1, Q4, S>(w, xq, out, m, gi); }, g);
+            over_rows(
+                [&](int64_t m, int64_t gi) { group_pair_int8<kBatchTile, Bits, S>(w, xq, out, stride, m, gi); },
+                [&](int64_t m, int64_t gi) { group_pair_int8<1, Bits, S>(w, xq, out, stride, m, gi); }, g);
           } else {
-            over_rows([&](int64_t m, int64_t gi) { groups_int8<kBatchTile, Q4, S>(w, xq, out, m, gi, gi + 1); },
-                      [&](int64_t m, int64_t gi) { groups_int8<1, Q4, S>(w, xq, out, m, gi, gi + 1); }, g);
+            over_rows(
+                [&](int64_t m, int64_t gi) { groups_int8<kBatchTile, Bits, S>(w, xq, out, stride, m, gi, gi + 1); },
+                [&](int64_t m, int64_t gi) { groups_int8<1, Bits, S>(w, xq, out, stride, m, gi, gi + 1); }, g);
           }
         }
       });
@@ -426,20 +517,27 @@ void matmul_into(const Weights& w, const float* x, int64_t m_total, float* out, 
 #endif
       at::parallel_for(0, w.groups, grain, [&](int64_t begin, int64_t end) {
         for (int64_t g = begin; g < end; ++g) {
-          over_rows([&](int64_t m, int64_t gi) { groups_int8<kBatchTile, Q4, S>(w, xq, out, m, gi, gi + 1); },
-                    [&](int64_t m, int64_t gi) { groups_int8<1, Q4, S>(w, xq, out, m, gi, gi + 1); }, g);
+          over_rows(
+              [&](int64_t m, int64_t gi) { groups_int8<kBatchTile, Bits, S>(w, xq, out, stride, m, gi, gi + 1); },
+              [&](int64_t m, int64_t gi) { groups_int8<1, Bits, S>(w, xq, out, stride, m, gi, gi + 1); }, g);
         }
       });
     };
-    if (w.q4) run(std::true_type{}, std::false_type{});
-    else if (w.sub16) run(std::false_type{}, std::true_type{});
-    else run(std::false_type{}, std::false_type{});
+    auto with_bits = [&](auto bits) {
+      if (w.sub16) run(bits, std::true_type{});
+      else run(bits, std::false_type{});
+    };
+    if (w.q4) with_bits(std::integral_constant<int, 4>{});
+    else if (w.bits == 6) with_bits(std::integral_constant<int, 6>{});
+    else if (w.bits == 5) with_bits(std::integral_constant<int, 5>{});
+    else with_bits(std::integral_constant<int, 8>{});
   } else {
     const std::vector<float> sums = block_sums(x, m_total, w.cols);
     at::parallel_for(0, w.groups, grain, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
-        over_rows([&](int64_t m, int64_t gi) { groups_float<kBatchTile>(w, x, sums.data(), out, m, gi, gi + 1); },
-                  [&](int64_t m, int64_t gi) { groups_float<1>(w, x, sums.data(), out, m, gi, gi + 1); }, g);
+        over_rows(
+            [&](int64_t m, int64_t gi) { groups_float<kBatchTile>(w, x, sums.data(), out, stride, m, gi, gi + 1); },
+            [&](int64_t m, int64_t gi) { groups_float<1>(w, x, sums.data(), out, stride, m, gi, gi + 1); }, g);
       }
     });
   }
@@ -480,12 +578,12 @@ at::Tensor dequantize_transposed(const Weights& w) {
           }
         };
         for (int j = 0; j < (w.q4 ? 4 : 8); ++j) {
-          const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * j));
           if (w.q4) {
+            const __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block + 32 * j));
             store(_mm256_and_si256(packed, low_mask), false, 4 * j);
             store(_mm256_and_si256(_mm256_srli_epi16(packed, 4), low_mask), false, 16 + 4 * j);
           } else {
-            store(packed, true, 4 * j);
+            store(signed_slab(w, block, j), true, 4 * j);
           }
         }
       }
@@ -515,20 +613,26 @@ namespace leanlm {
 Weights check_weights(const at::Tensor& codes, const at::Tensor& scales, const c10::optional<at::Tensor>& offsets,
                       int64_t rows, bool q4, const c10::optional<at::Tensor>& scale_base,
                       const c10::optional<at::Tensor>& offset_base) {
-  TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() && codes.dim() == 3 && codes.scalar_type() == at::kByte,
-              "codes: a contiguous (groups, blocks, bytes) uint8 CPU tensor from leanlm.kernels.layout");
-  TORCH_CHECK(codes.size(2) == (q4 ? 128 : 256), "codes: ", q4 ? 128 : 256, " bytes per block of 8 rows");
+  TORCH_CHECK(codes.device().is_cpu() && codes.is_contiguous() && codes.dim() == 3 &&
+                  (codes.scalar_type() == at::kByte || codes.scalar_type() == at::kChar),
+              "codes: a contiguous (groups, blocks, bytes) uint8 (or int8) CPU tensor from leanlm.kernels.layout");
+  const int bits = static_cast<int>(codes.size(2) / 32);
+  TORCH_CHECK(q4 ? bits == 4 : (bits == 5 || bits == 6 || bits == 8),
+              "codes: ", q4 ? "128" : "256, 192 or 160", " bytes per block of 8 rows");
+  TORCH_CHECK(codes.scalar_type() == at::kByte || bits == 5 || bits == 6,
+              "codes: int8 codes mark packed signed 5- or 6-bit codes only");
+  // packed codes are stored as code + zero: signed ones (an int8 tensor) from -2^(bits-1), unsigned ones from 0
+  const int zero = codes.scalar_type() == at::kChar ? 1 << (bits - 1) : 0;
   const int64_t groups = codes.size(0), blocks = codes.size(1);
   TORCH_CHECK(rows > 0 && rows <= groups * kRows && rows > (groups - 1) * kRows, "rows does not match the layout");
   const bool half_params = scales.scalar_type() == at::kHalf;
   const bool sub16 = scales.dim() == 3 && scales.size(2) == 2 * kRows;
   const bool compact = scale_base.has_value();  // int8 multipliers of per-256 float16 bases
-  TORCH_CHECK(!(sub16 && q4), "scales: a q4 weight has one scale per block of 32 (groups, blocks, 8)");
   TORCH_CHECK((compact ? scales.scalar_type() == at::kChar : half_params || scales.scalar_type() == at::kFloat) &&
                   scales.is_contiguous() &&
                   scales.sizes() == at::IntArrayRef({groups, blocks, sub16 ? 2 * kRows : kRows}),
               "scales: contiguous float16 or float32 (int8 with bases) (groups, blocks, 8), or (groups, blocks, 16) "
-              "for q8 sub16");
+              "for sub16");
   auto check_base = [&](const at::Tensor& base) {
     TORCH_CHECK(blocks % 8 == 0 && base.scalar_type() == at::kHalf && base.is_contiguous() &&
                     base.sizes() == at::IntArrayRef({groups, blocks / 8, kRows}),
@@ -546,8 +650,8 @@ Weights check_weights(const at::Tensor& codes, const at::Tensor& scales, const c
     offset_ptr = offsets->data_ptr();
     if (compact) offset_base_ptr = check_base(*offset_base);
   }
-  return Weights{codes.data_ptr<uint8_t>(), scales.data_ptr(), offset_ptr, scale_base_ptr, offset_base_ptr, rows,
-                 blocks * kBlock, groups, blocks, q4, half_params, sub16};
+  return Weights{static_cast<const uint8_t*>(codes.data_ptr()), scales.data_ptr(), offset_ptr, scale_base_ptr,
+                 offset_base_ptr, rows, blocks * kBlock, groups, blocks, q4, half_params, sub16, bits, zero};
 }
 
 at::Tensor q4_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales,
