@@ -120,8 +120,10 @@ void round_rows_to_bf16(const float* x, int64_t m, int64_t cols, int64_t padded,
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define LEANLM_DPBF16 1
 inline Vec dot_pairs(const uint16_t* w, const uint16_t* x, Vec acc) {
-  // A vector cast (no memory round trip, which reinterpret_cast of a register made the compiler write out).
-  const __m512bh wv = (__m512bh)_mm512_loadu_si512(w), xv = (__m512bh)_mm512_loadu_si512(x);
+  // Loaded straight as bfloat16 vectors: a cast of an integer register made GCC copy it through the stack.
+  __m512bh wv, xv;
+  std::memcpy(&wv, w, sizeof(wv));
+  std::memcpy(&xv, x, sizeof(xv));
   return {_mm512_dpbf16_ps(acc.v, wv, xv)};
 }
 #else
