@@ -50,8 +50,10 @@ def main() -> int:
     layers = [(torch.randn(*s, generator=generator) * 0.05).to(dtype) for _ in range(LAYERS) for s in LAYER_SHAPES]
     head = (torch.randn(*HEAD, generator=generator) * 0.05).to(dtype)
     decode_bytes = sum(w.numel() * 2 for w in layers) + head.numel() * 2
-    print(f"CPU: {cpu_model()}, kernel build {variant()}, {args.dtype} weights, {decode_bytes / 1e6:.0f} MB per token,"
-          f" best of {args.repetitions}")
+    print(
+        f"CPU: {cpu_model()}, kernel build {variant()}, {args.dtype} weights, {decode_bytes / 1e6:.0f} MB per token,"
+        f" best of {args.repetitions}"
+    )
     print(f"{'threads':>7} {'mode':>5} {'decode ms':>9} {'GB/s':>6} {'prefill ms':>10} {'GFLOP/s':>8}")
     flops = 2 * args.prefill_rows * sum(w.numel() for w in layers)
     for threads in (int(t) for t in args.threads.split(",")):
@@ -59,8 +61,10 @@ def main() -> int:
         for mode, rounded in (("auto", True), ("exact", False)):
             decode = token_time(layers + [head], 1, rounded, args.repetitions)
             prefill = token_time(layers, args.prefill_rows, rounded, max(2, args.repetitions // 5))
-            print(f"{threads:>7} {mode:>5} {decode * 1e3:>9.2f} {decode_bytes / decode / 1e9:>6.1f}"
-                  f" {prefill * 1e3:>10.1f} {flops / prefill / 1e9:>8.0f}")
+            print(
+                f"{threads:>7} {mode:>5} {decode * 1e3:>9.2f} {decode_bytes / decode / 1e9:>6.1f}"
+                f" {prefill * 1e3:>10.1f} {flops / prefill / 1e9:>8.0f}"
+            )
     return 0
 
 

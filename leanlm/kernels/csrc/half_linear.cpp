@@ -4,10 +4,11 @@
 // Each weight is converted exactly to float32 in registers (bfloat16: widen and shift left 16; float16: F16C's
 // vcvtph2ps), so the result is the float32 dot product up to summation order; the activations are never rounded.
 // One (activation row, weight row) pair always runs the same arithmetic: lane-wise FMAs over the inputs, 16 lanes
-// at a time (one AVX-512 register or two AVX2 ones), a zero-padded tail, then one fixed horizontal sum: the same
-// bits in the AVX2 and the native build. Tiles (several
-// weight rows times several activation rows, so a decoded weight vector serves many rows in prefill) only change
-// which pairs run side by side, never a pair's arithmetic: a row's output does not depend on the batch.
+// at a time (one AVX-512 register or two AVX2 ones), in two chains (chunk c of 16 inputs into chain c mod 2), a
+// zero-padded tail, then chain 0 + chain 1 and one fixed horizontal sum: the same bits in the AVX2 and the native
+// build. Tiles (several weight rows times several activation rows, so a decoded weight vector serves many rows in
+// prefill) only change which pairs run side by side, never a pair's arithmetic: a row's output does not depend on
+// the batch.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
