@@ -13,7 +13,7 @@ import torch
 # (rows, batch, columns): rows not a multiple of the 8-row interleave, batches around the 4-row tile and the
 # 4-row threshold of the 512-bit group pairs, widths of 1 to 48 blocks.
 LINEAR_SHAPES = [(13, 1, 64), (70, 3, 96), (200, 4, 160), (577, 9, 576), (64, 17, 1536)]
-HALF_SHAPES = [(29, 5, 577), (3, 2, 7)]  # 16-bit weights take any width: a tail past the last 16 inputs
+HALF_SHAPES = [(29, 5, 577), (3, 2, 7), (7, 2, 53), (19, 6, 80)]  # any width: tails after odd and even chunk counts
 K_QUANT_SHAPES = [(13, 1, 256), (70, 5, 512)]
 
 

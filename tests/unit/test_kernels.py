@@ -389,9 +389,10 @@ def test_a_layer_on_the_kernels_holds_its_weight_once(weight):
 
 # ---- 16-bit weights (kernels/csrc/half_linear.cpp): bfloat16/float16 matrices, float32 activations ----------------
 # Tolerance: the weights are converted exactly, so only float32 summation differs from float64: 1e-5 relative.
-# Shapes: rows around the 8- and 4-row tiles and the 16-row task blocks, batches around the 4-row tile, widths
-# with and without a tail past the last 16 inputs.
-HALF_SHAPES = [(1, 1, 1), (13, 1, 37), (29, 5, 577), (64, 4, 576), (70, 9, 96), (131, 3, 1536)]
+# Shapes: rows around the 4- and 2-row tiles and the 16-row task blocks, batches around the 4-row tile, widths
+# with and without a tail past the last chunk (16 inputs, 32 in mode auto), with an odd or even count of full
+# chunks before it (each pair sums chunk c into chain c mod 2).
+HALF_SHAPES = [(1, 1, 1), (13, 1, 37), (29, 5, 577), (64, 4, 576), (70, 9, 96), (131, 3, 1536), (7, 2, 53), (19, 6, 80)]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -414,17 +415,18 @@ def test_half_linear_matches_reference(dtype, rows, batch, columns):
 @pytest.mark.parametrize(
     "dtype,round_activations", [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)]
 )
-def test_half_linear_rows_do_not_depend_on_the_batch(dtype, round_activations):
+@pytest.mark.parametrize("columns", [100, 53, 96])  # tails after an even or odd count of chunks, no tail
+def test_half_linear_rows_do_not_depend_on_the_batch(dtype, round_activations, columns):
     """Bit for bit, as for the quantized kernels: a row alone, in a tile of 4 or among the single rows."""
     generator = torch.Generator().manual_seed(5)
-    weight = torch.randn(75, 100, generator=generator).to(dtype)  # rows: 4 tiles of 16, then 8 + 3 singles
+    weight = torch.randn(75, columns, generator=generator).to(dtype)  # rows: 4 blocks of 16, then 11
 
     def run(x):
         return torch.ops.leanlm.half_linear(x, weight, None, round_activations)
 
-    x = torch.randn(2, 31, 100, generator=generator)
+    x = torch.randn(2, 31, columns, generator=generator)
     batched = run(x).reshape(-1, 75)
-    rows = x.reshape(-1, 100)
+    rows = x.reshape(-1, columns)
     for i in (0, 5, 30, 61):
         assert torch.equal(run(rows[i : i + 1])[0], batched[i])
     assert torch.equal(run(rows[:3]), batched[:3])
@@ -435,3 +437,15 @@ def test_half_linear_refuses_other_weights():
         torch.ops.leanlm.half_linear(torch.randn(2, 8), torch.randn(4, 8), None)
     with pytest.raises(RuntimeError, match="x has 7 features, the weight expects 8"):
         torch.ops.leanlm.half_linear(torch.randn(2, 7), torch.randn(4, 8).bfloat16(), None)
+
+
+@pytest.mark.parametrize("columns", [37, 64])
+def test_half_linear_rounds_activations_as_torch_does(columns):
+    """Mode auto rounds x to bfloat16 (vectorized, then a scalar tail): through an identity matrix every output is
+    one exact product, so it must equal torch's rounding bit for bit, ties to even included."""
+    generator = torch.Generator().manual_seed(columns)
+    x = torch.randn(3, columns, generator=generator) * 100
+    ties = (x.view(torch.int32) & ~0xFFFF) | 0x8000  # exactly halfway between two bfloat16 values
+    x[1] = ties[1].view(torch.float32)
+    out = torch.ops.leanlm.half_linear(x, torch.eye(columns, dtype=torch.bfloat16), None, True)
+    assert torch.equal(out, x.bfloat16().float())

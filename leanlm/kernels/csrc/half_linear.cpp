@@ -4,10 +4,11 @@
 // Each weight is converted exactly to float32 in registers (bfloat16: widen and shift left 16; float16: F16C's
 // vcvtph2ps), so the result is the float32 dot product up to summation order; the activations are never rounded.
 // One (activation row, weight row) pair always runs the same arithmetic: lane-wise FMAs over the inputs, 16 lanes
-// at a time (one AVX-512 register or two AVX2 ones), a zero-padded tail, then one fixed horizontal sum: the same
-// bits in the AVX2 and the native build. Tiles (several
-// weight rows times several activation rows, so a decoded weight vector serves many rows in prefill) only change
-// which pairs run side by side, never a pair's arithmetic: a row's output does not depend on the batch.
+// at a time (one AVX-512 register or two AVX2 ones), in two chains (chunk c of 16 inputs into chain c mod 2), a
+// zero-padded tail, then chain 0 + chain 1 and one fixed horizontal sum: the same bits in the AVX2 and the native
+// build. Tiles (several weight rows times several activation rows, so a decoded weight vector serves many rows in
+// prefill) only change which pairs run side by side, never a pair's arithmetic: a row's output does not depend on
+// the batch.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -42,7 +43,7 @@ inline Vec load_w(const uint16_t* p) {
   return {_mm512_cvtph_ps(bits)};
 }
 inline __m256 fold(Vec a) { return _mm256_add_ps(_mm512_castps512_ps256(a.v), _mm512_extractf32x8_ps(a.v, 1)); }
-constexpr int kTileRows = 4, kTileBatch = 4, kSingleRows = 8;  // 16 or 8 accumulators of 32 registers
+constexpr int kTileRows = 4, kTileBatch = 4;  // 16 accumulators of 32 registers, one chain at a time
 #else
 struct Vec {
   __m256 lo, hi;  // lanes 0-7, 8-15
@@ -61,8 +62,16 @@ inline Vec load_w(const uint16_t* p) {
   return {convert8<BF16>(p), convert8<BF16>(p + 8)};
 }
 inline __m256 fold(Vec a) { return _mm256_add_ps(a.lo, a.hi); }
-constexpr int kTileRows = 2, kTileBatch = 2, kSingleRows = 4;  // AVX2 has 16 registers
+constexpr int kTileRows = 2, kTileBatch = 2;  // 4 accumulators of 2 registers: AVX2 has 16
 #endif
+
+inline Vec add(Vec a, Vec b) {
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  return {_mm512_add_ps(a.v, b.v)};
+#else
+  return {_mm256_add_ps(a.lo, b.lo), _mm256_add_ps(a.hi, b.hi)};
+#endif
+}
 
 inline float sum_lanes(Vec v) {  // a fixed tree: 16 -> 8 -> 4 -> 2 -> 1
   const __m256 half = fold(v);
@@ -72,98 +81,51 @@ inline float sum_lanes(Vec v) {  // a fixed tree: 16 -> 8 -> 4 -> 2 -> 1
   return _mm_cvtss_f32(q);
 }
 
-// Decoding streams many short rows (576 inputs: 18 cache lines) side by side, too short for the hardware
-// prefetcher to ramp up: ask for the same place in the next tile's rows (R rows on) while this tile runs.
-inline void prefetch_ahead(const uint16_t* p, int64_t distance) {
-  _mm_prefetch(reinterpret_cast<const char*>(p + distance), _MM_HINT_T0);
-}
-
-// R weight rows (from r0) times T activation rows (from m0): out[m][r] = sum_k x[m][k] w[r][k].
-template <bool BF16, int R, int T>
-void tile(const HalfWeights& w, const float* x, int64_t x_stride, float* out, int64_t out_stride, int64_t r0,
-          int64_t m0) {
-  Vec acc[R][T];
-  for (int i = 0; i < R; ++i)
-    for (int t = 0; t < T; ++t) acc[i][t] = zero();
-  const int64_t full = w.cols / kLanes * kLanes;
-  for (int64_t k = 0; k < full; k += kLanes) {
-    Vec xs[T];
-    for (int t = 0; t < T; ++t) xs[t] = load_x(x + (m0 + t) * x_stride + k);
-    for (int i = 0; i < R; ++i) {
-      if constexpr (T == 1) prefetch_ahead(w.data + (r0 + i) * w.cols + k, 2 * R * w.cols);
-      const Vec wv = load_w<BF16>(w.data + (r0 + i) * w.cols + k);
-      for (int t = 0; t < T; ++t) acc[i][t] = fmadd(wv, xs[t], acc[i][t]);
-    }
-  }
-  if (const int64_t tail = w.cols - full) {  // zero-padded copies: the same lanes whatever the tile
-    alignas(64) uint16_t wpad[kLanes];
-    alignas(64) float xpad[kLanes];
-    Vec xs[T];
-    for (int t = 0; t < T; ++t) {
-      std::fill(xpad, xpad + kLanes, 0.f);
-      std::memcpy(xpad, x + (m0 + t) * x_stride + full, tail * sizeof(float));
-      xs[t] = load_x(xpad);
-    }
-    for (int i = 0; i < R; ++i) {
-      std::fill(wpad, wpad + kLanes, uint16_t{0});
-      std::memcpy(wpad, w.data + (r0 + i) * w.cols + full, tail * sizeof(uint16_t));
-      const Vec wv = load_w<BF16>(wpad);
-      for (int t = 0; t < T; ++t) acc[i][t] = fmadd(wv, xs[t], acc[i][t]);
-    }
-  }
-  for (int i = 0; i < R; ++i)
-    for (int t = 0; t < T; ++t) out[(m0 + t) * out_stride + r0 + i] = sum_lanes(acc[i][t]);
-}
-
-constexpr int64_t kRowBlock = 16;  // weight rows per task: 16 x 1536 x 2 bytes stays in L1/L2 over every x row
-
-template <bool BF16>
-void matmul(const HalfWeights& w, const float* x, int64_t m_total, int64_t x_stride, float* out,
-            int64_t out_stride) {
-  const int64_t blocks = (w.rows + kRowBlock - 1) / kRowBlock;
-  const int64_t grain = std::max<int64_t>(1, blocks / (8 * at::get_num_threads()));
-  at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      const int64_t r_begin = b * kRowBlock, r_end = std::min(w.rows, r_begin + kRowBlock);
-      int64_t m = 0;
-      for (; m + kTileBatch <= m_total; m += kTileBatch) {  // prefill and batches: each weight vector serves
-        int64_t r = r_begin;                                   // kTileBatch activation rows
-        for (; r + kTileRows <= r_end; r += kTileRows)
-          tile<BF16, kTileRows, kTileBatch>(w, x, x_stride, out, out_stride, r, m);
-        for (; r < r_end; ++r) tile<BF16, 1, kTileBatch>(w, x, x_stride, out, out_stride, r, m);
-      }
-      for (; m < m_total; ++m) {  // single rows (decode): several weight rows at once, independent chains
-        int64_t r = r_begin;
-        for (; r + kSingleRows <= r_end; r += kSingleRows)
-          tile<BF16, kSingleRows, 1>(w, x, x_stride, out, out_stride, r, m);
-        for (; r < r_end; ++r) tile<BF16, 1, 1>(w, x, x_stride, out, out_stride, r, m);
-      }
-    }
-  });
-}
-
 // ---- bfloat16 weights times bfloat16-rounded activations (kernel mode "auto", as llama.cpp runs BF16 files) ----
 // Lane j of 16 takes inputs 32s + 2j and 32s + 2j + 1: acc += w[odd] x[odd], then acc += w[even] x[even], each
 // product exact in float32: what one vdpbf16ps does (AVX-512 BF16); other builds run the same two FMAs.
 
 // x (float32) rounded to the nearest bfloat16, ties to even (NaN stays NaN), width padded with zeros to `padded`.
+inline uint16_t round_to_bf16(uint32_t bits) {
+  const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
+  return nan ? static_cast<uint16_t>((bits >> 16) | 0x40) : static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
+}
+
+// The same formula 8 at a time (AVX2 integer ops; a 120-row prefill rounds 70k-180k values per matrix).
+inline __m128i round_to_bf16_8(const float* p) {
+  const __m256i bits = _mm256_castps_si256(_mm256_loadu_ps(p));
+  const __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(bits, _mm256_set1_epi32(0x7fffffff)),
+                                         _mm256_set1_epi32(0x7f800000));
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(bits, _mm256_set1_epi32(0x7fff)), odd), 16);
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(0x40));
+  const __m256i v = _mm256_blendv_epi8(rounded, quiet, nan);  // 8 values in 0..0xffff: pack without saturating
+  return _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packus_epi32(v, v), 0x08));
+}
+
 void round_rows_to_bf16(const float* x, int64_t m, int64_t cols, int64_t padded, uint16_t* out) {
   for (int64_t r = 0; r < m; ++r) {
-    for (int64_t k = 0; k < padded; ++k) {
-      uint32_t bits = 0;
-      if (k < cols) std::memcpy(&bits, x + r * cols + k, sizeof(bits));
-      const bool nan = (bits & 0x7fffffffu) > 0x7f800000u;
-      out[r * padded + k] = nan ? static_cast<uint16_t>((bits >> 16) | 0x40) : static_cast<uint16_t>(
-                                                                                     (bits + 0x7fffu + ((bits >> 16) & 1)) >> 16);
+    const float* row = x + r * cols;
+    uint16_t* dst = out + r * padded;
+    int64_t k = 0;
+    for (; k + 8 <= cols; k += 8) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), round_to_bf16_8(row + k));
+    for (; k < cols; ++k) {
+      uint32_t bits;
+      std::memcpy(&bits, row + k, sizeof(bits));
+      dst[k] = round_to_bf16(bits);
     }
+    std::fill(dst + cols, dst + padded, uint16_t{0});
   }
 }
 
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
 #define LEANLM_DPBF16 1
 inline Vec dot_pairs(const uint16_t* w, const uint16_t* x, Vec acc) {
-  const __m512i wv = _mm512_loadu_si512(w), xv = _mm512_loadu_si512(x);
-  return {_mm512_dpbf16_ps(acc.v, reinterpret_cast<const __m512bh&>(wv), reinterpret_cast<const __m512bh&>(xv))};
+  // Loaded straight as bfloat16 vectors: a cast of an integer register made GCC copy it through the stack.
+  __m512bh wv, xv;
+  std::memcpy(&wv, w, sizeof(wv));
+  std::memcpy(&xv, x, sizeof(xv));
+  return {_mm512_dpbf16_ps(acc.v, wv, xv)};
 }
 #else
 // 32 bfloat16 as 16 dwords: the even element is the low half (shift it up), the odd one the high half (mask).
@@ -195,37 +157,106 @@ inline Vec dot_pairs(const uint16_t* w, const uint16_t* x, Vec acc) {
 #endif
 #endif
 
-constexpr int64_t kPair = 32;  // inputs per step
+// One step of a pair's dot product over a chunk of inputs, per mode. Exact: 16 float32 activations times 16 weights
+// converted exactly (F16C for float16). Rounded: 32 bfloat16 activations (zero-padded rows) times 32 bfloat16.
+template <bool BF16>
+struct ExactStep {
+  using X = float;
+  static constexpr int64_t kWidth = kLanes;
+  static constexpr bool kPaddedX = false;
+  static Vec step(const uint16_t* w, const float* x, Vec acc) { return fmadd(load_w<BF16>(w), load_x(x), acc); }
+};
+struct RoundedStep {
+  using X = uint16_t;
+  static constexpr int64_t kWidth = 2 * kLanes;
+  static constexpr bool kPaddedX = true;
+  static Vec step(const uint16_t* w, const uint16_t* x, Vec acc) { return dot_pairs(w, x, acc); }
+};
 
-template <int R, int T>
-void tile_bf16(const HalfWeights& w, const uint16_t* x, int64_t x_stride, float* out, int64_t out_stride, int64_t r0,
-               int64_t m0) {
-  Vec acc[R][T];
-  for (int i = 0; i < R; ++i)
-    for (int t = 0; t < T; ++t) acc[i][t] = zero();
-  const int64_t full = w.cols / kPair * kPair;
-  for (int64_t k = 0; k < full; k += kPair)
-    for (int i = 0; i < R; ++i) {
-      const uint16_t* row = w.data + (r0 + i) * w.cols + k;
-      if constexpr (T == 1) prefetch_ahead(row, 2 * R * w.cols);
-      for (int t = 0; t < T; ++t) acc[i][t] = dot_pairs(row, x + (m0 + t) * x_stride + k, acc[i][t]);
+// Every (activation row, weight row) pair keeps two float32 chains: chunk c of the inputs (Op::kWidth of them) goes to
+// chain c mod 2, in order, the tail zero-padded; the result is chain 0 + chain 1, then one fixed horizontal sum.
+// Single rows run both chains at once (independent FMAs, while the row is read as one sequential stream); tiles of
+// several pairs run one chain after the other (half the registers, so more pairs share each load). Either way a
+// pair's arithmetic is the same: a row's output does not depend on the batch.
+
+// Adds to acc[i][t] the zero-padded last, partial chunk of weight rows i times activation rows t.
+template <class Op, int R, int T>
+inline void tail_step(const HalfWeights& w, const uint16_t* rows, const typename Op::X* xs, int64_t x_stride,
+                      Vec (&acc)[R][T]) {
+  constexpr int64_t W = Op::kWidth;
+  const int64_t full = w.cols / W * W, tail = w.cols - full;
+  alignas(64) uint16_t wpad[W];  // zero-padded copies: the same lanes whatever the tile
+  alignas(64) typename Op::X xpad[T][W];
+  if constexpr (!Op::kPaddedX)
+    for (int t = 0; t < T; ++t) {
+      std::fill(xpad[t], xpad[t] + W, typename Op::X{0});
+      std::memcpy(xpad[t], xs + t * x_stride + full, tail * sizeof(typename Op::X));
     }
-  if (const int64_t tail = w.cols - full) {  // the activations are zero-padded already; the weights here
-    alignas(64) uint16_t wpad[kPair];
-    for (int i = 0; i < R; ++i) {
-      std::fill(wpad, wpad + kPair, uint16_t{0});
-      std::memcpy(wpad, w.data + (r0 + i) * w.cols + full, tail * sizeof(uint16_t));
-      for (int t = 0; t < T; ++t) acc[i][t] = dot_pairs(wpad, x + (m0 + t) * x_stride + full, acc[i][t]);
-    }
+  for (int i = 0; i < R; ++i) {
+    std::fill(wpad, wpad + W, uint16_t{0});
+    std::memcpy(wpad, rows + i * w.cols + full, tail * sizeof(uint16_t));
+    for (int t = 0; t < T; ++t)
+      acc[i][t] = Op::step(wpad, Op::kPaddedX ? xs + t * x_stride + full : xpad[t], acc[i][t]);
   }
-  for (int i = 0; i < R; ++i)
-    for (int t = 0; t < T; ++t) out[(m0 + t) * out_stride + r0 + i] = sum_lanes(acc[i][t]);
 }
 
-void matmul_bf16_activations(const HalfWeights& w, const float* x, int64_t m_total, float* out, int64_t out_stride) {
-  const int64_t padded = (w.cols + kPair - 1) / kPair * kPair;
-  std::vector<uint16_t> xb(m_total * padded);
-  round_rows_to_bf16(x, m_total, w.cols, padded, xb.data());
+// Adds to acc[i][t] the chunks of parity h (the tail included when it has that parity).
+template <class Op, int R, int T>
+inline void chain(const HalfWeights& w, const uint16_t* rows, const typename Op::X* xs, int64_t x_stride, int h,
+                  Vec (&acc)[R][T]) {
+  constexpr int64_t W = Op::kWidth;
+  const int64_t full = w.cols / W * W;
+  for (int64_t k = h * W; k + W <= full; k += 2 * W)
+    for (int i = 0; i < R; ++i)
+      for (int t = 0; t < T; ++t) acc[i][t] = Op::step(rows + i * w.cols + k, xs + t * x_stride + k, acc[i][t]);
+  if (full < w.cols && ((full / W) & 1) == h) tail_step<Op, R, T>(w, rows, xs, x_stride, acc);
+}
+
+// R weight rows (from r0) times T activation rows (from m0), one chain after the other:
+// out[m][r] = sum_k x[m][k] w[r][k].
+template <class Op, int R, int T>
+void tile(const HalfWeights& w, const typename Op::X* x, int64_t x_stride, float* out, int64_t out_stride,
+          int64_t r0, int64_t m0) {
+  const uint16_t* rows = w.data + r0 * w.cols;
+  const typename Op::X* xs = x + m0 * x_stride;
+  Vec even[R][T], odd[R][T];
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) even[i][t] = odd[i][t] = zero();
+  chain<Op, R, T>(w, rows, xs, x_stride, 0, even);
+  chain<Op, R, T>(w, rows, xs, x_stride, 1, odd);
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < T; ++t) out[(m0 + t) * out_stride + r0 + i] = sum_lanes(add(even[i][t], odd[i][t]));
+}
+
+// One weight row times one activation row, both chains at once (the same arithmetic as tile<Op, 1, 1>).
+template <class Op>
+void single(const HalfWeights& w, const typename Op::X* x, float* out, int64_t r) {
+  constexpr int64_t W = Op::kWidth;
+  const uint16_t* row = w.data + r * w.cols;
+  Vec even = zero(), odd = zero();  // locals, so they stay in registers
+  const int64_t full = w.cols / W * W;
+  int64_t k = 0;
+  for (; k + 2 * W <= full; k += 2 * W) {
+    even = Op::step(row + k, x + k, even);
+    odd = Op::step(row + k + W, x + k + W, odd);
+  }
+  if (k < full) even = Op::step(row + k, x + k, even);  // an odd count of full chunks: the last one is even
+  if (full < w.cols) {
+    Vec last[1][1] = {{(full / W) & 1 ? odd : even}};
+    tail_step<Op, 1, 1>(w, row, x, 0, last);
+    ((full / W) & 1 ? odd : even) = last[0][0];
+  }
+  out[r] = sum_lanes(add(even, odd));
+}
+
+constexpr int64_t kRowBlock = 16;  // weight rows per task: 16 x 1536 x 2 bytes stays in L1/L2 over every x row
+
+// Batches (prefill) run tiles of kTileRows x kTileBatch pairs, so each weight vector serves several activation
+// rows; single rows (decode) run one weight row at a time: the weights are then read as one sequential stream,
+// which the hardware prefetcher follows (several rows side by side made as many short streams: 20% slower).
+template <class Op>
+void matmul(const HalfWeights& w, const typename Op::X* x, int64_t m_total, int64_t x_stride, float* out,
+            int64_t out_stride) {
   const int64_t blocks = (w.rows + kRowBlock - 1) / kRowBlock;
   const int64_t grain = std::max<int64_t>(1, blocks / (8 * at::get_num_threads()));
   at::parallel_for(0, blocks, grain, [&](int64_t begin, int64_t end) {
@@ -235,17 +266,20 @@ void matmul_bf16_activations(const HalfWeights& w, const float* x, int64_t m_tot
       for (; m + kTileBatch <= m_total; m += kTileBatch) {
         int64_t r = r_begin;
         for (; r + kTileRows <= r_end; r += kTileRows)
-          tile_bf16<kTileRows, kTileBatch>(w, xb.data(), padded, out, out_stride, r, m);
-        for (; r < r_end; ++r) tile_bf16<1, kTileBatch>(w, xb.data(), padded, out, out_stride, r, m);
+          tile<Op, kTileRows, kTileBatch>(w, x, x_stride, out, out_stride, r, m);
+        for (; r < r_end; ++r) tile<Op, 1, kTileBatch>(w, x, x_stride, out, out_stride, r, m);
       }
-      for (; m < m_total; ++m) {
-        int64_t r = r_begin;
-        for (; r + kSingleRows <= r_end; r += kSingleRows)
-          tile_bf16<kSingleRows, 1>(w, xb.data(), padded, out, out_stride, r, m);
-        for (; r < r_end; ++r) tile_bf16<1, 1>(w, xb.data(), padded, out, out_stride, r, m);
-      }
+      for (; m < m_total; ++m)
+        for (int64_t r = r_begin; r < r_end; ++r) single<Op>(w, x + m * x_stride, out + m * out_stride, r);
     }
   });
+}
+
+void matmul_bf16_activations(const HalfWeights& w, const float* x, int64_t m_total, float* out, int64_t out_stride) {
+  const int64_t padded = (w.cols + RoundedStep::kWidth - 1) / RoundedStep::kWidth * RoundedStep::kWidth;
+  std::vector<uint16_t> xb(m_total * padded);
+  round_rows_to_bf16(x, m_total, w.cols, padded, xb.data());
+  matmul<RoundedStep>(w, xb.data(), m_total, padded, out, out_stride);
 }
 
 }  // namespace
@@ -264,8 +298,8 @@ HalfWeights check_half_weights(const at::Tensor& weight) {
 void half_matmul_into(const HalfWeights& w, const float* x, int64_t m, float* out, int64_t out_stride,
                       bool round_activations) {
   if (w.bf16 && round_activations) matmul_bf16_activations(w, x, m, out, out_stride);
-  else if (w.bf16) matmul<true>(w, x, m, w.cols, out, out_stride);
-  else matmul<false>(w, x, m, w.cols, out, out_stride);
+  else if (w.bf16) matmul<ExactStep<true>>(w, x, m, w.cols, out, out_stride);
+  else matmul<ExactStep<false>>(w, x, m, w.cols, out, out_stride);
 }
 
 at::Tensor half_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
