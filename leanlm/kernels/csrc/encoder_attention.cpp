@@ -16,6 +16,7 @@
 namespace leanlm_encoder {
 
 constexpr int64_t kLanes = 16;  // one AVX-512 register of float32 (two AVX2 ones)
+constexpr int64_t kQueries = 4;
 
 // exp(x) for x <= 0 (scores minus their maximum), relative error about 2e-7: Cephes' expf polynomial with the
 // power of two built in the exponent bits, so `omp simd` loops vectorize it (libm's expf does not).
@@ -62,7 +63,7 @@ at::Tensor attention(const at::Tensor& qkv, int64_t heads, const c10::optional<a
   const int64_t padded = (tokens + kLanes - 1) / kLanes * kLanes;
   const int64_t dim_blocks = dim % kLanes == 0 ? dim / kLanes : 0;  // 0: the output loop runs channel by channel
   at::parallel_for(0, batch * heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> keys_t(dim * padded), values(tokens * dim), scores(padded);
+    std::vector<float> keys_t(dim * padded), values(tokens * dim), scores(kQueries * padded), queries(kQueries * dim);
     for (int64_t pair = begin; pair < end; ++pair) {
       const int64_t b = pair / heads, h = pair % heads;
       const float* text = in + b * tokens * width;
@@ -79,48 +80,72 @@ at::Tensor attention(const at::Tensor& qkv, int64_t heads, const c10::optional<a
       }
       const int64_t key_blocks = (keys + kLanes - 1) / kLanes;
       for (int64_t c = 0; c < dim; ++c) std::fill(&keys_t[c * padded + keys], &keys_t[c * padded] + padded, 0.0f);
-      float* s = scores.data();
-      for (int64_t i = 0; i < tokens; ++i) {
-        const float* q = text + i * width + h * dim;
-        float* o = dst + (b * tokens + i) * hidden + h * dim;
-        if (keys == 0) {
+      if (keys == 0) {  // no real key (never from leanlm's batches): zeros rather than SDPA's NaN
+        for (int64_t i = 0; i < tokens; ++i) {
+          float* o = dst + (b * tokens + i) * hidden + h * dim;
           std::fill(o, o + dim, 0.0f);
-          continue;
+        }
+        continue;
+      }
+      // kQueries queries at a time: each loaded vector of keys (values) serves all of them.
+      for (int64_t first = 0; first < tokens; first += kQueries) {
+        const int64_t count = std::min<int64_t>(kQueries, tokens - first);
+        for (int64_t r = 0; r < kQueries; ++r) {  // rows past the last query repeat it (computed, not stored)
+          const float* q = text + (first + std::min(r, count - 1)) * width + h * dim;
+          for (int64_t c = 0; c < dim; ++c) queries[r * dim + c] = q[c] * scale;
         }
         for (int64_t block = 0; block < key_blocks; ++block) {
-          float lanes[kLanes] = {};
+          float lanes[kQueries][kLanes] = {};
           const float* kt = keys_t.data() + block * kLanes;
           for (int64_t c = 0; c < dim; ++c) {
-            const float qc = q[c] * scale;
+#pragma GCC unroll 4
+            for (int64_t r = 0; r < kQueries; ++r) {
+              const float qc = queries[r * dim + c];
 #pragma omp simd
-            for (int64_t l = 0; l < kLanes; ++l) lanes[l] += qc * kt[c * padded + l];
+              for (int64_t l = 0; l < kLanes; ++l) lanes[r][l] += qc * kt[c * padded + l];
+            }
           }
-          std::memcpy(s + block * kLanes, lanes, sizeof(lanes));
+          for (int64_t r = 0; r < kQueries; ++r) {
+            std::memcpy(&scores[r * padded + block * kLanes], lanes[r], sizeof(lanes[r]));
+          }
         }
-        float largest = s[0];
-        for (int64_t j = 1; j < keys; ++j) largest = s[j] > largest ? s[j] : largest;
-        float total = 0.0f;
+        float inverse[kQueries];
+        for (int64_t r = 0; r < kQueries; ++r) {
+          float* s = scores.data() + r * padded;
+          float largest = s[0];
+          for (int64_t j = 1; j < keys; ++j) largest = s[j] > largest ? s[j] : largest;
+          float total = 0.0f;
 #pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < keys; ++j) {
-          s[j] = exp_nonpositive(s[j] - largest);
-          total += s[j];
+          for (int64_t j = 0; j < keys; ++j) {
+            s[j] = exp_nonpositive(s[j] - largest);
+            total += s[j];
+          }
+          inverse[r] = 1.0f / total;
         }
-        const float inverse = 1.0f / total;
         for (int64_t block = 0; block < dim_blocks; ++block) {
-          float lanes[kLanes] = {};
+          float lanes[kQueries][kLanes] = {};
           const float* v = values.data() + block * kLanes;
           for (int64_t j = 0; j < keys; ++j) {
-            const float p = s[j];
+#pragma GCC unroll 4
+            for (int64_t r = 0; r < kQueries; ++r) {
+              const float p = scores[r * padded + j];
 #pragma omp simd
-            for (int64_t l = 0; l < kLanes; ++l) lanes[l] += p * v[j * dim + l];
+              for (int64_t l = 0; l < kLanes; ++l) lanes[r][l] += p * v[j * dim + l];
+            }
           }
+          for (int64_t r = 0; r < count; ++r) {
+            float* o = dst + (b * tokens + first + r) * hidden + h * dim + block * kLanes;
 #pragma omp simd
-          for (int64_t l = 0; l < kLanes; ++l) o[block * kLanes + l] = lanes[l] * inverse;
+            for (int64_t l = 0; l < kLanes; ++l) o[l] = lanes[r][l] * inverse[r];
+          }
         }
-        for (int64_t c = dim_blocks * kLanes; c < dim; ++c) {
-          float sum = 0.0f;
-          for (int64_t j = 0; j < keys; ++j) sum += s[j] * values[j * dim + c];
-          o[c] = sum * inverse;
+        for (int64_t r = 0; r < count; ++r) {
+          float* o = dst + (b * tokens + first + r) * hidden + h * dim;
+          for (int64_t c = dim_blocks * kLanes; c < dim; ++c) {
+            float sum = 0.0f;
+            for (int64_t j = 0; j < keys; ++j) sum += scores[r * padded + j] * values[j * dim + c];
+            o[c] = sum * inverse[r];
+          }
         }
       }
     }
