@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from leanlm.errors import ModelFormatError
-from leanlm.kernels.threads import map_single_threaded
+from leanlm.kernels.threads import map_single_threaded, scoped_threads
 from leanlm.layers.attention import reference_attention
 
 # HF hidden_act names -> the function (erf GELU is BERT's; the tanh approximation is "gelu_new").
@@ -154,6 +154,9 @@ class TextEncoder(nn.Module):
     # On the 2-vCPU EPYC, 32 texts of 12 tokens ran 1.4x (int8) to 2.4x (float32) faster so than with every op
     # split across both threads (which waits at a barrier after each of ~100 small ops a pass).
     text_parallel = True
+    # Up to this many tokens in a batch, one thread runs it: its ops are too small to split. A 12-token text (int8)
+    # used 1.8 ms of CPU time on one thread, where the quiet 2-thread benchmark took 4.2 ms wall-clock.
+    single_thread_tokens = 64
 
     def __init__(self, config: EncoderConfig):
         super().__init__()
@@ -191,6 +194,9 @@ class TextEncoder(nn.Module):
         # Texts never see each other: a batch runs in slices whose activations stay small (see tokens_per_pass),
         # and with several threads, slices of texts go to one thread each (see text_parallel).
         texts, workers = x.shape[0], torch.get_num_threads() if self.text_parallel else 1
+        if texts * x.shape[1] <= self.single_thread_tokens:
+            with scoped_threads(1):
+                return self._layers(x, real)
         slices = -(-texts * x.shape[1] // self.tokens_per_pass)
         if workers > 1 and texts > 1:
             slices = -(-max(slices, workers) // workers) * workers  # a whole number of slices per thread

@@ -99,7 +99,8 @@ def test_short_attention_kernel_equals_sdpa_with_padding(tokens, heads, dim):
 @pytest.mark.parametrize("precision", ["float32", "int8"])
 def test_batch_slices_and_text_threads_give_the_one_pass_states(precision, monkeypatch):
     """Slicing a batch (tokens_per_pass) and running its slices on worker threads (text_parallel) change nothing:
-    texts never see each other. The one-pass result uses SDPA (short_attention off): the kernel is checked too."""
+    texts never see each other. The one-pass result (63 tokens: on one thread, single_thread_tokens) uses SDPA
+    (short_attention off): the kernel is checked too."""
     from tiny_encoders import tiny_model
 
     from leanlm.kernels.int8_rows import load_int8_rows
@@ -119,7 +120,7 @@ def test_batch_slices_and_text_threads_give_the_one_pass_states(precision, monke
         one_pass = encoder(ids, mask)
         for layer in encoder.layers:
             layer.short_attention = load_int8_rows()
-        encoder.tokens_per_pass = 20  # 2 texts a slice: 4 slices
+        encoder.single_thread_tokens, encoder.tokens_per_pass = 0, 20  # 2 texts a slice: 4 slices
         sliced = encoder(ids, mask)
         encoder.text_parallel = True
         with scoped_threads(2):
