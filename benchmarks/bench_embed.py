@@ -8,7 +8,8 @@ pools in numpy; its tokenization and pooling are inside its timing).
 Quality: retrieval on wiki.utf8 (paragraph = document, its first sentence = query, taken out of the document):
 recall@1, nDCG@10, their ratio to float32, cosine to float32 and top-1 agreement with float32.
 
-    python benchmarks/bench_embed.py [--repetitions 5] [--pairs 500] [--threads 2] [--out out/bench_embed.json]
+    python benchmarks/bench_embed.py [--repetitions 5] [--pairs 500] [--threads 2] [--clock wall|cpu]
+                                     [--out out/bench_embed.json]
                                      [--engines 'leanlm float32,ctranslate2 float32']
 """
 
@@ -134,7 +135,7 @@ def build_engines(threads: int, scratch: Path, reference: Embedder) -> tuple[lis
     return engines, notes
 
 
-def time_speed(engines, texts: dict[str, list[str]], repetitions: int) -> dict:
+def time_speed(engines, texts: dict[str, list[str]], repetitions: int, clock=time.perf_counter) -> dict:
     samples: dict[tuple[str, str, int], list[float]] = {}
     for engine in engines:  # warm-up: first-call costs (oneDNN primitive caches, allocations)
         for workload in WORKLOADS:
@@ -144,9 +145,9 @@ def time_speed(engines, texts: dict[str, list[str]], repetitions: int) -> dict:
             for batch, count in ((1, count_b1), (32, count_b32)):
                 chunk = texts[workload][:count]
                 for engine in engines:  # interleaved: A B C ... within every repetition
-                    start = time.perf_counter()
+                    start = clock()
                     engine.embed(chunk, batch)
-                    samples.setdefault((engine.name, workload, batch), []).append(count / (time.perf_counter() - start))
+                    samples.setdefault((engine.name, workload, batch), []).append(count / (clock() - start))
         print(f"  repetition {repetition + 1}/{repetitions} done", flush=True)
     return {key: statistics.median(values) for key, values in samples.items()} | {
         ("spread",) + key: (min(values), max(values)) for key, values in samples.items()
@@ -174,7 +175,8 @@ def measure_quality(engines, pairs: int) -> dict[str, dict]:
 def report(speed: dict, quality: dict, engines, args, notes: list[str]) -> str:
     lines = [
         f"all-MiniLM-L6-v2, {args.threads} threads on {cpu_model()} (AVX-512 BF16/AMX: {cpu_has_fast_bf16()}), "
-        f"torch {torch.__version__}; median of {args.repetitions} interleaved runs, sentences/s [min-max]",
+        f"torch {torch.__version__}; median of {args.repetitions} interleaved runs, sentences/s [min-max]"
+        + (" of CPU time" if args.clock == "cpu" else ""),
         "",
         "| engine | short, batch 1 | short, batch 32 | 256-token, batch 1 | 256-token, batch 32 |",
         "|---|---|---|---|---|",
@@ -229,6 +231,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="out/bench_embed.json")
     parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: sentences per second of the process's CPU time, which other jobs on the machine barely change "
+        "(with --threads 1: each engine's work per thread)",
+    )
+    parser.add_argument(
         "--engines",
         default="",
         help="only these engines, comma-separated (e.g. 'leanlm float32,ctranslate2 float32'; default: all)",
@@ -243,7 +252,8 @@ def main() -> None:
             wanted = {name.strip() for name in args.engines.split(",")}
             engines = [engine for engine in engines if engine.name in wanted]
         print(f"engines: {', '.join(e.name for e in engines)}", flush=True)
-        speed = time_speed(engines, texts, args.repetitions)
+        clock = time.process_time if args.clock == "cpu" else time.perf_counter
+        speed = time_speed(engines, texts, args.repetitions, clock)
         quality_engines = [e for e in engines if e.name in QUALITY_ENGINES]
         quality = measure_quality(quality_engines, args.pairs) if args.pairs else {"_pairs": 0}
     table = report(speed, quality, engines, args, notes)

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from leanlm.embed.precision import use_short_attention
 from leanlm.errors import ModelFormatError
 from leanlm.formats.quantized_folder import MANIFEST, pack_codes, unpack_codes
 from leanlm.layers.int8_linear import Int8DynamicLinear
@@ -104,6 +105,7 @@ def read_encoder_artifact(path: Path, raw_config: dict) -> tuple[EncoderConfig, 
     encoder = build_encoder(config, tensors, modules)
     for layer in encoder.layers:  # as apply_precision sets it: int8 layers add the residual in their epilogue
         layer.adds_residual = all(isinstance(m, Int8DynamicLinear) for m in (layer.attn_out, layer.down))
+    use_short_attention(encoder)
     return config, encoder, manifest["precision"]
 
 

@@ -60,6 +60,8 @@ def input_absmax(encoder: nn.Module, batches) -> dict[nn.Module, torch.Tensor]:
 
     linears = [m for layer in encoder.layers for m in layer.children() if isinstance(m, nn.Linear)]
     handles = [linear.register_forward_pre_hook(record) for linear in linears]
+    # One pass per batch on this thread: the hooks read the whole batch's mask and update `maxima` unguarded.
+    encoder.tokens_per_pass, encoder.text_parallel = 1 << 30, False
     try:
         with torch.inference_mode():
             for ids, mask in batches:
@@ -68,6 +70,7 @@ def input_absmax(encoder: nn.Module, batches) -> dict[nn.Module, torch.Tensor]:
     finally:
         for handle in handles:
             handle.remove()
+        del encoder.tokens_per_pass, encoder.text_parallel  # back to the class's settings
     return maxima
 
 
@@ -75,6 +78,8 @@ def apply_precision(encoder: nn.Module, precision: str, calibration=None) -> nn.
     """Swap the encoder layers' nn.Linear modules (not the classifier head) for `precision`'s; returns the encoder.
     `calibration`: (input_ids, attention_mask) batches that int8 smooths with (None: no smoothing)."""
     check_precision(precision)
+    if precision != "bf16":
+        use_short_attention(encoder)
     if precision == "float32":
         return use_onednn(encoder)
     if precision == "bf16":
@@ -94,6 +99,16 @@ def apply_precision(encoder: nn.Module, precision: str, calibration=None) -> nn.
                 setattr(layer, name, _quantized(child, precision, maxima.get(child)))
         layer.adds_residual = precision == "int8"  # Int8DynamicLinear adds the residual in its epilogue
     return encoder
+
+
+def use_short_attention(encoder: nn.Module) -> None:
+    """float32 activations: short texts' attention on leanlm's kernel (models/encoder.SHORT_ATTENTION_TOKENS),
+    where it is built; SDPA otherwise."""
+    from leanlm.kernels.int8_rows import load_int8_rows
+
+    available = load_int8_rows()
+    for layer in encoder.layers:
+        layer.short_attention = available
 
 
 def use_onednn(encoder: nn.Module) -> nn.Module:

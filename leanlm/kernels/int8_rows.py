@@ -1,5 +1,6 @@
 """Build (once per machine) and load csrc/int8_rows.cpp: the fused per-token quantization and int32 epilogue of
-layers/int8_linear.py, as `torch.ops.leanlm_int8.*`. Its own small library, cached apart from the main kernels;
+layers/int8_linear.py, as `torch.ops.leanlm_int8.*`, with csrc/encoder_attention.cpp (`torch.ops.leanlm_encoder`,
+the encoders' float32 attention for short texts). Its own small library, cached apart from the main kernels;
 without a compiler it is reported unavailable and the layer keeps its torch path (the same numbers, slower)."""
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from leanlm.kernels.build import DISABLE_ENV, compile_flags, variant
 
-SOURCE = Path(__file__).parent / "csrc" / "int8_rows.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("int8_rows.cpp", "encoder_attention.cpp")]
 
 
 def _build_directory() -> Path:
@@ -25,7 +26,8 @@ def _build_directory() -> Path:
     except OSError:
         cpu = ""
     flags = compile_flags(variant())
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + cpu.encode()).hexdigest()[:12]
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    digest = hashlib.sha256(sources + " ".join(flags).encode() + cpu.encode()).hexdigest()[:12]
     return leanlm_home() / "kernels" / f"int8rows-{digest}-torch{torch.__version__.replace('+', '_')}"
 
 
@@ -48,7 +50,7 @@ def load_int8_rows() -> bool:
         directory.mkdir(parents=True, exist_ok=True)
         load(
             name="leanlm_int8_rows",
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=compile_flags(variant()),
             extra_ldflags=["-fopenmp"],
             build_directory=str(directory),

@@ -68,3 +68,63 @@ def test_int8_row_kernel_gives_the_reference_bits(width, smoothed):
     assert torch.equal(codes, ref_codes) and torch.equal(scale, ref_scale)
     if not smoothed:
         assert codes[1, :5].tolist() == [127, 0, 2, 2, 0]
+
+
+@pytest.mark.parametrize(("tokens", "heads", "dim"), [(1, 12, 32), (12, 12, 32), (41, 4, 16), (22, 3, 10)])
+def test_short_attention_kernel_equals_sdpa_with_padding(tokens, heads, dim):
+    from leanlm.kernels.int8_rows import load_int8_rows
+
+    if not load_int8_rows():
+        pytest.skip("leanlm's encoder kernels could not be built here")
+    torch.manual_seed(tokens)
+    batch, hidden = 3, heads * dim
+    qkv = torch.randn(batch, tokens, 3 * hidden) * 3  # scores spread widely: softmax saturates on some keys
+    real = torch.ones(batch, tokens, dtype=torch.bool)
+    real[1, tokens // 2 + 1 :] = False  # padding at the end, as pad_batch puts it
+    real[2, 0] = tokens == 1  # a masked key anywhere (the kernel does not assume trailing padding)
+    q, k, v = qkv.view(batch, tokens, 3, heads, dim).permute(2, 0, 3, 1, 4)
+    for mask in (None, real):
+        keys = None if mask is None else mask[:, None, None, :]
+        exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=keys)
+        exact = exact.transpose(1, 2).reshape(batch, tokens, hidden)
+        sdpa = F.scaled_dot_product_attention(q, k, v, attn_mask=keys).transpose(1, 2).reshape(batch, tokens, hidden)
+        ours = torch.ops.leanlm_encoder.attention(qkv, heads, mask)
+        # float32 rounding only: no further from the float64 result than SDPA is (values ~3, scores up to ~40)
+        assert (ours.double() - exact).abs().max() <= 2 * (sdpa.double() - exact).abs().max() + 1e-6
+        torch.testing.assert_close(ours, sdpa, atol=5e-5, rtol=1e-4)
+    with pytest.raises(RuntimeError, match="split into q, k, v"):
+        torch.ops.leanlm_encoder.attention(qkv[..., :-1].contiguous(), heads, None)
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_batch_slices_and_text_threads_give_the_one_pass_states(precision, monkeypatch):
+    """Slicing a batch (tokens_per_pass) and running its slices on worker threads (text_parallel) change nothing:
+    texts never see each other. The one-pass result (63 tokens: on one thread, single_thread_tokens) uses SDPA
+    (short_attention off): the kernel is checked too."""
+    from tiny_encoders import tiny_model
+
+    from leanlm.kernels.int8_rows import load_int8_rows
+    from leanlm.kernels.threads import scoped_threads
+
+    model = tiny_model("bert")
+    raw = model.config.to_dict() | {"architectures": ["BertModel"]}
+    encoder = apply_precision(load_encoder(raw, model.state_dict())[1], precision)
+    torch.manual_seed(1)
+    ids = torch.randint(4, 20, (7, 9))
+    mask = torch.ones_like(ids)
+    mask[3:, 6:] = 0  # the later texts padded: slices mix unpadded and padded ones
+    with torch.inference_mode():
+        encoder.tokens_per_pass, encoder.text_parallel = 1 << 30, False
+        for layer in encoder.layers:
+            layer.short_attention = False
+        one_pass = encoder(ids, mask)
+        for layer in encoder.layers:
+            layer.short_attention = load_int8_rows()
+        encoder.single_thread_tokens, encoder.tokens_per_pass = 0, 20  # 2 texts a slice: 4 slices
+        sliced = encoder(ids, mask)
+        encoder.text_parallel = True
+        with scoped_threads(2):
+            threaded = encoder(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(sliced[real], one_pass[real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(threaded[real], one_pass[real], atol=1e-5, rtol=1e-5)
