@@ -40,9 +40,14 @@ def main() -> None:
     parser.add_argument("--kernels", default="auto", help="comma-separated kernel modes: auto, exact")
     parser.add_argument("--json", default=None)
     parser.add_argument("--from-search", default=None, help="an optimize run's search.json: print its table only")
+    parser.add_argument(
+        "--repredict",
+        action="store_true",
+        help="with --from-search: predict every measured candidate again with this code (the measurements stay)",
+    )
     args = parser.parse_args()
     if args.from_search:
-        print_from_search(Path(args.from_search))
+        print_from_search(Path(args.from_search), args.repredict)
         return
 
     model = resolve_model_path(args.model).resolve()
@@ -116,8 +121,14 @@ def label(candidate: Candidate) -> str:
     return candidate.format if candidate.kernels == "auto" else f"{candidate.format} ({candidate.kernels})"
 
 
-def print_from_search(path: Path) -> None:
+def print_from_search(path: Path, repredict: bool = False) -> None:
     search = json.loads(path.read_text())
+    if repredict:  # the same measurements against this code's predictions (probed now, in this process)
+        measurer = EngineMeasurer(search["model"], path.parent, text="")
+        for e in search["entries"]:
+            if e.get("decode_tok_s") is not None:
+                e["predicted"] = measurer.predict(Candidate(**e["candidate"]))
+        print(f"predictions made now (load average {load_average()}), measurements from the search", file=sys.stderr)
     m = search["machine"]
     print(
         f"{Path(search['model']).name}; {m['cpu']}, {m['threads']} threads, load average {m['load_average']} "

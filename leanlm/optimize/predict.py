@@ -349,12 +349,21 @@ def predict(
         read_bytes = sum(n * layer_read_bytes(f, o, i, b, plan) for (o, i, b, f, _), n in layers.items())
         decode_s, prefill_s, bandwidth = float("nan"), float("nan"), float("nan")
         if speed:
-            decode_s = sum(n * layer_seconds(f, o, i, b, plan, workload.batch) for (o, i, b, f, _), n in layers.items())
+            bandwidth = bandwidth_gbs or memory_bandwidth_gbs(workload.threads, size_mib=256, repeats=5)
+            # A decode step streams every layer's weights from memory: no faster than the probed bandwidth allows,
+            # even where a probe's copies partly stayed in the caches (the probes undershot bf16 decode by 1.8 ms)
+            decode_s = sum(
+                n
+                * max(
+                    layer_seconds(f, o, i, b, plan, workload.batch),
+                    layer_read_bytes(f, o, i, b, plan) / 1e9 / bandwidth,
+                )
+                for (o, i, b, f, _), n in layers.items()
+            )
             prefill_s = sum(
                 n * layer_seconds(f, o, i, b, plan, workload.prompt_tokens) for (o, i, b, f, _), n in layers.items()
             )
             prefill_s += attention_flops(config, workload.prompt_tokens) / matmul_flops_per_s(plan.compute_dtype)
-            bandwidth = bandwidth_gbs or memory_bandwidth_gbs(workload.threads, size_mib=256, repeats=5)
     # Mixed precision: per-layer bits are known only after the sensitivity probe; its size margin bounds them.
     linear_bytes, read_bytes, decode_s, prefill_s = (
         v * (1 + spec.mixed) for v in (linear_bytes, read_bytes, decode_s, prefill_s)
