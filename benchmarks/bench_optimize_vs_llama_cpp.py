@@ -96,6 +96,10 @@ def main() -> None:
         del llm
     del baseline
     rows = {label: rows[label] for label in configs}
+    for e in front:  # a dense candidate loads the source file: its size is the search's (its weights in bfloat16)
+        c = Candidate(**e["candidate"])
+        label = f"leanlm {c.format}" + ("" if c.kernels == "auto" else f" ({c.kernels} kernels)")
+        rows[label]["disk_mib"] = e["disk_bytes"] / 2**20
     if args.quality_only:
         print(json.dumps(rows, indent=2))
         return
