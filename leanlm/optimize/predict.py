@@ -5,8 +5,9 @@ matrix shapes), without building the model.
 Memory: the module tree is built on the meta device (shapes only); every linear layer's bytes come from one real
 layer of its shape and format built and prepared as the engine prepares it (scaled by rows, which is exact for
 these layouts), the other tensors are counted at the dtype the runtime plan gives them. Speed: a decode step
-is the probed time of every linear layer at one row per sequence plus the KV cache read at the probed bandwidth;
-a prefill is every linear layer at all prompt rows plus the attention matmuls at the probed matmul rate.
+is the probed time of every linear layer at one row per sequence (no faster than streaming its weights at the
+probed bandwidth) plus the KV cache read; a prefill is every linear layer at all prompt rows (the LM head at the
+last one) plus the attention kernel timed on the model's head shapes.
 """
 
 from __future__ import annotations
@@ -305,27 +306,29 @@ def other_bytes(model: nn.Module, dtype: torch.dtype, embedding_dtype: torch.dty
     return total
 
 
-def attention_flops(config, tokens: int) -> float:
-    return config.num_layers * 4 * config.num_heads * config.head_dim * tokens * (tokens + 1) / 2
-
-
-_FLOPS: dict[tuple, float] = {}
+_ATTENTION: dict[tuple, float] = {}
 
 
 @torch.inference_mode()
-def matmul_flops_per_s(dtype: torch.dtype, size: int = 256) -> float:
-    """The fastest of several square matmuls (attention's QK^T and PV run at about this rate), cached."""
-    key = (dtype, size, torch.get_num_threads())
-    if key not in _FLOPS:
-        a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-        a @ b
+def attention_seconds(config, tokens: int, dtype: torch.dtype) -> float:
+    """One prompt's causal self-attention over all layers, timed on the model's own head shapes with the kernel the
+    engine runs (leanlm's per-query kernel in float32: far below a matmul's rate at prompt lengths), best of
+    several calls, cached."""
+    from leanlm.layers.attention import fused_attention
+
+    key = (config.num_heads, config.head_dim, tokens, dtype, torch.get_num_threads())
+    if key not in _ATTENTION:
+        generator = torch.Generator().manual_seed(tokens)
+        q, k, v = (torch.randn(1, config.num_heads, tokens, config.head_dim, generator=generator) for _ in range(3))
+        q, k, v = (t.to(dtype) for t in (q, k, v))
+        fused_attention(q, k, v)
         times = []
-        for _ in range(10):
+        for _ in range(5):
             started = time.perf_counter()
-            a @ b
+            fused_attention(q, k, v)
             times.append(time.perf_counter() - started)
-        _FLOPS[key] = 2 * size**3 / min(times)
-    return _FLOPS[key]
+        _ATTENTION[key] = min(times)
+    return config.num_layers * _ATTENTION[key]
 
 
 def predict(
@@ -360,10 +363,13 @@ def predict(
                 )
                 for (o, i, b, f, _), n in layers.items()
             )
+            # a prompt's logits are the last token's only (CausalLM.forward's last_only): the head runs on 1 row each
             prefill_s = sum(
-                n * layer_seconds(f, o, i, b, plan, workload.prompt_tokens) for (o, i, b, f, _), n in layers.items()
+                n
+                * layer_seconds(f, o, i, b, plan, workload.batch if o == config.vocab_size else workload.prompt_tokens)
+                for (o, i, b, f, _), n in layers.items()
             )
-            prefill_s += attention_flops(config, workload.prompt_tokens) / matmul_flops_per_s(plan.compute_dtype)
+            prefill_s += workload.batch * attention_seconds(config, workload.prompt_tokens, plan.compute_dtype)
     # Mixed precision: per-layer bits are known only after the sensitivity probe; its size margin bounds them.
     linear_bytes, read_bytes, decode_s, prefill_s = (
         v * (1 + spec.mixed) for v in (linear_bytes, read_bytes, decode_s, prefill_s)
